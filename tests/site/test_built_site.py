@@ -1,0 +1,58 @@
+"""Checks of the built website in _build/html (run after `jupyter-book build`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.notebooks import ROOT, chapters
+
+HTML = ROOT / "_build" / "html"
+if not (HTML / "index.html").exists():
+    if os.environ.get("DLARCH_REQUIRE_SITE"):
+        raise RuntimeError("no built site in _build/html: run `bash tools/dev.sh book` first")
+    pytest.skip("site not built", allow_module_level=True)
+
+CHAPTERS = chapters()
+PAGES = sorted(HTML.rglob("*.html"))
+
+
+def chapter_page(nb: Path) -> str:
+    return (HTML / "book" / f"{nb.stem}.html").read_text()
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapter_page_has_outputs_figures_math_and_colab(nb):
+    page = chapter_page(nb)
+    assert 'class="cell_output' in page, "executed outputs are on the page"
+    images = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert images, "a chapter shows at least one figure"
+    for src in images:
+        if not src.startswith(("http", "data:")):
+            assert (HTML / "book" / src).resolve().exists(), f"missing image {src}"
+    assert "\\(" in page or "\\[" in page or "math notranslate" in page, "math is on the page"
+    assert "colab.research.google.com/github/dlarch/dlarch/blob/main/book/" in page, "Colab launch button"
+    assert "Traceback (most recent call last)" not in page
+
+
+def test_no_page_loads_scripts_from_a_cdn():
+    offenders = []
+    for page in PAGES:
+        for src in re.findall(r'<script[^>]+src="([^"]+)"', page.read_text()):
+            if src.startswith(("http:", "https:", "//")):
+                offenders.append(f"{page.relative_to(HTML)}: {src}")
+    assert not offenders, offenders[:5]
+
+
+def test_mathjax_is_served_by_the_site():
+    assert (HTML / "mathjax" / "tex-mml-chtml.js").exists()
+    assert (HTML / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+    assert "mathjax/tex-mml-chtml.js" in (HTML / "index.html").read_text()
+
+
+def test_execution_statistics_page_shows_timing_table():
+    page = (HTML / "book" / "execution_times.html").read_text()
+    assert "notebook" in page and ("total" in page or "No timing table yet" in page)

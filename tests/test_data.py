@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+
+from dlarch_lib.data import digits_arrays, load_digits_split, stratified_split
+
+
+def test_digits_split_shapes_ranges_and_disjointness():
+    split = load_digits_split(val_frac=0.1, test_frac=0.2, seed=0)
+    sizes = split.sizes()
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == pytest.approx(0.2 * 1797, abs=2)
+    assert split.x_train.shape[1:] == (1, 8, 8) and split.x_train.dtype == torch.float32
+    assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+    assert split.y_train.dtype == torch.int64 and split.num_classes == 10
+
+
+def test_split_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(10), 100)
+    train, val, test = stratified_split(labels, 0.1, 0.2, seed=0)
+    assert len(set(train) | set(val) | set(test)) == 1000
+    assert np.bincount(labels[test]).tolist() == [20] * 10
+    again = stratified_split(labels, 0.1, 0.2, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+
+
+@pytest.mark.parametrize("val,test", [(-0.1, 0.2), (0.1, 1.0), (0.5, 0.5)])
+def test_bad_fractions_are_rejected(val, test):
+    with pytest.raises(ValueError, match="frac"):
+        stratified_split(np.zeros(10), val, test)
+
+
+def test_zero_validation_fraction():
+    labels = np.repeat(np.arange(2), 10)
+    train, val, test = stratified_split(labels, 0.0, 0.5)
+    assert len(val) == 0 and len(train) == len(test) == 10
+
+
+def test_class_subset_and_bad_classes():
+    images, labels = digits_arrays(classes=(0, 1))
+    assert set(labels.tolist()) == {0, 1} and images.shape[1:] == (8, 8)
+    with pytest.raises(ValueError, match="subset of 0..9"):
+        digits_arrays(classes=(3, 12))
+
+
+def test_loaders_batch_shapes():
+    train, val, test = load_digits_split().loaders(batch_size=32)
+    x, y = next(iter(train))
+    assert x.shape == (32, 1, 8, 8) and y.shape == (32,)
+    with pytest.raises(ValueError, match="batch_size"):
+        load_digits_split().loaders(batch_size=0)

@@ -1,0 +1,83 @@
+"""House rules for the book's notebooks: outputs, table of contents, chapter anatomy."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dlarch_lib.hardware import GATING_TAGS
+from dlarch_lib.notebook import SETUP_CELL
+from tests.notebooks import BOOK, ROOT, all_notebooks, chapters, load, source, tags, toc_files
+
+NOTEBOOKS = all_notebooks()
+CHAPTERS = chapters()
+ids = lambda paths: [p.name for p in paths]  # noqa: E731
+
+
+def test_there_are_chapters():
+    assert len(CHAPTERS) >= 3
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_ungated_cells_store_no_outputs(nb):
+    for i, cell in enumerate(load(nb)["cells"]):
+        if cell["cell_type"] == "code" and not (tags(cell) & GATING_TAGS):
+            assert not cell.get("outputs"), f"{nb.name} cell {i} stores outputs (strip them)"
+            assert cell.get("execution_count") is None, f"{nb.name} cell {i} stores an execution count"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_gated_cells_skip_execution_in_the_site_build(nb):
+    for i, cell in enumerate(load(nb)["cells"]):
+        if tags(cell) & GATING_TAGS:
+            assert "skip-execution" in tags(cell), f"{nb.name} cell {i} is gated but not tagged skip-execution"
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = set(toc_files())
+    missing = [str(nb.relative_to(ROOT).with_suffix("")) for nb in NOTEBOOKS]
+    missing = [m for m in missing if m not in listed]
+    assert not missing, f"not in _toc.yml: {missing}"
+
+
+def test_every_toc_entry_exists():
+    for entry in toc_files():
+        candidates = [ROOT / f"{entry}{suffix}" for suffix in (".ipynb", ".md", "")]
+        assert any(c.is_file() for c in candidates), f"_toc.yml lists {entry!r}, which does not exist"
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_chapter_anatomy(nb):
+    cells = load(nb)["cells"]
+    assert cells[0]["cell_type"] == "markdown" and source(cells[0]).startswith("# "), "first cell: '# Title' in markdown"
+    assert "Seed section" in source(cells[0]), "the opening cell names the seed sections it covers"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert source(code[0]).strip() == SETUP_CELL.strip(), "first code cell must be the standard setup cell"
+    all_code = "\n".join(source(c) for c in code)
+    markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    assert re.search(r"^\s*assert\b", all_code, re.M), "a chapter checks its results with assert"
+    assert "glue(" in all_code and "{glue:" in markdown, "numbers in prose come from glue"
+    assert "{footcite}" in markdown and "{footbibliography}" in markdown, "a chapter cites its references (footcite + footbibliography)"
+    assert re.search(r"prf:(definition|theorem|lemma|proposition)", markdown), "theory in prf: directives"
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_chapter_has_three_exercises_with_solutions(nb):
+    markdown = "\n".join(source(c) for c in load(nb)["cells"] if c["cell_type"] == "markdown")
+    exercises = re.findall(r"```\{exercise\}[^\n]*\n:label:\s*(\S+)", markdown)
+    solutions = set(re.findall(r"```\{solution\}\s*(\S+)", markdown))
+    assert len(exercises) >= 3, f"{nb.name}: {len(exercises)} exercises, need at least 3"
+    unsolved = [e for e in exercises if e not in solutions]
+    assert not unsolved, f"{nb.name}: exercises without a solution: {unsolved}"
+
+
+def test_chapter_numbers_are_unique():
+    numbers = [p.name[:2] for p in CHAPTERS]
+    assert len(numbers) == len(set(numbers)), f"duplicate chapter numbers: {numbers}"
+
+
+def test_book_folder_has_no_stray_files():
+    allowed = {".ipynb", ".md", ".bib", ".png", ".svg"}
+    stray = [p.name for p in BOOK.rglob("*") if p.is_file() and p.suffix not in allowed and "__pycache__" not in p.parts]
+    assert not stray, f"unexpected files in book/: {stray}"

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+import dlarch_lib as dl
+from dlarch_lib.notebook import SETUP_CELL, glue
+from dlarch_lib.runtime import RunConfig, describe
+
+
+def test_seed_everything_repeats_random_draws():
+    dl.seed_everything(3)
+    a = torch.randn(5)
+    dl.seed_everything(3)
+    assert torch.equal(a, torch.randn(5))
+
+
+def test_seed_rejects_bad_seed():
+    with pytest.raises(ValueError, match="non-negative int"):
+        dl.seed_everything(-1)
+
+
+def test_run_size_from_env_and_argument(monkeypatch):
+    monkeypatch.setenv("DLARCH_SIZE", "full")
+    assert dl.run_size() == "full"
+    assert dl.run_size("ci") == "ci"
+    monkeypatch.delenv("DLARCH_SIZE")
+    assert dl.run_size() == ("full" if torch.cuda.is_available() else "ci")
+
+
+def test_unknown_run_size_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("DLARCH_SIZE", "huge")
+    with pytest.raises(ValueError, match="unknown run size 'huge'"):
+        dl.run_size()
+
+
+def test_pick_device_cpu_and_missing_cuda():
+    assert dl.pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            dl.pick_device("cuda")
+
+
+def test_setup_returns_config_and_pick(monkeypatch, capsys):
+    monkeypatch.setenv("DLARCH_SIZE", "ci")
+    monkeypatch.setenv("DLARCH_THREADS", "1")
+    run = dl.setup(seed=1, device="cpu")
+    assert isinstance(run, RunConfig) and run.is_ci and run.threads == 1
+    assert run.pick(ci=1, full=2) == 1
+    assert "size 'ci'" in capsys.readouterr().out
+    assert describe(run) == {"seed": 1, "device": "cpu", "size": "ci", "threads": 1}
+
+
+def test_setup_rejects_bad_thread_count(monkeypatch):
+    monkeypatch.setenv("DLARCH_THREADS", "zero")
+    with pytest.raises(ValueError, match="DLARCH_THREADS"):
+        dl.setup(quiet=True)
+
+
+def test_setup_cell_is_valid_python_and_imports_the_library():
+    compile(SETUP_CELL, "<setup>", "exec")
+    assert "import dlarch_lib as dl" in SETUP_CELL and "RUN = dl.setup(" in SETUP_CELL
+
+
+def test_glue_returns_value_and_checks_name():
+    assert glue("answer", 42) == 42
+    with pytest.raises(ValueError, match="identifiers"):
+        glue("not a name", 1)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# dlarch developer commands. Needs only Python 3.10+ (and npm for the offline MathJax copy).
+#   bash tools/dev.sh setup   create .venv, install pinned requirements + dlarch_lib, vendor MathJax
+#   bash tools/dev.sh book    setup, then execute every notebook and build the site into _build/html
+#   bash tools/dev.sh test    setup, library tests + nbval over every notebook (timing table),
+#                             zero-warning site build, checks of the built site
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+VENV=$ROOT/.venv
+MATHJAX_VERSION=3.2.2
+export PYDEVD_DISABLE_FILE_VALIDATION=1   # silence debugpy's frozen-modules note in kernels
+export MPLBACKEND=Agg
+
+log() { printf '\n==> %s\n' "$*"; }
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment .venv"
+    "$PY" -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  local stamp="$VENV/.dlarch-installed"
+  if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "installing pinned requirements and dlarch_lib (editable)"
+    python -m pip install -q --upgrade pip
+    python -m pip install -q -r requirements.txt
+    python -m pip install -q --no-deps -e .
+    touch "$stamp"
+  fi
+  if [ ! -f _vendor/mathjax/tex-mml-chtml.js ]; then
+    log "vendoring MathJax $MATHJAX_VERSION (npm package) so the site needs no CDN"
+    command -v npm >/dev/null || { echo "npm is needed once to fetch MathJax (apt-get install npm)"; exit 1; }
+    local tmp; tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "mathjax@$MATHJAX_VERSION" >/dev/null && tar xzf "mathjax-$MATHJAX_VERSION.tgz")
+    local src=$tmp/package/es5 dst=_vendor/mathjax
+    mkdir -p "$dst/output/chtml/fonts" "$dst/input/tex"
+    cp "$src/tex-mml-chtml.js" "$dst/"
+    cp -r "$src/output/chtml/fonts/woff-v2" "$dst/output/chtml/fonts/"
+    cp -r "$src/input/tex/extensions" "$dst/input/tex/"
+    cp -r "$src/ui" "$src/a11y" "$dst/"
+    rm -rf "$tmp"
+  fi
+}
+
+build_book() {
+  log "building the website (executes every notebook) -> _build/html"
+  local start=$SECONDS
+  jupyter-book build . --all -W --keep-going
+  echo "site build: $((SECONDS - start)) s"
+}
+
+run_tests() {
+  log "library tests, notebook hygiene and nbval over every notebook (2 workers, 1 thread each)"
+  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -rs --ignore=tests/site tests book
+  build_book
+  log "checks of the built site"
+  DLARCH_REQUIRE_SITE=1 python -m pytest -q -rs tests/site
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  book) setup; build_book ;;
+  test) setup; run_tests ;;
+  *) echo "usage: bash tools/dev.sh {setup|book|test}"; exit 2 ;;
+esac
