@@ -58,7 +58,8 @@ def five_tuple(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     opt: dict[str, object] = {}
     if optimizer is not None:
         group = optimizer.param_groups[0]
-        opt = {"class": optimizer.__class__.__name__, **{k: v for k, v in group.items() if k != "params"}}
+        keep = ("lr", "betas", "momentum", "weight_decay", "eps")
+        opt = {"class": optimizer.__class__.__name__, **{k: group[k] for k in keep if k in group}}
     return FiveTuple(layers, activations, weights, biases, opt)
 
 

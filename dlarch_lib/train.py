@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: no ipywidgets needed, same in Jupyter, Colab and nbval
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

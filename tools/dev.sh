@@ -31,18 +31,32 @@ setup() {
     touch "$stamp"
   fi
   if [ ! -f _vendor/mathjax/tex-mml-chtml.js ]; then
-    log "vendoring MathJax $MATHJAX_VERSION (npm package) so the site needs no CDN"
-    command -v npm >/dev/null || { echo "npm is needed once to fetch MathJax (apt-get install npm)"; exit 1; }
-    local tmp; tmp=$(mktemp -d)
+    vendor_mathjax
+  fi
+}
+
+vendor_mathjax() {
+  # MathJax 3 (not 4: v4 fetches its fonts from a CDN) copied into _vendor/mathjax, which the
+  # site serves itself (html_extra_path). From the npm package; without npm, from the same
+  # MathJax 3.2.2 files bundled in the PyPI package sphinx-mathjax-offline.
+  log "vendoring MathJax $MATHJAX_VERSION so the site needs no CDN"
+  local tmp dst=_vendor/mathjax; tmp=$(mktemp -d)
+  rm -rf "$dst"; mkdir -p "$dst"
+  if command -v npm >/dev/null; then
     (cd "$tmp" && npm pack --silent "mathjax@$MATHJAX_VERSION" >/dev/null && tar xzf "mathjax-$MATHJAX_VERSION.tgz")
-    local src=$tmp/package/es5 dst=_vendor/mathjax
+    local src=$tmp/package/es5
     mkdir -p "$dst/output/chtml/fonts" "$dst/input/tex"
     cp "$src/tex-mml-chtml.js" "$dst/"
     cp -r "$src/output/chtml/fonts/woff-v2" "$dst/output/chtml/fonts/"
     cp -r "$src/input/tex/extensions" "$dst/input/tex/"
     cp -r "$src/ui" "$src/a11y" "$dst/"
-    rm -rf "$tmp"
+  else
+    python -m pip download -q --no-deps -d "$tmp" sphinx-mathjax-offline==0.0.2
+    python -m zipfile -e "$tmp"/sphinx_mathjax_offline-*.whl "$tmp/whl"
+    cp -r "$tmp/whl/sphinx-mathjax-offline/static/mathjax/." "$dst/"
   fi
+  rm -rf "$tmp"
+  test -f "$dst/tex-mml-chtml.js"
 }
 
 build_book() {

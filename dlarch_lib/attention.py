@@ -1,0 +1,245 @@
+"""Attention and the Transformer, written out: scaled dot-product attention, masks,
+multi-head attention, sinusoidal positions, a pre-LN block and a tiny GPT.
+
+Everything here is checked against PyTorch's own reference in the tests
+(``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``). Masks are boolean and
+``True`` means *may attend* (the opposite of ``nn.MultiheadAttention``'s ``attn_mask``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T / sqrt(d_k)) v`` and the attention weights.
+
+    Shapes: q ``(..., T_q, d_k)``, k ``(..., T_k, d_k)``, v ``(..., T_k, d_v)``; ``mask`` is a bool
+    tensor broadcastable to ``(..., T_q, T_k)`` with ``True`` = attend. A query whose row is fully
+    masked gets all-zero weights and a zero output (as ``F.scaled_dot_product_attention`` does).
+    ``dropout_p`` drops attention weights (pass 0 in evaluation).
+    Returns ``out (..., T_q, d_v)`` and ``weights (..., T_q, T_k)``.
+    """
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ValueError(f"q, k, v need at least 2 dims (..., T, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the last dim d_k; got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same length T_k; got {k.shape[-2]} and {v.shape[-2]}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, scores.shape)
+        except RuntimeError as err:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(scores.shape)}") from err
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)  # (..., T_q, T_k); rows of -inf give nan ...
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)  # ... which this turns into zeros
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights  # (..., T_q, d_v), (..., T_q, T_k)
+
+
+def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(T, T)`` bool, lower triangular: position ``i`` may attend to ``j <= i``."""
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """``(B, T)`` bool: ``True`` at the real tokens ``t < lengths[b]``, ``False`` at padding.
+
+    To mask padded *keys* in attention, pass ``padding_mask(lengths, T)[:, None, :]`` (shape
+    ``(B, 1, T_k)``, broadcast over heads and queries).
+    """
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in [0, {T}], got min {int(lengths.min())}, max {int(lengths.max())}")
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: ``Concat(head_1..head_h) W^O``, ``head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)``.
+
+    Self-attention when ``key``/``value`` are omitted; cross-attention otherwise.
+    ``mask`` (bool, ``True`` = attend) has shape ``(T_q, T_k)``, ``(B, T_q, T_k)``, ``(B, 1, T_k)``
+    or ``(B, h, T_q, T_k)``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if d_model < 1 or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)  # the h matrices W_i^Q side by side
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """query ``(B, T_q, d_model)``, key/value ``(B, T_k, d_model)`` -> ``(B, T_q, d_model)``.
+
+        With ``return_weights=True`` also returns the weights ``(B, h, T_q, T_k)``.
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.ndim != 3 or x.shape[-1] != self.d_model:
+                raise ValueError(f"{name} must be (B, T, {self.d_model}), got {tuple(x.shape)}")
+        if mask is not None and mask.ndim == 3:
+            mask = mask[:, None]  # (B, T_q or 1, T_k) -> (B, 1, T_q or 1, T_k): same for every head
+        h = self.n_heads
+        q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=h)  # (B, h, T_q, d_k)
+        k = rearrange(self.k_proj(key), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
+        v = rearrange(self.v_proj(value), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
+        p = self.dropout if self.training else 0.0
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)  # (B, h, T_q, d_k)
+        out = self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # concat heads, then W^O
+        return (out, weights) if return_weights else out
+
+    @torch.no_grad()
+    def load_from_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
+        """Copy the weights of a ``nn.MultiheadAttention`` with the same size (returns ``self``)."""
+        if mha.embed_dim != self.d_model or mha.num_heads != self.n_heads:
+            raise ValueError(
+                f"size mismatch: torch module has d_model={mha.embed_dim}, heads={mha.num_heads}; "
+                f"this one d_model={self.d_model}, heads={self.n_heads}"
+            )
+        if mha.in_proj_weight is None:
+            raise ValueError("nn.MultiheadAttention with separate kdim/vdim is not supported")
+        if (mha.in_proj_bias is None) != (self.q_proj.bias is None) or mha.bias_k is not None:
+            raise ValueError("bias settings differ (or add_bias_kv=True, which is not supported)")
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)  # in_proj stacks W^Q, W^K, W^V: (3d, d)
+        for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)):
+            proj.weight.copy_(w)
+        self.out_proj.weight.copy_(mha.out_proj.weight)
+        if mha.in_proj_bias is not None:
+            for proj, b in zip((self.q_proj, self.k_proj, self.v_proj), mha.in_proj_bias.chunk(3)):
+                proj.bias.copy_(b)
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+        return self
+
+
+def sinusoidal_positions(T: int, d: int) -> torch.Tensor:
+    """``(T, d)`` encodings: ``PE[t, 2i] = sin(t / 10000^(2i/d))``, ``PE[t, 2i+1] = cos(...)``."""
+    if T < 1 or d < 2 or d % 2:
+        raise ValueError(f"need T >= 1 and an even d >= 2, got T={T}, d={d}")
+    t = torch.arange(T, dtype=torch.float32)[:, None]  # (T, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
+    pe = torch.zeros(T, d)
+    pe[:, 0::2] = torch.sin(t * freq)
+    pe[:, 1::2] = torch.cos(t * freq)
+    return pe
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP of width ``mlp_ratio * d``."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        if mlp_ratio < 1:
+            raise ValueError(f"mlp_ratio must be >= 1, got {mlp_ratio}")
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, d) -> (B, T, d)``; ``mask`` as in :class:`MultiHeadAttention`."""
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask))  # the residual path is never normalised
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only Transformer language model (GPT-2 layout, tiny).
+
+    Token + learned position embeddings, ``n_layers`` causal pre-LN blocks, a final LayerNorm,
+    and an output layer tied to the token embedding. ``forward(idx (B, T)) -> logits (B, T, V)``.
+    """
+
+    def __init__(self, vocab_size: int, context: int, d_model: int, n_heads: int, n_layers: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if vocab_size < 1 or context < 1 or n_layers < 1:
+            raise ValueError(f"vocab_size, context and n_layers must be >= 1; got {vocab_size}, {context}, {n_layers}")
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, dropout=dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # weight tying (GPT-2)
+        self.register_buffer("mask", causal_mask(context), persistent=False)  # (context, context)
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2: shrink the residual projections by 1/sqrt(2 * n_layers)
+            for lin in (block.attn.out_proj, block.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` with ``T <= context`` -> next-token logits ``(B, T, V)``."""
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if T > self.context:
+            raise ValueError(f"sequence length {T} exceeds the context {self.context}")
+        x = self.drop(self.tok(idx) + self.pos.weight[:T])  # (B, T, d)
+        mask = self.mask[:T, :T]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx (B, T)``; returns ``(B, T + max_new_tokens)``.
+
+        Only the last ``context`` tokens are fed to the model at each step.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.context :])[:, -1] / temperature  # (B, V)
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        self.train(was_training)
+        return idx

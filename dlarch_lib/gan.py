@@ -1,0 +1,485 @@
+"""Chapter 08: generative adversarial networks, from the minimax game to StyleGAN2's pieces.
+
+- Theory on discrete distributions: :func:`optimal_discriminator`, :func:`gan_value`,
+  :func:`js_divergence` (the value at the optimal discriminator is ``2 JSD - log 4``).
+- Losses on discriminator logits: :func:`discriminator_loss`, :func:`generator_loss`
+  (``"saturating"`` is the minimax loss, ``"non_saturating"`` the one used in practice).
+- A DCGAN for 8x8 digits (:class:`DCGANGenerator`, :class:`DCGANDiscriminator`) and a
+  training loop :func:`train_gan` for any generator with a ``z_dim`` attribute.
+- Scoring samples with a classifier: :func:`classifier_score` (class coverage, histogram
+  entropy, confidence, Inception-style score) and :func:`frechet_distance` on its features.
+- StyleGAN2 pieces at small scale: :class:`MappingNetwork`, :func:`modulated_conv2d` /
+  :class:`ModulatedConv2d` (modulation, demodulation, the grouped-convolution trick),
+  :class:`NoiseInjection`, :func:`mix_styles` and a tiny :class:`StyleGenerator`.
+
+Images on the outside are ``(N, 1, 8, 8)`` in [0, 1] (as :mod:`dlarch_lib.data` gives them);
+inside the GAN they live in [-1, 1] (tanh output), see :func:`to_signed` / :func:`to_unit`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------- theory
+
+
+def _check_distributions(p: torch.Tensor, q: torch.Tensor) -> None:
+    if p.shape != q.shape or p.ndim != 1:
+        raise ValueError(f"expected two 1-D distributions of equal length, got {tuple(p.shape)} and {tuple(q.shape)}")
+    for name, t in (("p", p), ("q", q)):
+        if (t < 0).any() or abs(float(t.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"{name} must be non-negative and sum to 1 (sums to {float(t.sum()):.6f})")
+
+
+def optimal_discriminator(p_data: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
+    """``D*(x) = p_data(x) / (p_data(x) + p_g(x))`` on a finite support ``(K,)`` (0.5 where both are 0)."""
+    _check_distributions(p_data, p_g)
+    total = p_data + p_g
+    return torch.where(total > 0, p_data / total.clamp_min(1e-300), torch.full_like(total, 0.5))
+
+
+def gan_value(d: torch.Tensor, p_data: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
+    """``V(D, G) = E_{p_data}[log D] + E_{p_g}[log(1 - D)]`` for a discriminator ``d`` ``(K,)`` in (0, 1)."""
+    _check_distributions(p_data, p_g)
+    if d.shape != p_data.shape:
+        raise ValueError(f"d has shape {tuple(d.shape)}, distributions have {tuple(p_data.shape)}")
+    real = torch.where(p_data > 0, p_data * torch.log(d), torch.zeros_like(d))  # 0 log 0 = 0
+    fake = torch.where(p_g > 0, p_g * torch.log1p(-d), torch.zeros_like(d))
+    return real.sum() + fake.sum()
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) = sum p log(p / q)`` in nats (``inf`` if p puts mass where q has none)."""
+    _check_distributions(p, q)
+    terms = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
+    return terms.sum()
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence ``KL(p || m)/2 + KL(q || m)/2`` with ``m = (p + q)/2``, in nats (max log 2)."""
+    m = (p + q) / 2
+    return 0.5 * kl_divergence(p, m) + 0.5 * kl_divergence(q, m)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """``-V`` for the discriminator: ``-log D(x) - log(1 - D(G(z)))``, from logits (``D = sigmoid``)."""
+    # -log sigmoid(r) = softplus(-r);  -log(1 - sigmoid(f)) = softplus(f)
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
+    """The generator's loss from the discriminator's logits on fakes.
+
+    ``"saturating"``: minimise ``log(1 - D(G(z))) = -softplus(f)`` (the minimax game itself);
+    its gradient ``-D`` vanishes when the discriminator confidently rejects the fakes.
+    ``"non_saturating"``: minimise ``-log D(G(z)) = softplus(-f)``; gradient ``-(1 - D)``.
+    """
+    if kind == "saturating":
+        return -F.softplus(fake_logits).mean()
+    if kind == "non_saturating":
+        return F.softplus(-fake_logits).mean()
+    raise ValueError(f"unknown generator loss {kind!r}; expected 'saturating' or 'non_saturating'")
+
+
+# ----------------------------------------------------------------------------- DCGAN
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return images * 2 - 1
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (clamped)."""
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN generator for 8x8 images: ``z (B, z_dim) -> (B, 1, 8, 8)`` in [-1, 1].
+
+    Linear to a ``(2w, 4, 4)`` map, a stride-2 transposed convolution to ``(w, 8, 8)``,
+    a 3x3 convolution to one channel, tanh. Batch norm and ReLU in between, as in DCGAN.
+    """
+
+    def __init__(self, z_dim: int = 32, width: int = 32) -> None:
+        super().__init__()
+        if z_dim < 1 or width < 1:
+            raise ValueError(f"z_dim and width must be >= 1, got {z_dim}, {width}")
+        self.z_dim, self.width = z_dim, width
+        self.project = nn.Sequential(nn.Linear(z_dim, 2 * width * 16, bias=False), nn.BatchNorm1d(2 * width * 16), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),  # 4x4 -> 8x8
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected z of shape (B, {self.z_dim}), got {tuple(z.shape)}")
+        h = rearrange(self.project(z), "b (c h w) -> b c h w", h=4, w=4)  # (B, 2w, 4, 4)
+        return self.body(h)  # (B, 1, 8, 8)
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN discriminator for 8x8 images: ``(B, 1, 8, 8)`` in [-1, 1] -> logits ``(B,)``.
+
+    Two stride-2 4x4 convolutions (8 -> 4 -> 2) with LeakyReLU(0.2), no pooling, then a linear
+    layer. No batch norm on the input layer, as in DCGAN.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 4, stride=2, padding=1),  # 8 -> 4
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),  # 4 -> 2
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(2 * width * 4, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1:] != (1, 8, 8):
+            raise ValueError(f"expected images of shape (B, 1, 8, 8), got {tuple(x.shape)}")
+        return self.net(x).squeeze(1)  # (B,)
+
+
+class Generator(Protocol):
+    """Anything :func:`train_gan` can train: a module mapping ``(B, z_dim)`` to images in [-1, 1]."""
+
+    z_dim: int
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class GANHistory:
+    """What :func:`train_gan` records: losses per step and sample grids from a fixed ``z``."""
+
+    d_loss: list[float] = field(default_factory=list)
+    g_loss: list[float] = field(default_factory=list)
+    d_real: list[float] = field(default_factory=list)  # mean D(x) on real batches
+    d_fake: list[float] = field(default_factory=list)  # mean D(G(z)) on fake batches
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (n, 1, 8, 8) in [0, 1]
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, n: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` samples ``(n, 1, H, W)`` in [0, 1] from ``z ~ N(0, I)`` drawn with ``seed`` (eval mode, restored)."""
+    was_training = generator.training
+    generator.eval()
+    z = torch.randn(n, generator.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = to_unit(generator(z)).cpu()
+    generator.train(was_training)
+    return images
+
+
+def train_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    betas: tuple[float, float] = (0.5, 0.999),
+    loss: str = "non_saturating",
+    snapshot_steps: tuple[int, ...] = (),
+    n_snapshot: int = 16,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> GANHistory:
+    """Alternate one discriminator step and one generator step, ``steps`` times (Adam, DCGAN settings).
+
+    ``images`` are real ``(N, 1, H, W)`` in [0, 1]. At each step in ``snapshot_steps`` (and at the
+    end) samples from a fixed ``z`` are stored in the history.
+    """
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected real images (N, 1, H, W), got {tuple(images.shape)}")
+    if float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError("real images must be in [0, 1]")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    generator_loss(torch.zeros(1), loss)  # validates ``loss`` before any work
+    gen = torch.Generator().manual_seed(seed)
+    generator.to(device).train()
+    discriminator.to(device).train()
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)
+    real_all = to_signed(images).to(device)  # (N, 1, H, W) in [-1, 1]
+    fixed_z = torch.randn(n_snapshot, generator.z_dim, generator=gen).to(device)
+    history = GANHistory()
+    start = time.perf_counter()
+
+    def snapshot(step: int) -> None:
+        generator.eval()
+        with torch.no_grad():
+            history.snapshots[step] = to_unit(generator(fixed_z)).cpu()
+        generator.train()
+
+    if 0 in snapshot_steps:
+        snapshot(0)
+    for step in tqdm(range(1, steps + 1), desc="GAN", disable=not progress, mininterval=0.5):
+        real = real_all[torch.randint(0, len(real_all), (batch_size,), generator=gen).to(device)]
+        z = torch.randn(batch_size, generator.z_dim, generator=gen).to(device)
+        fake = generator(z)  # (B, 1, H, W)
+        # discriminator step: fakes detached so only D learns from this loss
+        real_logits, fake_logits = discriminator(real), discriminator(fake.detach())
+        d_loss = discriminator_loss(real_logits, fake_logits)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        # generator step: through the (just updated) discriminator
+        g_loss = generator_loss(discriminator(fake), loss)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        history.d_loss.append(d_loss.item())
+        history.g_loss.append(g_loss.item())
+        history.d_real.append(torch.sigmoid(real_logits).mean().item())
+        history.d_fake.append(torch.sigmoid(fake_logits).mean().item())
+        if step in snapshot_steps:
+            snapshot(step)
+    snapshot(steps)
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features ``(N, F)`` from ``classifier.features`` for images ``(N, 1, H, W)`` in [0, 1]."""
+    if not callable(getattr(classifier, "features", None)):
+        raise ValueError(f"{type(classifier).__name__} has no features(x) method")
+    if images.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
+    was_training = classifier.training
+    classifier.eval()
+    feats = _batched(classifier.features, images, batch_size).double()
+    classifier.train(was_training)
+    if feats.ndim != 2:
+        raise ValueError(f"features(x) must return (N, F), got {tuple(feats.shape)}")
+    return feats
+
+
+@torch.no_grad()
+def classifier_score(
+    classifier: nn.Module, images: torch.Tensor, num_classes: int = 10, min_share: float = 0.02, batch_size: int = 512
+) -> dict[str, float]:
+    """Score a set of images ``(N, 1, H, W)`` in [0, 1] with a trained classifier.
+
+    - ``coverage``: classes that receive at least ``min_share`` of the predicted labels;
+    - ``entropy``: entropy (nats) of the predicted-label histogram (``log num_classes`` if uniform);
+    - ``confidence``: mean max softmax probability (sharp, recognisable digits score high);
+    - ``inception_score``: ``exp(E_x KL(p(y|x) || p(y)))``, between 1 and ``num_classes``.
+    """
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got {tuple(images.shape)}")
+    was_training = classifier.training
+    classifier.eval()
+    logits = _batched(classifier, images, batch_size).double()  # (N, C)
+    classifier.train(was_training)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"classifier returned {tuple(logits.shape)}, expected (N, {num_classes})")
+    probs = logits.softmax(dim=1)  # p(y|x)
+    hist = torch.bincount(probs.argmax(dim=1), minlength=num_classes).double() / len(probs)
+    entropy = -(hist[hist > 0] * hist[hist > 0].log()).sum()
+    marginal = probs.mean(dim=0)  # p(y)
+    kl = (probs * (probs.clamp_min(1e-30).log() - marginal.clamp_min(1e-30).log())).sum(dim=1)  # (N,)
+    return {
+        "coverage": int((hist >= min_share).sum()),
+        "entropy": float(entropy),
+        "confidence": float(probs.max(dim=1).values.mean()),
+        "inception_score": float(kl.mean().exp()),
+    }
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix by eigendecomposition."""
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance_gaussians(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+    """Squared Fréchet (2-Wasserstein) distance between ``N(mu_a, cov_a)`` and ``N(mu_b, cov_b)``.
+
+    ``|mu_a - mu_b|^2 + tr(cov_a + cov_b - 2 (cov_a^{1/2} cov_b cov_a^{1/2})^{1/2})``.
+    """
+    if mu_a.ndim != 1 or mu_a.shape != mu_b.shape or cov_a.shape != (len(mu_a),) * 2 or cov_b.shape != cov_a.shape:
+        raise ValueError(f"shapes do not match: mu {tuple(mu_a.shape)}, {tuple(mu_b.shape)}; cov {tuple(cov_a.shape)}, {tuple(cov_b.shape)}")
+    mu_a, mu_b, cov_a, cov_b = (t.double() for t in (mu_a, mu_b, cov_a, cov_b))
+    root_a = _sqrtm_psd(cov_a)
+    cross = _sqrtm_psd(root_a @ cov_b @ root_a)  # (cov_a cov_b)^{1/2} has the same trace
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross))
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N_a, F)`` and ``(N_b, F)``.
+
+    With Inception features this is the FID; the book uses a digits classifier's features.
+    """
+    if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"expected features (N_a, F) and (N_b, F), got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+    if len(feats_a) < 2 or len(feats_b) < 2:
+        raise ValueError("need at least 2 samples in each set to estimate a covariance")
+    a, b = feats_a.double(), feats_b.double()
+    return frechet_distance_gaussians(a.mean(0), torch.cov(a.T).reshape(a.shape[1], -1), b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1))
+
+
+# ----------------------------------------------------------------------------- StyleGAN2 pieces
+
+
+class MappingNetwork(nn.Module):
+    """StyleGAN's mapping ``f: z -> w``: normalise ``z`` to unit RMS, then an MLP with LeakyReLU(0.2).
+
+    ``(B, z_dim) -> (B, w_dim)``. (StyleGAN uses 8 layers and a 100x lower learning rate here.)
+    """
+
+    def __init__(self, z_dim: int = 32, w_dim: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        if min(z_dim, w_dim, depth) < 1:
+            raise ValueError(f"z_dim, w_dim and depth must be >= 1, got {z_dim}, {w_dim}, {depth}")
+        self.z_dim, self.w_dim = z_dim, w_dim
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(z_dim if i == 0 else w_dim, w_dim), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected z of shape (B, {self.z_dim}), got {tuple(z.shape)}")
+        z = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)  # pixel norm
+        return self.net(z)
+
+
+def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """StyleGAN2's modulated convolution, one weight per sample, as a single grouped convolution.
+
+    ``x (B, I, H, W)``, ``weight (O, I, k, k)``, ``styles (B, I)`` -> ``(B, O, H, W)`` ('same' padding).
+    Modulate: ``w'_{bij..} = s_{bi} w_{ij..}``; demodulate: divide each output filter by
+    ``sqrt(sum_{i,k} w'^2 + eps)`` so unit-variance inputs give unit-variance outputs.
+    """
+    if x.ndim != 4 or weight.ndim != 4 or styles.ndim != 2:
+        raise ValueError(f"expected x (B, I, H, W), weight (O, I, k, k), styles (B, I); got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(styles.shape)}")
+    b, i = x.shape[:2]
+    o, _, k, k2 = weight.shape
+    if weight.shape[1] != i or styles.shape != (b, i) or k != k2 or k % 2 == 0:
+        raise ValueError(f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} (odd square kernel), styles {tuple(styles.shape)}")
+    w = weight[None] * styles[:, None, :, None, None]  # (B, O, I, k, k)
+    if demodulate:
+        w = w * torch.rsqrt(w.pow(2).sum(dim=(2, 3, 4), keepdim=True) + eps)
+    # grouped-conv trick: the batch becomes B groups of one big (B*I)-channel image
+    out = F.conv2d(rearrange(x, "b i h w -> 1 (b i) h w"), rearrange(w, "b o i k l -> (b o) i k l"), padding=k // 2, groups=b)
+    return rearrange(out, "1 (b o) h w -> b o h w", b=b)
+
+
+class ModulatedConv2d(nn.Module):
+    """A modulated convolution layer: an affine map ``A: w -> s`` (bias 1) and :func:`modulated_conv2d`.
+
+    ``forward(x (B, I, H, W), w (B, w_dim)) -> (B, O, H, W)``. The weight is stored as N(0, 1) and
+    scaled by ``1/sqrt(fan_in)`` at run time (equalised learning rate).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, w_dim: int, demodulate: bool = True) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channels * kernel_size**2)
+        self.affine = nn.Linear(w_dim, in_channels)
+        nn.init.ones_(self.affine.bias)  # styles start near 1: the layer starts as a plain convolution
+        self.demodulate = demodulate
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w)  # (B, I)
+        return modulated_conv2d(x, self.weight * self.scale, styles, self.demodulate)
+
+
+class NoiseInjection(nn.Module):
+    """Add per-pixel Gaussian noise with a learned per-channel strength (initialised to 0).
+
+    ``x (B, C, H, W) + strength[c] * noise (B, 1, H, W)``: the noise is shared across channels.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.strength = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        if noise.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(f"noise must have shape {(x.shape[0], 1, *x.shape[2:])}, got {tuple(noise.shape)}")
+        return x + self.strength * noise
+
+
+def mix_styles(w1: torch.Tensor, w2: torch.Tensor, num_ws: int, crossover: int) -> torch.Tensor:
+    """Style mixing: ``(B, w_dim)`` x 2 -> ``(B, num_ws, w_dim)``, ``w1`` for layers ``< crossover``, then ``w2``."""
+    if w1.shape != w2.shape or w1.ndim != 2:
+        raise ValueError(f"expected two (B, w_dim) tensors of equal shape, got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    if not 0 <= crossover <= num_ws:
+        raise ValueError(f"crossover must be in [0, {num_ws}], got {crossover}")
+    layer = torch.arange(num_ws)[None, :, None]  # (1, L, 1)
+    return torch.where(layer < crossover, w1[:, None], w2[:, None])  # (B, L, w_dim)
+
+
+class StyleGenerator(nn.Module):
+    """A tiny StyleGAN2-style generator for 8x8 images: ``z (B, z_dim) -> (B, 1, 8, 8)`` in [-1, 1].
+
+    A learned constant ``(C, 4, 4)``; synthesis layers ``modconv 3x3 -> noise -> bias -> LeakyReLU``
+    (the first at 4x4, the rest after nearest 2x upsampling at 8x8); a 1x1 ``toRGB`` modulated
+    convolution without demodulation. Layer ``l`` reads style ``ws[:, l]``; ``num_ws = layers + 1``.
+    """
+
+    def __init__(self, z_dim: int = 32, w_dim: int = 32, channels: int = 32, layers: int = 3, mapping_depth: int = 4) -> None:
+        super().__init__()
+        if layers < 2:
+            raise ValueError(f"layers must be >= 2 (one at 4x4, one at 8x8), got {layers}")
+        self.z_dim, self.w_dim, self.num_ws = z_dim, w_dim, layers + 1
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_depth)
+        self.const = nn.Parameter(torch.randn(1, channels, 4, 4))
+        self.convs = nn.ModuleList(ModulatedConv2d(channels, channels, 3, w_dim) for _ in range(layers))
+        self.noises = nn.ModuleList(NoiseInjection(channels) for _ in range(layers))
+        self.biases = nn.Parameter(torch.zeros(layers, channels))
+        self.to_rgb = ModulatedConv2d(channels, 1, 1, w_dim, demodulate=False)
+
+    def synthesis(self, ws: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """Per-layer styles ``ws (B, num_ws, w_dim)`` -> images ``(B, 1, 8, 8)``; ``noise=False`` turns noise off."""
+        if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
+            raise ValueError(f"expected ws of shape (B, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}")
+        x = self.const.expand(ws.shape[0], -1, -1, -1)  # (B, C, 4, 4)
+        for layer, (conv, inject) in enumerate(zip(self.convs, self.noises)):
+            if layer == 1:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 8, 8)
+            x = conv(x, ws[:, layer])
+            x = inject(x, None if noise else torch.zeros_like(x[:, :1]))
+            x = F.leaky_relu(x + self.biases[layer][None, :, None, None], 0.2)
+        return torch.tanh(self.to_rgb(x, ws[:, -1]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        w = self.mapping(z)  # (B, w_dim)
+        return self.synthesis(w[:, None].expand(-1, self.num_ws, -1))

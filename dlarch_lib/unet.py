@@ -1,0 +1,210 @@
+"""Chapter 10: U-Net, a segmentation encoder-decoder whose skips concatenate.
+
+- :class:`UNet`: ``depth`` down-sampling levels, a bottleneck and ``depth`` up-sampling levels;
+  the decoder at level ``l`` concatenates the encoder's level-``l`` features (the skip).
+  ``skips=False`` concatenates zeros instead: the same layers and parameter count, with the
+  fine-resolution path cut, which is the ablation of the chapter.
+- Receptive fields: :func:`receptive_field` (the recursion) and :func:`gradient_support`
+  (measured by autograd on a :func:`linearised` copy).
+- Metrics: :func:`confusion_matrix`, :func:`iou`, :func:`dice`, :func:`boundary_band`,
+  and the soft Dice loss :func:`soft_dice_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class DoubleConv(nn.Sequential):
+    """Two (3x3 conv, batch norm, ReLU) layers: ``(B, c_in, H, W) -> (B, c_out, H, W)``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net: encoder widths ``width * 2**l`` for ``l = 0..depth``, concatenating skips.
+
+    ``skips=False`` keeps every layer (so the parameter count is identical) but feeds the
+    decoder zeros where the encoder's features would go: only the bottleneck path remains.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 16, depth: int = 2, skips: bool = True):
+        super().__init__()
+        if in_channels < 1 or num_classes < 2 or width < 1 or not 1 <= depth <= 5:
+            raise ValueError(
+                f"need in_channels >= 1, num_classes >= 2, width >= 1, 1 <= depth <= 5; got "
+                f"{in_channels=}, {num_classes=}, {width=}, {depth=}"
+            )
+        self.in_channels, self.depth, self.skips = in_channels, depth, skips
+        widths = [width * 2**level for level in range(depth + 1)]  # w, 2w, ..., 2^depth w
+        self.down = nn.ModuleList(DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths], widths[:-1]))
+        self.bottleneck = DoubleConv(widths[-2], widths[-1])
+        # level l (deepest first): upsample 2^(l+1) w -> 2^l w, then concat skip (2^l w) -> 2^l w
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(depth)))
+        self.fuse = nn.ModuleList(DoubleConv(2 * widths[l], widths[l]) for l in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Bottleneck features ``(B, 2^depth w, H / 2^depth, W / 2^depth)`` and the skips, finest first."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[-2] % 2**self.depth or x.shape[-1] % 2**self.depth:
+            raise ValueError(f"H and W must be divisible by 2**depth = {2**self.depth}, got {tuple(x.shape[-2:])}")
+        skips = []
+        for block in self.down:
+            x = block(x)  # (B, 2^l w, H / 2^l, W / 2^l)
+            skips.append(x)
+            x = self.pool(x)  # (B, 2^l w, H / 2^(l+1), W / 2^(l+1))
+        return self.bottleneck(x), skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)``, H and W divisible by ``2**depth``."""
+        x, skips = self.encode(x)  # x: (B, 2^depth w, H / 2^depth, W / 2^depth)
+        for up, fuse, skip in zip(self.up, self.fuse, reversed(skips)):
+            x = up(x)  # (B, 2^l w, H / 2^l, W / 2^l)
+            if not self.skips:
+                skip = torch.zeros_like(skip)  # ablation: same layers, no fine-resolution information
+            x = fuse(torch.cat([x, skip], dim=1))  # (B, 2^(l+1) w, ...) -> (B, 2^l w, ...)
+        return self.head(x)  # (B, num_classes, H, W)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted masks ``(N, H, W)`` int64: arg-max over classes, model in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(batch.to(device)).argmax(dim=1).cpu() for batch in images.split(batch_size)])
+
+
+# --------------------------------------------------------------------------- receptive fields
+
+
+def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
+    """Receptive field and jump of a chain of convs/pools: ``r = 1 + sum_l (k_l - 1) J_(l-1)``, ``J_l = s_1 ... s_l``."""
+    if len(kernels) != len(strides):
+        raise ValueError(f"got {len(kernels)} kernels but {len(strides)} strides")
+    if any(k < 1 for k in kernels) or any(s < 1 for s in strides):
+        raise ValueError(f"kernels must be >= 1 and strides > 0, got {list(kernels)} and {list(strides)}")
+    r, jump = 1, 1
+    for k, s in zip(kernels, strides):
+        r += (k - 1) * jump
+        jump *= s
+    return r, jump
+
+
+def linearised(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with ReLU -> identity and max-pool -> average pool.
+
+    The copy is linear (affine) and has the same receptive-field geometry, so the set of
+    input pixels with a non-zero gradient is exactly the receptive field (for generic weights).
+    """
+    clone = copy.deepcopy(model).eval()
+    for name, module in list(clone.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, child_name, nn.Identity())
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride))
+    return clone
+
+
+def gradient_support(fn: Callable[[torch.Tensor], torch.Tensor], size: int, in_channels: int = 1) -> int:
+    """Width (pixels) of the inputs with a non-zero gradient on the centre pixel of ``fn``'s output.
+
+    ``fn`` maps images ``(1, in_channels, size, size)`` to feature maps ``(1, K, h, w)``; apply
+    it to a :func:`linearised` model so that this width is the receptive field.
+    """
+    x = torch.randn(1, in_channels, size, size, requires_grad=True)
+    out = fn(x)  # (1, K, h, w)
+    if out.ndim != 4:
+        raise ValueError(f"fn must return feature maps (1, K, h, w), got shape {tuple(out.shape)}")
+    out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()
+    columns = (x.grad[0].abs().sum(dim=(0, 1)) > 0).nonzero().flatten()  # (n,)
+    return int(columns.max() - columns.min() + 1)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _check_masks(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.dtype.is_floating_point or target.dtype.is_floating_point:
+        raise ValueError("pred and target must be integer class masks (take argmax of logits first)")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    for name, t in (("pred", pred), ("target", target)):
+        if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+            raise ValueError(f"{name} has labels outside 0..{num_classes - 1}")
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Pixel counts ``(K, K)``: row = true class, column = predicted class."""
+    _check_masks(pred, target, num_classes)
+    flat = target.flatten().long() * num_classes + pred.flatten().long()
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, float]:
+    """Per-class intersection over union ``|P ∩ T| / |P ∪ T|`` ``(K,)`` and its mean.
+
+    A class absent from both masks has IoU ``nan`` and is left out of the mean.
+    """
+    cm = confusion_matrix(pred, target, num_classes).double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp  # |P| + |T| - |P ∩ T|
+    per_class = tp / union  # nan where union == 0
+    return per_class, per_class.nanmean().item()
+
+
+def dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, float]:
+    """Per-class Dice coefficient ``2 |P ∩ T| / (|P| + |T|)`` ``(K,)`` and its mean (``nan`` as in :func:`iou`)."""
+    cm = confusion_matrix(pred, target, num_classes).double()
+    per_class = 2 * cm.diag() / (cm.sum(0) + cm.sum(1))
+    return per_class, per_class.nanmean().item()
+
+
+def boundary_band(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """Pixels ``(N, H, W)`` bool within ``width`` pixels (Chebyshev) of a label change in ``masks`` ``(N, H, W)``."""
+    if masks.ndim != 3:
+        raise ValueError(f"expected masks (N, H, W), got shape {tuple(masks.shape)}")
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    m = masks[:, None].float()  # (N, 1, H, W)
+    k = 2 * width + 1
+    # a window holds a label change iff its max and min differ (replicate padding: the border is no edge)
+    padded = F.pad(m, (width,) * 4, mode="replicate")
+    hi = F.max_pool2d(padded, k, stride=1)
+    lo = -F.max_pool2d(-padded, k, stride=1)
+    return (hi != lo)[:, 0]
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of V-Net: ``1 - mean_c (2 sum p_c g_c + eps) / (sum p_c + sum g_c + eps)``.
+
+    ``logits`` ``(B, K, H, W)``, ``target`` ``(B, H, W)`` int64; sums run over batch and pixels.
+    """
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    probs = logits.softmax(dim=1)  # (B, K, H, W)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)  # (B, K, H, W)
+    inter = (probs * onehot).sum(dim=(0, 2, 3))  # (K,)
+    sizes = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # (K,)
+    return 1 - ((2 * inter + eps) / (sizes + eps)).mean()

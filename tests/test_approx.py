@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dlarch_lib.approx import (
+    count_linear_pieces,
+    fit_one_hidden_layer,
+    five_tuple,
+    interpolating_relu_net,
+    one_hidden_layer,
+    sawtooth_net,
+    spread_kinks_,
+    sup_error,
+)
+
+f = lambda x: torch.sin(2 * math.pi * x)  # noqa: E731
+
+
+def test_five_tuple_reads_layers_activations_parameters_and_optimizer():
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2), nn.Tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    t = five_tuple(model, opt)
+    assert t.layers == ["0: Linear", "2: Linear"]
+    assert t.activations == ["1: ReLU", "3: Tanh"]
+    assert t.weights == {"0.weight": (5, 3), "2.weight": (2, 5)}
+    assert t.biases == {"0.bias": (5,), "2.bias": (2,)}
+    assert t.optimizer["class"] == "SGD" and t.optimizer["lr"] == 0.1
+    assert t.num_parameters == sum(p.numel() for p in model.parameters())
+    with pytest.raises(TypeError, match="nn.Module"):
+        five_tuple("not a model")
+
+
+def test_interpolating_net_hits_the_knots_and_is_piecewise_linear():
+    net = interpolating_relu_net(f, 10)
+    knots = torch.linspace(0, 1, 11, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(net(knots), f(knots))
+    assert net[0].out_features == 10
+    assert count_linear_pieces(interpolating_relu_net(torch.exp, 10)) == 10  # convex: every kink is real
+
+
+def test_interpolation_error_follows_h_squared_over_8_bound():
+    for n in (8, 32):
+        h = 1 / n
+        bound = h**2 / 8 * (2 * math.pi) ** 2  # max |f''| = (2 pi)^2
+        assert sup_error(f, interpolating_relu_net(f, n)) <= bound + 1e-12
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="n_pieces"):
+        interpolating_relu_net(f, 0)
+    with pytest.raises(ValueError, match="lo < hi"):
+        interpolating_relu_net(f, 3, lo=1.0, hi=0.0)
+    with pytest.raises(ValueError, match="width"):
+        one_hidden_layer(0)
+    with pytest.raises(ValueError, match="depth"):
+        sawtooth_net(0)
+
+
+def test_sawtooth_doubles_pieces_per_layer():
+    assert [count_linear_pieces(sawtooth_net(k)) for k in (1, 2, 3, 4)] == [2, 4, 8, 16]
+
+
+def test_spread_kinks_puts_every_kink_inside_the_domain():
+    torch.manual_seed(0)
+    model = spread_kinks_(one_hidden_layer(64))
+    kinks = -model[0].bias / model[0].weight[:, 0]
+    assert bool(((kinks >= 0) & (kinks <= 1)).all())
+
+
+def test_training_reduces_error():
+    torch.manual_seed(0)
+    untrained = sup_error(f, one_hidden_layer(32))
+    trained = sup_error(f, fit_one_hidden_layer(f, 32, steps=400))
+    assert trained < 0.5 * untrained

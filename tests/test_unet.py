@@ -1,0 +1,146 @@
+import pytest
+import torch
+from sklearn.metrics import f1_score, jaccard_score
+from torch import nn
+
+from dlarch_lib.unet import (
+    UNet,
+    boundary_band,
+    confusion_matrix,
+    dice,
+    gradient_support,
+    iou,
+    linearised,
+    predict,
+    receptive_field,
+    soft_dice_loss,
+)
+
+
+@pytest.mark.parametrize("depth,in_channels", [(1, 1), (2, 3), (3, 1)])
+def test_unet_shapes(depth, in_channels):
+    model = UNet(in_channels=in_channels, num_classes=5, width=4, depth=depth)
+    x = torch.randn(2, in_channels, 16, 24)
+    assert model(x).shape == (2, 5, 16, 24)
+    bottleneck, skips = model.encode(x)
+    assert bottleneck.shape == (2, 4 * 2**depth, 16 // 2**depth, 24 // 2**depth)
+    assert [s.shape[1:] for s in skips] == [(4 * 2**l, 16 // 2**l, 24 // 2**l) for l in range(depth)]
+
+
+def test_no_skip_model_has_same_parameters_and_equals_zeroed_skip_weights():
+    torch.manual_seed(0)
+    with_skips, without = UNet(width=4, depth=2), UNet(width=4, depth=2, skips=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(with_skips) == count(without)
+    without.load_state_dict(with_skips.state_dict())
+    x = torch.randn(3, 1, 16, 16)
+    with_skips.eval(), without.eval()
+    assert not torch.allclose(with_skips(x), without(x))
+    # feeding zeros to the skip half == zeroing the weights that read the skip half
+    with torch.no_grad():
+        for fuse in with_skips.fuse:
+            conv = fuse[0]
+            conv.weight[:, conv.in_channels // 2 :] = 0
+    torch.testing.assert_close(with_skips(x), without(x))
+
+
+def test_unet_errors():
+    model = UNet(width=4, depth=2)
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 1, 18, 16))
+    with pytest.raises(ValueError, match="depth"):
+        UNet(depth=0)
+
+
+def test_predict_is_argmax():
+    model = UNet(width=4, depth=1)
+    x = torch.randn(5, 1, 8, 8)
+    masks = predict(model, x, batch_size=2)
+    assert masks.shape == (5, 8, 8) and masks.dtype == torch.int64
+    with torch.no_grad():
+        assert torch.equal(masks, model(x).argmax(dim=1))
+
+
+def test_receptive_field_formula_and_measurement():
+    assert receptive_field([3, 3], [1, 1]) == (5, 1)
+    assert receptive_field([3, 3, 2, 3, 3], [1, 1, 2, 1, 1]) == (14, 2)
+    model = linearised(UNet(width=2, depth=2))
+    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in model.modules())
+    expected = receptive_field([3, 3, 2] * 2 + [3, 3], [1, 1, 2] * 2 + [1, 1])[0]
+    assert gradient_support(lambda x: model.encode(x)[0], 64) == expected == 32
+    with pytest.raises(ValueError, match="kernels but"):
+        receptive_field([3], [1, 1])
+    with pytest.raises(ValueError, match="strides"):
+        receptive_field([3], [0])
+    with pytest.raises(ValueError, match="feature maps"):
+        gradient_support(lambda x: x.flatten(), 8)
+
+
+def test_metrics_hand_computed():
+    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 0]])
+    cm = confusion_matrix(pred, target, 3)
+    assert cm.tolist() == [[2, 1, 0], [1, 2, 0], [1, 0, 1]]
+    per_class, mean = iou(pred, target, 3)
+    # class 0: |P∩T| = 2, |P| = 4, |T| = 3 -> 2/5; class 1: 2/(3+3-2) = 1/2; class 2: 1/(1+2-1) = 1/2
+    torch.testing.assert_close(per_class, torch.tensor([0.4, 0.5, 0.5], dtype=torch.float64))
+    assert mean == pytest.approx(1.4 / 3)
+    per_class_d, mean_d = dice(pred, target, 3)
+    torch.testing.assert_close(per_class_d, torch.tensor([4 / 7, 4 / 6, 2 / 3], dtype=torch.float64))
+    assert mean_d == pytest.approx((4 / 7 + 2 / 3 + 2 / 3) / 3)
+    torch.testing.assert_close(per_class_d, 2 * per_class / (1 + per_class))  # D = 2J / (1 + J)
+
+
+def test_metrics_match_sklearn_and_skip_absent_classes():
+    g = torch.Generator().manual_seed(0)
+    target, pred = torch.randint(0, 4, (2, 10, 10), generator=g), torch.randint(0, 4, (2, 10, 10), generator=g)
+    per_class, _ = iou(pred, target, 4)
+    per_class_d, _ = dice(pred, target, 4)
+    ref_iou = jaccard_score(target.flatten(), pred.flatten(), average=None, labels=range(4))
+    ref_dice = f1_score(target.flatten(), pred.flatten(), average=None, labels=range(4))
+    torch.testing.assert_close(per_class, torch.from_numpy(ref_iou))
+    torch.testing.assert_close(per_class_d, torch.from_numpy(ref_dice))
+    per_class, mean = iou(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), 3)
+    assert per_class[2].isnan() and mean == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        iou(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="integer"):
+        dice(torch.zeros(4), torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([0, 5]), torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        iou(torch.tensor([0]), torch.tensor([0]), 1)
+
+
+def test_boundary_band():
+    masks = torch.zeros(1, 6, 6, dtype=torch.long)
+    masks[0, 2:4, 2:4] = 1
+    expected = torch.zeros(1, 6, 6, dtype=torch.bool)
+    expected[0, 1:5, 1:5] = True
+    assert torch.equal(boundary_band(masks, width=1), expected)
+    assert boundary_band(masks, width=2).sum() == 36
+    assert not boundary_band(torch.ones(2, 5, 5, dtype=torch.long)).any()  # the image border is no edge
+    with pytest.raises(ValueError, match="expected masks"):
+        boundary_band(torch.zeros(6, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="width"):
+        boundary_band(masks, width=0)
+
+
+def test_soft_dice_loss():
+    target = torch.tensor([[[0, 1], [2, 2]]])  # (1, 2, 2)
+    perfect = 50.0 * torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()  # (1, 3, 2, 2)
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    # with hard probabilities and eps = 0 the soft loss is 1 - mean Dice
+    wrong = 50.0 * torch.nn.functional.one_hot(torch.tensor([[[0, 0], [2, 1]]]), 3).permute(0, 3, 1, 2).float()
+    _, mean_dice = dice(wrong.argmax(dim=1), target, 3)
+    assert soft_dice_loss(wrong, target, eps=0.0).item() == pytest.approx(1 - mean_dice, abs=1e-6)
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    soft_dice_loss(logits, torch.randint(0, 3, (2, 4, 4))).backward()
+    assert logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="expected logits"):
+        soft_dice_loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
