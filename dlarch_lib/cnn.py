@@ -123,11 +123,12 @@ def measured_receptive_field(model: nn.Module, in_channels: int = 1, size: int =
     """Receptive field of ``model``'s centre output unit, read off the gradient (one axis).
 
     Feeds a ``(1, in_channels, size, size)`` input, backpropagates from the centre output pixel
-    of channel 0 and counts the input columns with a non-zero gradient. The model's weights are
-    replaced by positive constants on a copy so that no gradient cancels to zero by accident.
+    of channel 0 and counts the input columns with a non-zero gradient. It works on a copy whose
+    weights are positive constants and whose max-pools are average pools (a max-pool sends the
+    gradient to one input only), fed with ones, so that no gradient vanishes by accident.
     """
     probe = _positive_copy(model)
-    x = torch.zeros(1, in_channels, size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.ones(1, in_channels, size, size, dtype=torch.float64, requires_grad=True)
     y = probe(x)  # (1, O, Ho, Wo)
     if y.ndim != 4:
         raise ValueError(f"model must map images to feature maps (1, O, H, W), got {tuple(y.shape)}")
@@ -139,10 +140,14 @@ def measured_receptive_field(model: nn.Module, in_channels: int = 1, size: int =
 
 
 def _positive_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` with every parameter set to 1/fan-in (positive, no cancellation)."""
+    """A float64 copy of ``model``: every parameter 1/fan-in (or 1), every max-pool an average pool."""
     import copy
 
     probe = copy.deepcopy(model).double().eval()
+    for parent in list(probe.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
     with torch.no_grad():
         for p in probe.parameters():
             p.fill_(1.0 / max(p[0].numel(), 1) if p.ndim > 1 else 1.0)
@@ -219,7 +224,7 @@ def fit_digits_classifier(
     split: Split,
     epochs: int = 15,
     lr: float = 3e-3,
-    batch_size: int = 64,
+    batch_size: int = 128,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,

@@ -26,6 +26,8 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
     """
     if not name.isidentifier():
         raise ValueError(f"glue names must be identifiers, got {name!r}")
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # numpy / torch scalars -> Python numbers, so {glue:text}`x:.2f` formats
     try:
         from myst_nb import glue as myst_glue
     except ImportError:

@@ -74,6 +74,17 @@ class DeepNet(nn.Module):
         return self.head(F.relu(self.head_norm(self.hidden_states(x)[-1])))
 
 
+def he_init_(model: DeepNet) -> DeepNet:
+    """Re-initialise every block in place with He et al.'s ReLU init: ``W ~ N(0, 2/width)``, ``b = 0``.
+
+    This keeps a *plain* ReLU stack's signal and gradient norms constant with depth (in expectation).
+    """
+    for block in model.blocks:
+        nn.init.kaiming_normal_(block.linear.weight, nonlinearity="relu")
+        nn.init.zeros_(block.linear.bias)
+    return model
+
+
 def layer_grad_norms(model: DeepNet, x: torch.Tensor, y: torch.Tensor, wrt: str = "weight") -> torch.Tensor:
     """Gradient norms of the cross-entropy loss, one per block: a ``(depth,)`` tensor.
 

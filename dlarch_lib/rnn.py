@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
 
 from dlarch_lib.text import CharCorpus
 

@@ -64,3 +64,10 @@ def test_glue_returns_value_and_checks_name():
     assert glue("answer", 42) == 42
     with pytest.raises(ValueError, match="identifiers"):
         glue("not a name", 1)
+
+
+def test_glue_converts_array_scalars_to_python_numbers():
+    import numpy as np
+
+    assert type(glue("x", np.float64(1.5))) is float
+    assert type(glue("y", torch.tensor(3))) is int
