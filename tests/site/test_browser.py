@@ -31,7 +31,9 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 CHAPTERS = chapters()
 SCREENSHOT_PAGES = {"index", "01_formal_definition"} | {c.stem for c in CHAPTERS[:3]}
-BENIGN_CONSOLE = ("favicon.ico", "Got invalid theme mode")
+# benign: no favicon; the theme's first-visit note; 'Failed to load resource' is reported
+# with its URL by the response handler instead
+BENIGN_CONSOLE = ("favicon.ico", "Got invalid theme mode", "Failed to load resource")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -63,11 +65,11 @@ def _open(browser, server, path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     off_site: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and not any(b in m.text for b in BENIGN_CONSOLE) else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else off_site.append(r.url))
     page.goto(f"{server}/{path}", wait_until="networkidle")
-    errors = [e for e in errors if not any(b in e for b in BENIGN_CONSOLE)]
     return page, errors, off_site
 
 

@@ -50,7 +50,8 @@ def test_no_page_loads_scripts_from_a_cdn():
 def test_mathjax_is_served_by_the_site():
     assert (HTML / "mathjax" / "tex-mml-chtml.js").exists()
     assert (HTML / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
-    assert "mathjax/tex-mml-chtml.js" in (HTML / "index.html").read_text()
+    for nb in CHAPTERS:
+        assert "mathjax/tex-mml-chtml.js" in chapter_page(nb), f"{nb.stem}: MathJax not loaded from the site"
 
 
 def test_execution_statistics_page_shows_timing_table():
