@@ -92,8 +92,8 @@ def conv2d(
         for i in range(kh)
         for j in range(kw)
     ]
-    patches = torch.stack(taps, dim=2).view(n, groups, c_per_group, kh, kw, ho, wo)  # (N, G, C/G, kh, kw, Ho, Wo)
-    wg = weight.view(groups, o // groups, c_per_group, kh, kw)  # (G, O/G, C/G, kh, kw)
+    patches = torch.stack(taps, dim=2).reshape(n, groups, c_per_group, kh, kw, ho, wo)  # (N, G, C/G, kh, kw, Ho, Wo)
+    wg = weight.reshape(groups, o // groups, c_per_group, kh, kw)  # (G, O/G, C/G, kh, kw)
     out = torch.einsum("ngcijyx,gocij->ngoyx", patches, wg).reshape(n, o, ho, wo)  # (N, O, Ho, Wo)
     if bias is not None:
         out = out + bias.view(1, o, 1, 1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- theory
 
@@ -237,7 +237,7 @@ def train_gan(
 
     if 0 in snapshot_steps:
         snapshot(0)
-    for step in tqdm(range(1, steps + 1), desc="GAN", disable=not progress, mininterval=0.5):
+    for step in tqdm(range(1, steps + 1), desc="GAN", disable=not progress, mininterval=2.0):
         real = real_all[torch.randint(0, len(real_all), (batch_size,), generator=gen).to(device)]
         z = torch.randn(batch_size, generator.z_dim, generator=gen).to(device)
         fake = generator(z)  # (B, 1, H, W)

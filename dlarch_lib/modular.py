@@ -299,15 +299,21 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of a forward pass on ``x`` (eval mode, no grad, warmed up)."""
+    """Median wall time in milliseconds of a forward pass on ``x`` (eval mode, no grad, warmed up).
+
+    On CUDA the clock is read only after ``torch.cuda.synchronize()``: kernels run asynchronously.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     model.eval()
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
+            sync()
             start = time.perf_counter()
             model(x)
+            sync()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)

@@ -90,7 +90,8 @@ def layer_grad_norms(model: DeepNet, x: torch.Tensor, y: torch.Tensor, wrt: str 
 
     ``wrt="weight"``: ``||dL/dW_l||`` of block ``l``'s weight matrix (what the optimiser sees);
     ``wrt="hidden"``: ``||dL/dh_l||`` of the block's input ``h_l`` (what the theory predicts).
-    Parameter gradients already stored in ``model`` are left unchanged.
+    Parameter gradients already stored in ``model`` are left unchanged. The norms are
+    float64: squaring float32 entries of ~1e-20 would underflow to a norm of 0.
     """
     if wrt not in ("weight", "hidden"):
         raise ValueError(f"wrt must be 'weight' or 'hidden', got {wrt!r}")
@@ -99,7 +100,7 @@ def layer_grad_norms(model: DeepNet, x: torch.Tensor, y: torch.Tensor, wrt: str 
     loss = F.cross_entropy(logits, y)
     inputs = [b.linear.weight for b in model.blocks] if wrt == "weight" else states[:-1]
     grads = torch.autograd.grad(loss, inputs)
-    return torch.stack([g.norm() for g in grads]).detach()
+    return torch.stack([g.double().norm() for g in grads]).detach()  # (depth,)
 
 
 def block_jacobians(model: DeepNet, x: torch.Tensor) -> list[torch.Tensor]:
@@ -110,7 +111,7 @@ def block_jacobians(model: DeepNet, x: torch.Tensor) -> list[torch.Tensor]:
     """
     states = model.hidden_states(x.reshape(1, -1))
     return [
-        torch.autograd.functional.jacobian(lambda h, b=block: b.branch(h[None])[0], s[0].detach())
+        torch.autograd.functional.jacobian(lambda h, b=block: b.branch(h[None])[0], s[0].detach(), vectorize=True)
         for block, s in zip(model.blocks, states[:-1])
     ]
 

@@ -34,7 +34,7 @@ def _check_margin(margin: float) -> None:
 class EmbeddingNet(nn.Module):
     """A small CNN: ``(B, 1, 8, 8)`` digits -> ``(B, dim)`` embeddings, L2-normalised by default."""
 
-    def __init__(self, dim: int = 32, width: int = 32, normalize: bool = True) -> None:
+    def __init__(self, dim: int = 32, width: int = 8, normalize: bool = True) -> None:
         super().__init__()
         if dim < 1 or width < 1:
             raise ValueError(f"dim and width must be >= 1, got dim={dim}, width={width}")

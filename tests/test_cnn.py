@@ -53,6 +53,9 @@ def test_conv2d_int_arguments_and_gradients():
     g_ref = torch.autograd.grad(ref.square().sum(), (x, weight))
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b)
+    w_t = torch.randn(6, 3, 3, 4, dtype=torch.float64).transpose(2, 3)  # non-contiguous (6, 3, 4, 3)
+    x3 = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(conv2d(x3, w_t, padding=(1, 0)), F.conv2d(x3, w_t, padding=(1, 0)))
 
 
 def test_conv2d_errors():

@@ -66,7 +66,7 @@ def test_layer_grad_norms_match_backward_and_leave_grads_alone():
     norms = layer_grad_norms(net, x, y)
     assert norms.shape == (5,) and all(b.linear.weight.grad is None for b in net.blocks)
     F.cross_entropy(net(x), y).backward()
-    assert_close(norms, torch.stack([b.linear.weight.grad.norm() for b in net.blocks]))
+    assert_close(norms, torch.stack([b.linear.weight.grad.double().norm() for b in net.blocks]))
     assert layer_grad_norms(net, x, y, wrt="hidden").shape == (5,)
     with pytest.raises(ValueError, match="wrt"):
         layer_grad_norms(net, x, y, wrt="bias")
@@ -81,6 +81,13 @@ def test_plain_gradients_vanish_residual_ones_do_not():
         g = layer_grad_norms(DeepNet(16, 4, width=32, depth=20, residual=residual), x, y, wrt="hidden")
         ratios[residual] = (g[0] / g[-1]).item()
     assert ratios[False] < 1e-5 and ratios[True] > 1.0
+
+
+def test_tiny_gradients_do_not_underflow_to_zero():
+    torch.manual_seed(0)
+    net = DeepNet(16, 4, width=32, depth=70, residual=False)
+    g = layer_grad_norms(net, torch.randn(64, 16), torch.randint(0, 4, (64,)), wrt="hidden")
+    assert g.dtype == torch.float64 and bool((g > 0).all())
 
 
 def test_path_expansion_sums_to_product_and_counts_paths():

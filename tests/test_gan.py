@@ -1,0 +1,276 @@
+"""Tests for dlarch_lib.gan (chapter 08)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlarch_lib import gan
+
+
+def _dists() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    return p / p.sum(), q / q.sum()
+
+
+# ----------------------------------------------------------------------------- theory
+
+
+def test_optimal_discriminator_value_is_2jsd_minus_log4():
+    p, q = _dists()
+    d_star = gan.optimal_discriminator(p, q)
+    torch.testing.assert_close(gan.gan_value(d_star, p, q), 2 * gan.js_divergence(p, q) - math.log(4))
+    # D* maximises V: any other discriminator does no better
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        d = torch.rand(6, generator=g, dtype=torch.float64).clamp(0.01, 0.99)
+        assert gan.gan_value(d, p, q) <= gan.gan_value(d_star, p, q) + 1e-12
+
+
+def test_value_at_equilibrium_is_minus_log4_and_handles_zeros():
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    d_star = gan.optimal_discriminator(p, p)
+    torch.testing.assert_close(d_star, torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64))
+    assert gan.gan_value(d_star, p, p).item() == pytest.approx(-math.log(4))
+    q = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # disjoint supports: JSD = log 2
+    assert gan.js_divergence(p, q).item() == pytest.approx(math.log(2))
+
+
+def test_kl_matches_torch():
+    p, q = _dists()
+    torch.testing.assert_close(gan.kl_divergence(p, q), F.kl_div(q.log(), p, reduction="sum"))
+
+
+def test_distribution_errors():
+    with pytest.raises(ValueError, match="sum to 1"):
+        gan.js_divergence(torch.tensor([0.5, 0.6]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="equal length"):
+        gan.optimal_discriminator(torch.tensor([1.0]), torch.tensor([0.5, 0.5]))
+    p, q = _dists()
+    with pytest.raises(ValueError, match="d has shape"):
+        gan.gan_value(torch.full((3,), 0.5), p, q)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_losses_match_bce():
+    r, f = torch.randn(16), torch.randn(16)
+    expected = F.binary_cross_entropy_with_logits(r, torch.ones(16)) + F.binary_cross_entropy_with_logits(f, torch.zeros(16))
+    torch.testing.assert_close(gan.discriminator_loss(r, f), expected)
+    torch.testing.assert_close(gan.generator_loss(f), F.binary_cross_entropy_with_logits(f, torch.ones(16)))
+    torch.testing.assert_close(gan.generator_loss(f, "saturating"), -F.binary_cross_entropy_with_logits(f, torch.zeros(16)))
+
+
+def test_saturating_gradient_vanishes_when_d_is_confident():
+    f = torch.tensor([-8.0], requires_grad=True)  # D(G(z)) = sigmoid(-8) ~ 3e-4
+    (g_sat,) = torch.autograd.grad(gan.generator_loss(f, "saturating"), f)
+    (g_ns,) = torch.autograd.grad(gan.generator_loss(f, "non_saturating"), f)
+    assert abs(g_sat.item()) < 1e-3 and abs(g_ns.item()) > 0.99
+
+
+def test_generator_loss_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown generator loss"):
+        gan.generator_loss(torch.zeros(2), "wasserstein")
+
+
+# ----------------------------------------------------------------------------- DCGAN
+
+
+def test_dcgan_shapes_and_range():
+    g, d = gan.DCGANGenerator(z_dim=8, width=4), gan.DCGANDiscriminator(width=4)
+    x = g(torch.randn(5, 8))
+    assert x.shape == (5, 1, 8, 8) and x.abs().max() <= 1
+    assert d(x).shape == (5,)
+    with pytest.raises(ValueError, match="z of shape"):
+        g(torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        d(torch.randn(5, 1, 16, 16))
+    with pytest.raises(ValueError, match="width"):
+        gan.DCGANDiscriminator(width=0)
+
+
+def test_signed_unit_roundtrip():
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(gan.to_unit(gan.to_signed(x)), x)
+
+
+def test_train_gan_runs_records_and_learns_the_mean():
+    torch.manual_seed(0)
+    images = torch.zeros(64, 1, 8, 8)
+    images[:, :, 2:6, 2:6] = 1.0  # one bright square: the generator must learn to draw it
+    g, d = gan.DCGANGenerator(z_dim=4, width=8), gan.DCGANDiscriminator(width=8)
+    before = (gan.sample(g, 64) - images).abs().mean().item()
+    h = gan.train_gan(g, d, images, steps=60, batch_size=16, lr=2e-3, snapshot_steps=(0, 30), n_snapshot=4, progress=False)
+    after = (gan.sample(g, 64) - images).abs().mean().item()
+    assert len(h.d_loss) == len(h.g_loss) == 60 and sorted(h.snapshots) == [0, 30, 60]
+    assert h.snapshots[60].shape == (4, 1, 8, 8)
+    assert after < 0.5 * before
+
+
+def test_train_gan_errors():
+    g, d = gan.DCGANGenerator(4, 4), gan.DCGANDiscriminator(4)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        gan.train_gan(g, d, torch.full((4, 1, 8, 8), 2.0), steps=1, progress=False)
+    with pytest.raises(ValueError, match="unknown generator loss"):
+        gan.train_gan(g, d, torch.rand(4, 1, 8, 8), steps=1, loss="hinge", progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        gan.train_gan(g, d, torch.rand(4, 1, 8, 8), steps=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class _StandIn(nn.Module):
+    """A fixed 'classifier' for 8x8 images: class = which of 10 pixels in row 0 is brightest."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :10] * 20  # (N, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _one_hot_images(labels: torch.Tensor) -> torch.Tensor:
+    x = torch.zeros(len(labels), 1, 8, 8)
+    x.view(len(labels), -1)[torch.arange(len(labels)), labels] = 1.0
+    return x
+
+
+def test_classifier_score_balanced_vs_collapsed():
+    balanced = gan.classifier_score(_StandIn(), _one_hot_images(torch.arange(100) % 10))
+    assert balanced["coverage"] == 10
+    assert balanced["entropy"] == pytest.approx(math.log(10))
+    assert balanced["confidence"] > 0.99 and balanced["inception_score"] > 9.9
+    collapsed = gan.classifier_score(_StandIn(), _one_hot_images(torch.full((100,), 3)))
+    assert collapsed["coverage"] == 1 and collapsed["entropy"] == pytest.approx(0.0, abs=1e-12)
+    assert collapsed["inception_score"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_classifier_score_errors():
+    with pytest.raises(ValueError, match=r"expected \(N, 5\)"):
+        gan.classifier_score(_StandIn(), torch.rand(4, 1, 8, 8), num_classes=5)
+    with pytest.raises(ValueError, match="non-empty"):
+        gan.classifier_score(_StandIn(), torch.rand(0, 1, 8, 8))
+    with pytest.raises(ValueError, match="no features"):
+        gan.classifier_features(nn.Linear(2, 2), torch.rand(4, 1, 8, 8))
+    assert gan.classifier_features(_StandIn(), torch.rand(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_frechet_distance_closed_form_and_scipy():
+    # diagonal covariances: FD = |mu_a - mu_b|^2 + sum (sqrt(a) - sqrt(b))^2
+    mu_a, mu_b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    va, vb = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 1.0])
+    expected = ((mu_a - mu_b) ** 2).sum() + ((va.sqrt() - vb.sqrt()) ** 2).sum()
+    got = gan.frechet_distance_gaussians(mu_a, torch.diag(va), mu_b, torch.diag(vb))
+    assert got == pytest.approx(expected.item(), rel=1e-10)
+    # general covariances: against scipy's matrix square root
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(5, 5, generator=g, dtype=torch.float64)
+    ca, cb = a @ a.T + 0.1 * torch.eye(5), b @ b.T + 0.1 * torch.eye(5)
+    ref = torch.trace(ca + cb).item() - 2 * scipy.linalg.sqrtm((ca @ cb).numpy()).real.trace()
+    assert gan.frechet_distance_gaussians(torch.zeros(5), ca, torch.zeros(5), cb) == pytest.approx(ref, rel=1e-8)
+
+
+def test_frechet_distance_of_samples():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(20000, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0]) + torch.tensor([2.0, 0.0])
+    assert gan.frechet_distance(x, y) == pytest.approx(4.0 + 4.0, rel=0.05)  # |mu|^2 + (3 - 1)^2
+    assert gan.frechet_distance(x[:10000], x[10000:]) < 0.01
+    with pytest.raises(ValueError, match="at least 2"):
+        gan.frechet_distance(x[:1], y)
+    with pytest.raises(ValueError, match=r"\(N_a, F\)"):
+        gan.frechet_distance(x, y[:, :1])
+
+
+# ----------------------------------------------------------------------------- StyleGAN2 pieces
+
+
+def test_mapping_network():
+    m = gan.MappingNetwork(z_dim=6, w_dim=5, depth=3)
+    z = torch.randn(4, 6)
+    assert m(z).shape == (4, 5)
+    torch.testing.assert_close(m(z), m(10 * z))  # pixel norm: only the direction of z matters
+    with pytest.raises(ValueError, match="z of shape"):
+        m(torch.randn(4, 5))
+
+
+def test_modulated_conv2d_matches_scaling_activations():
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 4, 6, 6, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    styles = torch.rand(3, 4, generator=g) + 0.5
+    # modulating the weights = scaling the input channels; demodulating = scaling the output channels
+    plain = F.conv2d(x * styles[:, :, None, None], weight, padding=1)
+    torch.testing.assert_close(gan.modulated_conv2d(x, weight, styles, demodulate=False), plain)
+    norms = (weight[None] * styles[:, None, :, None, None]).pow(2).sum(dim=(2, 3, 4)).add(1e-8).sqrt()  # (B, O)
+    torch.testing.assert_close(gan.modulated_conv2d(x, weight, styles), plain / norms[:, :, None, None])
+
+
+def test_demodulation_keeps_unit_variance_across_styles():
+    torch.manual_seed(0)
+    layer = gan.ModulatedConv2d(32, 32, 3, w_dim=8)
+    x = torch.randn(16, 32, 24, 24)
+    stds = {True: [], False: []}
+    for scale in (0.1, 1.0, 10.0):
+        w = scale * torch.randn(16, 8)
+        for demod in (True, False):
+            layer.demodulate = demod
+            with torch.no_grad():
+                y = layer(x, w)[:, :, 1:-1, 1:-1]  # interior: no zero padding in the receptive field
+            stds[demod] += y.std(dim=(1, 2, 3)).tolist()
+    assert all(0.9 < s < 1.1 for s in stds[True])
+    assert max(stds[False]) / min(stds[False]) > 4  # without demodulation the scale follows the style
+
+
+def test_modulated_conv2d_errors():
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        gan.modulated_conv2d(torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="expected x"):
+        gan.modulated_conv2d(torch.randn(3, 4, 4), torch.randn(5, 3, 3, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="odd"):
+        gan.ModulatedConv2d(3, 3, 2, w_dim=4)
+
+
+def test_noise_injection():
+    layer = gan.NoiseInjection(3)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(layer(x), x)  # strength starts at 0
+    with torch.no_grad():
+        layer.strength.fill_(2.0)
+    noise = torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close(layer(x, noise), x + 2 * noise)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        layer(x, torch.randn(2, 3, 4, 4))
+
+
+def test_mix_styles():
+    w1, w2 = torch.zeros(2, 3), torch.ones(2, 3)
+    ws = gan.mix_styles(w1, w2, num_ws=4, crossover=1)
+    assert ws.shape == (2, 4, 3)
+    assert ws[:, 0].eq(0).all() and ws[:, 1:].eq(1).all()
+    torch.testing.assert_close(gan.mix_styles(w1, w2, 4, 4), w1[:, None].expand(-1, 4, -1))
+    with pytest.raises(ValueError, match="crossover"):
+        gan.mix_styles(w1, w2, 4, 5)
+
+
+def test_style_generator_mixing_changes_only_what_it_should():
+    torch.manual_seed(0)
+    gen = gan.StyleGenerator(z_dim=8, w_dim=8, channels=8, layers=3).eval()
+    z = torch.randn(2, 8)
+    assert gen(z).shape == (2, 1, 8, 8)
+    w = gen.mapping(z)
+    same = gan.mix_styles(w, w, gen.num_ws, 2)
+    torch.testing.assert_close(gen.synthesis(same, noise=False), gen.synthesis(w[:, None].expand(-1, 4, -1), noise=False))
+    mixed = gen.synthesis(gan.mix_styles(w[:1], w[1:], gen.num_ws, 2), noise=False)
+    assert not torch.allclose(mixed, gen.synthesis(same[:1], noise=False))
+    with pytest.raises(ValueError, match="ws of shape"):
+        gen.synthesis(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="layers"):
+        gan.StyleGenerator(layers=1)
