@@ -74,8 +74,8 @@ def make_shapes(
     size: int = 32,
     max_shapes: int = 3,
     seed: int = 0,
-    noise: float = 0.1,
-    texture: float = 0.15,
+    noise: float = 0.05,
+    texture: float = 0.1,
     radius: tuple[float, float] = (3.0, 7.0),
     channels: int = 1,
 ) -> ShapesSet:
