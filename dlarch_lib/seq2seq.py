@@ -1,0 +1,459 @@
+"""Encoder-decoder models for sequences: a digit-reversal task, a fixed-vector (bottleneck)
+GRU encoder-decoder and the same model with attention over the encoder states, and decoding
+by greedy and beam search.
+
+- :func:`make_reversal_batch` draws a seeded batch of the task "reverse a digit string",
+  tokenised with ``PAD``/``BOS``/``EOS`` and padded (:func:`pad_sequences`).
+- :class:`BottleneckSeq2Seq` (Sutskever et al., 2014; Cho et al., 2014) hands the decoder one
+  vector, the encoder's final state. :class:`AttentionSeq2Seq` (Bahdanau et al., 2015;
+  Luong et al., 2015) lets every decoder step attend to all encoder states. Both have exactly
+  the same parameters; only the way the context vector is formed differs.
+- :func:`train_seq2seq` (teacher forcing), :func:`exact_match`, :func:`accuracy_by_length` and
+  :func:`anti_diagonal_mass` (how close an attention map is to the reversal alignment).
+- :func:`greedy_search`, :func:`beam_search` and :func:`exhaustive_search` work on any
+  ``step_fn(prefixes) -> log-probs``; :meth:`Seq2Seq.step_fn` makes one from a trained model
+  and a source sequence, :func:`step_fn_from_table` from a hand-written distribution.
+
+Shapes: B batch, S source length, T target length, V vocabulary, E embedding, H hidden size,
+K beams.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
+
+from dlarch_lib.attention import padding_mask, scaled_dot_product_attention
+
+PAD, BOS, EOS = 0, 1, 2
+DIGIT0 = 3  # token id of the digit "0"; "9" is 12
+VOCAB_SIZE = DIGIT0 + 10
+
+StepFn = Callable[[torch.Tensor], torch.Tensor]  # prefixes (K, t) -> next-token log-probs (K, V)
+
+
+# --- the task: tokens, padding, batches -------------------------------------------------------
+
+
+def encode_digits(s: str) -> list[int]:
+    """``"307"`` -> ``[6, 3, 10]``: one token per digit (no BOS/EOS)."""
+    if not s.isdigit() or not s.isascii():
+        raise ValueError(f"expected a non-empty string of digits 0-9, got {s!r}")
+    return [DIGIT0 + int(c) for c in s]
+
+
+def decode_tokens(ids: Sequence[int] | torch.Tensor) -> str:
+    """Token ids -> digit string; skips ``BOS``/``PAD`` and stops at the first ``EOS``."""
+    out = []
+    for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
+        if i == EOS:
+            break
+        if i >= DIGIT0:
+            out.append(str(i - DIGIT0))
+        elif i not in (PAD, BOS):
+            raise ValueError(f"unknown token id {i}")
+    return "".join(out)
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(B, max_len)`` and return it with the lengths ``(B,)``."""
+    if len(seqs) == 0 or any(len(s) == 0 for s in seqs):
+        raise ValueError("pad_sequences needs at least one sequence and no empty ones")
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), pad, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out, lengths
+
+
+class Batch(NamedTuple):
+    """A padded batch. ``tgt_in = [BOS] + y`` is fed to the decoder, ``tgt_out = y + [EOS]`` is predicted."""
+
+    src: torch.Tensor  # (B, S) source tokens, PAD after src_lengths
+    src_lengths: torch.Tensor  # (B,)
+    tgt_in: torch.Tensor  # (B, T) decoder inputs
+    tgt_out: torch.Tensor  # (B, T) targets, PAD where there is no token
+
+
+def make_batch(sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> Batch:
+    """Tokenised pairs (without BOS/EOS) -> a padded :class:`Batch`."""
+    if len(sources) != len(targets):
+        raise ValueError(f"got {len(sources)} sources but {len(targets)} targets")
+    src, src_lengths = pad_sequences(sources)
+    tgt_in, _ = pad_sequences([[BOS, *t] for t in targets])
+    tgt_out, _ = pad_sequences([[*t, EOS] for t in targets])
+    return Batch(src, src_lengths, tgt_in, tgt_out)
+
+
+def make_reversal_batch(n: int, min_len: int, max_len: int, generator: torch.Generator) -> Batch:
+    """``n`` random digit strings of length uniform in ``[min_len, max_len]`` and their reversals."""
+    if n < 1 or not 1 <= min_len <= max_len:
+        raise ValueError(f"need n >= 1 and 1 <= min_len <= max_len, got n={n}, min_len={min_len}, max_len={max_len}")
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)  # (n,)
+    digits = torch.randint(0, 10, (n, max_len), generator=generator) + DIGIT0  # (n, max_len)
+    t = torch.arange(max_len)[None, :]  # (1, max_len)
+    real = t < lengths[:, None]  # (n, max_len): True at the real tokens
+    src = digits.masked_fill(~real, PAD)
+    rev = src.gather(1, (lengths[:, None] - 1 - t).clamp(min=0)).masked_fill(~real, PAD)  # y_t = x_{L-1-t}
+    pad = torch.full((n, 1), PAD)
+    tgt_out = torch.cat([rev, pad], dim=1).scatter(1, lengths[:, None], EOS)  # y + [EOS]
+    tgt_in = torch.cat([torch.full((n, 1), BOS), rev], dim=1)  # [BOS] + y
+    width = int(lengths.max())  # trim to the longest string in the batch
+    return Batch(src[:, :width], lengths, tgt_in[:, : width + 1], tgt_out[:, : width + 1])
+
+
+# --- the models -----------------------------------------------------------------------------
+
+
+class Seq2Seq(nn.Module):
+    """GRU encoder-decoder; subclasses say how the context ``c_t`` is formed (:meth:`context`).
+
+    Encoder: embedding, then a bidirectional GRU with ``H/2`` units per direction, giving the
+    memory ``m_1..m_S`` (each ``H``) and the final state ``h_S = [fwd_S; bwd_1]``.
+    Decoder: a GRU started at ``h_S`` reads ``y_{t-1}``; its state ``s_t`` and a context ``c_t``
+    give ``p(y_t | y_<t, x) = softmax(W_out tanh(W_c [c_t; s_t]))``.
+    """
+
+    def __init__(self, vocab_size: int = VOCAB_SIZE, emb: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        if vocab_size <= DIGIT0 or emb < 1 or hidden < 2 or hidden % 2:
+            raise ValueError(f"need vocab_size > {DIGIT0}, emb >= 1 and an even hidden >= 2; got {vocab_size}, {emb}, {hidden}")
+        self.vocab_size, self.hidden = vocab_size, hidden
+        self.embed = nn.Embedding(vocab_size, emb, padding_idx=PAD)  # shared by encoder and decoder
+        self.encoder = nn.GRU(emb, hidden // 2, batch_first=True, bidirectional=True)
+        self.decoder = nn.GRU(emb, hidden, batch_first=True)
+        self.context_proj = nn.Linear(hidden, hidden, bias=False)  # bottleneck: W h_S; attention: query W s_t
+        self.combine = nn.Linear(2 * hidden, hidden)  # W_c
+        self.out = nn.Linear(hidden, vocab_size)  # W_out
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``src (B, S)``, lengths ``(B,)`` -> memory ``(B, S, H)`` (zeros at padding), final state ``(B, H)``."""
+        if src.ndim != 2 or src_lengths.shape != (src.shape[0],):
+            raise ValueError(f"expected src (B, S) and src_lengths (B,), got {tuple(src.shape)} and {tuple(src_lengths.shape)}")
+        if int(src_lengths.min()) < 1 or int(src_lengths.max()) > src.shape[1]:
+            raise ValueError(f"src_lengths must lie in [1, {src.shape[1]}]")
+        packed = pack_padded_sequence(self.embed(src), src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, h_n = self.encoder(packed)  # h_n (2, B, H/2): last forward state, first backward state
+        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, H)
+        return memory, torch.cat([h_n[0], h_n[1]], dim=-1)  # (B, H)
+
+    def context(
+        self, states: torch.Tensor, memory: torch.Tensor, src_lengths: torch.Tensor, final: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context vectors ``(B, T, H)`` for decoder states ``(B, T, H)``, and attention weights or None."""
+        raise NotImplementedError
+
+    def decode(
+        self,
+        tgt_in: torch.Tensor,
+        memory: torch.Tensor,
+        src_lengths: torch.Tensor,
+        final: torch.Tensor,
+        state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the decoder over ``tgt_in (B, T)`` from ``state (B, H)`` (default: the encoder's ``final``).
+
+        Returns logits ``(B, T, V)``, the last decoder state ``(B, H)`` and the attention
+        weights ``(B, T, S)`` (None for the bottleneck model).
+        """
+        if tgt_in.ndim != 2 or tgt_in.shape[0] != memory.shape[0]:
+            raise ValueError(f"tgt_in must be (B, T) with B = {memory.shape[0]}, got {tuple(tgt_in.shape)}")
+        h0 = final if state is None else state
+        states, h_last = self.decoder(self.embed(tgt_in), h0[None].contiguous())  # (B, T, H), (1, B, H)
+        ctx, weights = self.context(states, memory, src_lengths, final)  # (B, T, H)
+        logits = self.out(torch.tanh(self.combine(torch.cat([ctx, states], dim=-1))))  # (B, T, V)
+        return logits, h_last[0], weights
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: ``src (B, S)``, ``src_lengths (B,)``, ``tgt_in (B, T)`` -> logits ``(B, T, V)``."""
+        memory, final = self.encode(src, src_lengths)
+        return self.decode(tgt_in, memory, src_lengths, final)[0]
+
+    @torch.no_grad()
+    def greedy_decode(self, src: torch.Tensor, src_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Pick the most likely token at every step: ``(B, max_len)`` tokens, ``PAD`` after ``EOS``."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        memory, final = self.encode(src, src_lengths)
+        B = src.shape[0]
+        y = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+        state, done, out = final, torch.zeros(B, dtype=torch.bool, device=src.device), []
+        for _ in range(max_len):
+            logits, state, _ = self.decode(y, memory, src_lengths, final, state)  # one step: T = 1
+            y = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            out.append(y[:, 0].masked_fill(done, PAD))
+            done |= y[:, 0] == EOS
+            if done.all():
+                break
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def attention_map(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(B, T, S)`` while reading ``tgt_in`` (raises for the bottleneck model)."""
+        memory, final = self.encode(src, src_lengths)
+        weights = self.decode(tgt_in, memory, src_lengths, final)[2]
+        if weights is None:
+            raise ValueError(f"{type(self).__name__} has no attention")
+        return weights
+
+    @torch.no_grad()
+    def step_fn(self, src: torch.Tensor, src_length: int) -> StepFn:
+        """A ``step_fn`` for :func:`beam_search` on one source ``src (S,)``.
+
+        It maps prefixes ``(K, t)`` (each starting with ``BOS``) to next-token log-probs ``(K, V)``
+        by re-reading the prefix with the decoder (simple, and cheap for short outputs).
+        """
+        if src.ndim != 1:
+            raise ValueError(f"step_fn takes one source sequence (S,), got shape {tuple(src.shape)}")
+        lengths = torch.tensor([src_length], device=src.device)
+        memory, final = self.encode(src[None], lengths)  # (1, S, H), (1, H)
+
+        @torch.no_grad()
+        def fn(prefixes: torch.Tensor) -> torch.Tensor:
+            K = prefixes.shape[0]
+            logits = self.decode(prefixes, memory.expand(K, -1, -1), lengths.expand(K), final.expand(K, -1))[0]
+            return F.log_softmax(logits[:, -1], dim=-1)  # (K, V)
+
+        return fn
+
+
+class BottleneckSeq2Seq(Seq2Seq):
+    """The fixed-vector encoder-decoder: every step sees the same context ``c = W h_S``."""
+
+    def context(self, states, memory, src_lengths, final):  # noqa: D102 (see Seq2Seq.context)
+        return self.context_proj(final)[:, None].expand_as(states), None  # (B, T, H)
+
+
+class AttentionSeq2Seq(Seq2Seq):
+    """Encoder-decoder with attention: ``c_t = sum_j a_tj m_j``, ``a_t = softmax((W s_t) . m_j / sqrt(H))``.
+
+    Luong et al.'s "general" score, computed by the library's scaled dot-product attention with
+    padded source positions masked out.
+    """
+
+    def context(self, states, memory, src_lengths, final):  # noqa: D102 (see Seq2Seq.context)
+        mask = padding_mask(src_lengths, memory.shape[1])[:, None, :]  # (B, 1, S): True = real token
+        return scaled_dot_product_attention(self.context_proj(states), memory, memory, mask)  # (B,T,H), (B,T,S)
+
+
+# --- training and evaluation ----------------------------------------------------------------
+
+
+def sequence_loss(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per target token, ignoring ``PAD``: logits ``(B, T, V)``, targets ``(B, T)``."""
+    if logits.ndim != 3 or logits.shape[:2] != tgt_out.shape:
+        raise ValueError(f"expected logits (B, T, V) and tgt_out (B, T), got {tuple(logits.shape)} and {tuple(tgt_out.shape)}")
+    return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD)
+
+
+def sequence_log_prob(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
+    """``log p(y | x) = sum_t log p(y_t | y_<t, x)`` for each row: ``(B, T, V)``, ``(B, T)`` -> ``(B,)``."""
+    if logits.ndim != 3 or logits.shape[:2] != tgt_out.shape:
+        raise ValueError(f"expected logits (B, T, V) and tgt_out (B, T), got {tuple(logits.shape)} and {tuple(tgt_out.shape)}")
+    logp = F.log_softmax(logits, dim=-1).gather(-1, tgt_out[..., None])[..., 0]  # (B, T)
+    return (logp * (tgt_out != PAD)).sum(dim=1)
+
+
+def train_seq2seq(
+    model: Seq2Seq,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    min_len: int = 1,
+    max_len: int = 12,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+) -> list[float]:
+    """Train on fresh reversal batches with teacher forcing.
+
+    Adam with a one-cycle learning-rate schedule (warm-up over the first 10% of the steps to
+    ``lr``, then cosine decay) and gradient clipping at norm 1.
+
+    Every step draws a new batch, so there are no epochs; ``dlarch_lib.train.fit`` expects a
+    loader of ``(x, y)`` pairs and is not used. Returns the loss of every step.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
+    for _ in bar:
+        src, src_lengths, tgt_in, tgt_out = (t.to(device) for t in make_reversal_batch(batch_size, min_len, max_len, gen))
+        loss = sequence_loss(model(src, src_lengths, tgt_in), tgt_out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
+    model.eval()
+    return losses
+
+
+def exact_match(pred: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
+    """Per row, True when the prediction equals the target up to and including ``EOS``: ``(B,)`` bool.
+
+    Both are ``(B, *)`` token tensors with ``PAD`` after ``EOS``; they may differ in width.
+    """
+    if pred.ndim != 2 or tgt_out.ndim != 2 or pred.shape[0] != tgt_out.shape[0]:
+        raise ValueError(f"expected (B, T) tensors with the same B, got {tuple(pred.shape)} and {tuple(tgt_out.shape)}")
+    T = max(pred.shape[1], tgt_out.shape[1])
+    pred, tgt_out = (F.pad(x, (0, T - x.shape[1]), value=PAD) for x in (pred, tgt_out))
+    return (pred == tgt_out).all(dim=1)
+
+
+@torch.no_grad()
+def accuracy_by_length(
+    model: Seq2Seq, lengths: Sequence[int], n_per_length: int = 200, seed: int = 1, device: torch.device | str = "cpu"
+) -> dict[int, float]:
+    """Exact-match accuracy of greedy decoding on ``n_per_length`` fresh strings of each length."""
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    result = {}
+    for L in lengths:
+        src, src_lengths, _, tgt_out = (t.to(device) for t in make_reversal_batch(n_per_length, L, L, gen))
+        pred = model.greedy_decode(src, src_lengths, max_len=L + 2)
+        result[int(L)] = exact_match(pred, tgt_out).float().mean().item()
+    return result
+
+
+def anti_diagonal_mass(weights: torch.Tensor, src_lengths: torch.Tensor, band: int = 0) -> torch.Tensor:
+    """How much attention falls on the reversal alignment: ``(B,)``, each in ``[0, 1]``.
+
+    ``weights (B, T, S)`` are the attention weights while reading ``tgt_in``; row ``t < L``
+    predicts ``y_t = x_{L-1-t}``, so its "right" source position is ``L-1-t``. Returns, per
+    example, the mean over those ``L`` rows of the weight within ``band`` positions of it
+    (the EOS row is left out). 1 means a perfect anti-diagonal.
+    """
+    if weights.ndim != 3 or src_lengths.shape != (weights.shape[0],):
+        raise ValueError(f"expected weights (B, T, S) and src_lengths (B,), got {tuple(weights.shape)} and {tuple(src_lengths.shape)}")
+    if band < 0:
+        raise ValueError(f"band must be >= 0, got {band}")
+    B, T, S = weights.shape
+    if int(src_lengths.min()) < 1 or int(src_lengths.max()) > min(S, T):
+        raise ValueError(f"src_lengths must lie in [1, {min(S, T)}] for weights of shape {tuple(weights.shape)}")
+    L = src_lengths.to(weights.device)[:, None]  # (B, 1)
+    t = torch.arange(T, device=weights.device)[None, :]  # (1, T)
+    target = (L - 1 - t)[..., None]  # (B, T, 1): the aligned source position of row t
+    j = torch.arange(S, device=weights.device)[None, None, :]  # (1, 1, S)
+    mass = (weights * ((j - target).abs() <= band)).sum(-1)  # (B, T)
+    return (mass * (t < L)).sum(1) / L[:, 0]
+
+
+# --- decoding: greedy and beam search on any step function --------------------------------
+
+
+def step_fn_from_table(table: dict[tuple[int, ...], dict[int, float]], vocab_size: int) -> StepFn:
+    """A ``step_fn`` for a hand-written distribution: ``table[prefix] = {token: probability}``.
+
+    ``prefix`` is the tuple of tokens after ``BOS``; each row must sum to 1. Asking for a
+    prefix that is not in the table raises ``KeyError``.
+    """
+    logp = {}
+    for prefix, row in table.items():
+        if abs(sum(row.values()) - 1.0) > 1e-6 or any(p < 0 for p in row.values()):
+            raise ValueError(f"row {prefix} is not a probability distribution: {row}")
+        if any(not 0 <= tok < vocab_size for tok in row):
+            raise ValueError(f"row {prefix} has a token outside [0, {vocab_size})")
+        vec = torch.full((vocab_size,), -math.inf)
+        for tok, p in row.items():
+            vec[tok] = math.log(p) if p > 0 else -math.inf
+        logp[tuple(prefix)] = vec
+
+    def fn(prefixes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([logp[tuple(p[1:].tolist())] for p in prefixes])  # (K, V); p[0] is BOS
+
+    return fn
+
+
+def exhaustive_search(step_fn: StepFn, bos: int, eos: int, max_len: int) -> tuple[list[int], float]:
+    """The most probable sequence ending in ``eos`` within ``max_len`` tokens, by trying them all.
+
+    Exact but exponential (up to ``V^max_len`` prefixes); for checking beam search on tiny problems.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    best: tuple[list[int], float] = ([], -math.inf)
+    stack: list[tuple[list[int], float]] = [([bos], 0.0)]
+    while stack:
+        seq, score = stack.pop()
+        logp = step_fn(torch.tensor([seq]))[0]  # (V,)
+        for tok in torch.nonzero(logp > -math.inf)[:, 0].tolist():
+            s = score + float(logp[tok])
+            if tok == eos:
+                if s > best[1]:
+                    best = (seq[1:] + [tok], s)
+            elif len(seq) < max_len:
+                stack.append((seq + [tok], s))
+    return best
+
+
+def greedy_search(step_fn: StepFn, bos: int, eos: int, max_len: int) -> tuple[list[int], float]:
+    """Take the arg-max token until ``eos`` or ``max_len`` tokens; returns ``(tokens, log-prob)``.
+
+    ``tokens`` excludes ``bos`` and includes ``eos`` when it was produced.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    seq, score = [bos], 0.0
+    for _ in range(max_len):
+        logp = step_fn(torch.tensor([seq]))[0]  # (V,)
+        tok = int(logp.argmax())
+        seq.append(tok)
+        score += float(logp[tok])
+        if tok == eos:
+            break
+    return seq[1:], score
+
+
+def beam_search(step_fn: StepFn, bos: int, eos: int, beam_size: int, max_len: int) -> tuple[list[int], float]:
+    """Keep the ``beam_size`` most probable prefixes at every step; return the best finished one.
+
+    Scores are summed log-probabilities (no length normalisation). A prefix that emits ``eos``
+    leaves the beam as a finished hypothesis. Because log-probs are <= 0, a prefix's score can
+    only fall as it grows, so the search stops as soon as the best finished score is at least the
+    best live score: no live prefix can overtake it. If nothing finishes within ``max_len``
+    tokens, the best live prefix is returned. ``beam_size=1`` is greedy search.
+    """
+    if beam_size < 1 or max_len < 1:
+        raise ValueError(f"beam_size and max_len must be >= 1, got {beam_size} and {max_len}")
+    live = torch.tensor([[bos]])  # (K, t) prefixes
+    live_scores = torch.zeros(1, dtype=torch.float64)  # (K,) in float64, like greedy's Python floats
+    best_seq: list[int] | None = None
+    best_score = -math.inf
+    for _ in range(max_len):
+        logp = step_fn(live)  # (K, V)
+        if logp.ndim != 2 or logp.shape[0] != live.shape[0]:
+            raise ValueError(f"step_fn must return (K, V) log-probs for K={live.shape[0]} prefixes, got {tuple(logp.shape)}")
+        V = logp.shape[1]
+        cand = (live_scores[:, None] + logp.double()).flatten()  # (K * V,) scores of every one-token extension
+        top_values, top_indices = cand.topk(min(beam_size, cand.numel()))
+        possible = top_values > -math.inf  # never extend by a token of probability 0
+        top_values, top_indices = top_values[possible], top_indices[possible]
+        beam_idx, tok = top_indices // V, top_indices % V
+        seqs = torch.cat([live[beam_idx], tok[:, None]], dim=1)  # (k, t + 1)
+        finished = tok == eos
+        for s, sc in zip(seqs[finished], top_values[finished]):
+            if float(sc) > best_score:
+                best_seq, best_score = s[1:].tolist(), float(sc)
+        live, live_scores = seqs[~finished], top_values[~finished]
+        if live.shape[0] == 0 or best_score >= float(live_scores.max()):
+            break
+    if best_seq is None:  # nothing finished: return the best unfinished prefix
+        i = int(live_scores.argmax())
+        best_seq, best_score = live[i, 1:].tolist(), float(live_scores[i])
+    return best_seq, best_score

@@ -1,0 +1,310 @@
+"""Tests for dlarch_lib.seq2seq: the reversal task, the two encoder-decoders, greedy and beam search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlarch_lib import seq2seq as s2s
+from dlarch_lib.seq2seq import BOS, EOS, PAD, AttentionSeq2Seq, BottleneckSeq2Seq
+
+MODELS = (BottleneckSeq2Seq, AttentionSeq2Seq)
+A, B, C = 2, 3, 4  # tokens of the hand-made distribution (BOS = 1 and EOS = 2 are not used there)
+TOY_BOS, TOY_EOS = 0, 1
+# greedy takes "a" (0.5) then the best continuation (1/3): p = 0.17; "b a" has p = 0.4 * 0.9 = 0.36
+TABLE = {
+    (): {A: 0.5, B: 0.4, C: 0.1},
+    (A,): {A: 0.34, B: 0.33, C: 0.33},
+    (B,): {A: 0.9, B: 0.1},
+    (C,): {TOY_EOS: 1.0},
+    **{(x, y): {TOY_EOS: 1.0} for x in (A, B) for y in (A, B, C)},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def batch(n=6, lo=1, hi=7, seed=0):
+    return s2s.make_reversal_batch(n, lo, hi, torch.Generator().manual_seed(seed))
+
+
+# --- tokens and batches -------------------------------------------------------------------------
+
+
+def test_encode_decode_round_trip_and_errors():
+    assert s2s.encode_digits("307") == [6, 3, 10]
+    assert s2s.decode_tokens([BOS, 6, 3, 10, EOS, 5, PAD]) == "307"
+    assert s2s.decode_tokens(torch.tensor([4, 5])) == "12"
+    with pytest.raises(ValueError, match="string of digits"):
+        s2s.encode_digits("12a")
+    with pytest.raises(ValueError, match="string of digits"):
+        s2s.encode_digits("")
+    with pytest.raises(ValueError, match="unknown token"):
+        s2s.decode_tokens([-1])
+
+
+def test_pad_sequences_and_make_batch():
+    x, lengths = s2s.pad_sequences([[5, 6, 7], [8]])
+    assert torch.equal(x, torch.tensor([[5, 6, 7], [8, PAD, PAD]])) and lengths.tolist() == [3, 1]
+    b = s2s.make_batch([[5, 6], [7]], [[6, 5], [7]])
+    assert torch.equal(b.tgt_in, torch.tensor([[BOS, 6, 5], [BOS, 7, PAD]]))
+    assert torch.equal(b.tgt_out, torch.tensor([[6, 5, EOS], [7, EOS, PAD]]))
+    with pytest.raises(ValueError, match="no empty ones"):
+        s2s.pad_sequences([[1], []])
+    with pytest.raises(ValueError, match="2 sources but 1 targets"):
+        s2s.make_batch([[5], [6]], [[5]])
+
+
+def test_reversal_batch_is_the_padded_reversal_and_seeded():
+    b = batch(n=50, lo=2, hi=9)
+    assert int(b.src_lengths.min()) >= 2 and int(b.src_lengths.max()) <= 9
+    sources = [b.src[i, :L].tolist() for i, L in enumerate(b.src_lengths.tolist())]
+    ref = s2s.make_batch(sources, [s[::-1] for s in sources])  # the slow, obvious construction
+    for got, want in zip(b, ref):
+        assert torch.equal(got, want)
+    assert all(torch.equal(x, y) for x, y in zip(batch(seed=3), batch(seed=3)))
+    with pytest.raises(ValueError, match="min_len <= max_len"):
+        batch(lo=5, hi=4)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_forward_shapes_and_padding_invariance(cls):
+    model = cls(emb=8, hidden=16).eval()
+    b = batch()
+    logits = model(b.src, b.src_lengths, b.tgt_in)
+    assert logits.shape == (*b.tgt_in.shape, s2s.VOCAB_SIZE)
+    i = int(b.src_lengths.argmin())  # the shortest example, alone and without padding
+    L = int(b.src_lengths[i])
+    alone = model(b.src[i : i + 1, :L], b.src_lengths[i : i + 1], b.tgt_in[i : i + 1, : L + 1])
+    torch.testing.assert_close(alone[0], logits[i, : L + 1])
+
+
+def test_both_models_have_the_same_parameters():
+    shapes = lambda m: [(n, p.shape) for n, p in m.named_parameters()]  # noqa: E731
+    assert shapes(BottleneckSeq2Seq()) == shapes(AttentionSeq2Seq())
+
+
+def test_encoder_final_state_matches_the_unpadded_gru():
+    model = BottleneckSeq2Seq(emb=8, hidden=16)
+    b = batch()
+    memory, final = model.encode(b.src, b.src_lengths)
+    assert memory.shape == (*b.src.shape, 16) and final.shape == (6, 16)
+    pad = ~s2s.padding_mask(b.src_lengths, b.src.shape[1])
+    assert torch.all(memory[pad] == 0)
+    i, L = 0, int(b.src_lengths[0])
+    out, h_n = model.encoder(model.embed(b.src[i : i + 1, :L]))
+    torch.testing.assert_close(final[i], torch.cat([h_n[0, 0], h_n[1, 0]]))
+    torch.testing.assert_close(memory[i, :L], out[0])
+
+
+def test_attention_weights_are_distributions_over_real_source_tokens():
+    model = AttentionSeq2Seq(emb=8, hidden=16)
+    b = batch()
+    w = model.attention_map(b.src, b.src_lengths, b.tgt_in)
+    assert w.shape == (6, b.tgt_in.shape[1], b.src.shape[1])
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
+    pad = ~s2s.padding_mask(b.src_lengths, b.src.shape[1])  # (B, S)
+    assert torch.all(w.masked_select(pad[:, None, :]) == 0)
+    with pytest.raises(ValueError, match="has no attention"):
+        BottleneckSeq2Seq(emb=8, hidden=16).attention_map(b.src, b.src_lengths, b.tgt_in)
+
+
+def test_attention_context_matches_torch_sdpa():
+    model = AttentionSeq2Seq(emb=8, hidden=16)
+    b = batch()
+    memory, final = model.encode(b.src, b.src_lengths)
+    states = torch.randn(6, 4, 16)
+    ctx, w = model.context(states, memory, b.src_lengths, final)
+    keep = s2s.padding_mask(b.src_lengths, b.src.shape[1])[:, None, :]  # (B, 1, S), True = attend
+    ref = F.scaled_dot_product_attention(model.context_proj(states), memory, memory, attn_mask=keep)
+    torch.testing.assert_close(ctx, ref)
+    assert w.shape == (6, 4, b.src.shape[1])
+
+
+def test_bottleneck_context_is_the_same_vector_at_every_step():
+    model = BottleneckSeq2Seq(emb=8, hidden=16)
+    b = batch()
+    memory, final = model.encode(b.src, b.src_lengths)
+    ctx, w = model.context(torch.randn(6, 5, 16), memory, b.src_lengths, final)
+    assert w is None and ctx.shape == (6, 5, 16)
+    torch.testing.assert_close(ctx, model.context_proj(final)[:, None].expand(6, 5, 16))
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_greedy_decode_agrees_with_teacher_forcing_and_greedy_search(cls):
+    model = cls(emb=8, hidden=16).eval()
+    b = batch()
+    pred = model.greedy_decode(b.src, b.src_lengths, max_len=5)  # (B, <=5)
+    assert pred.shape[0] == 6 and pred.shape[1] <= 5
+    tgt_in = torch.cat([torch.full((6, 1), BOS), pred[:, :-1]], dim=1)
+    refed = model(b.src, b.src_lengths, tgt_in).argmax(-1)  # teacher-force the model's own output
+    alive = torch.cumsum(pred == EOS, 1) - (pred == EOS).long() == 0  # up to and including EOS
+    assert torch.equal(refed[alive], pred[alive]) and torch.all(pred[~alive] == PAD)
+    for i in range(3):
+        fn = model.step_fn(b.src[i], int(b.src_lengths[i]))
+        tokens, _ = s2s.greedy_search(fn, BOS, EOS, max_len=5)
+        assert tokens == [t for t in pred[i].tolist() if t != PAD]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_sequence_log_prob_is_the_sum_of_step_log_probs(cls):
+    model = cls(emb=8, hidden=16).eval()
+    b = batch()
+    with torch.no_grad():
+        total = s2s.sequence_log_prob(model(b.src, b.src_lengths, b.tgt_in), b.tgt_out)  # (B,)
+    i, L = 1, int(b.src_lengths[1])
+    fn = model.step_fn(b.src[i], L)
+    steps = sum(float(fn(b.tgt_in[i : i + 1, : t + 1])[0, b.tgt_out[i, t]]) for t in range(L + 1))
+    assert math.isclose(float(total[i]), steps, rel_tol=1e-5)
+    torch.testing.assert_close(fn(b.tgt_in[:1, :2]).exp().sum(), torch.tensor(1.0))
+
+
+def test_sequence_loss_and_errors():
+    logits = torch.randn(2, 3, 5)
+    tgt = torch.tensor([[3, 4, EOS], [4, EOS, PAD]])
+    keep = tgt != PAD
+    torch.testing.assert_close(s2s.sequence_loss(logits, tgt), F.cross_entropy(logits[keep], tgt[keep]))
+    torch.testing.assert_close(-s2s.sequence_log_prob(logits, tgt).sum() / keep.sum(), s2s.sequence_loss(logits, tgt))
+    with pytest.raises(ValueError, match="expected logits"):
+        s2s.sequence_loss(logits, tgt[:, :2])
+    with pytest.raises(ValueError, match="expected logits"):
+        s2s.sequence_log_prob(logits[0], tgt)
+
+
+def test_model_input_errors():
+    with pytest.raises(ValueError, match="even hidden"):
+        AttentionSeq2Seq(hidden=15)
+    model = AttentionSeq2Seq(emb=8, hidden=16)
+    b = batch()
+    with pytest.raises(ValueError, match="src_lengths must lie"):
+        model.encode(b.src, b.src_lengths + 10)
+    with pytest.raises(ValueError, match=r"expected src \(B, S\)"):
+        model.encode(b.src[0], b.src_lengths)
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        model.greedy_decode(b.src, b.src_lengths, 0)
+    with pytest.raises(ValueError, match="one source sequence"):
+        model.step_fn(b.src, 3)
+    with pytest.raises(NotImplementedError):
+        s2s.Seq2Seq(emb=8, hidden=16)(b.src, b.src_lengths, b.tgt_in)
+
+
+def test_exact_match_handles_widths_and_errors():
+    pred = torch.tensor([[5, EOS], [5, 6]])
+    tgt = torch.tensor([[5, EOS, PAD], [5, 7, EOS]])
+    assert s2s.exact_match(pred, tgt).tolist() == [True, False]
+    with pytest.raises(ValueError, match="same B"):
+        s2s.exact_match(pred, tgt[:1])
+
+
+def test_training_learns_short_reversals_and_accuracy_by_length():
+    model = AttentionSeq2Seq(emb=8, hidden=16)
+    losses = s2s.train_seq2seq(model, steps=60, batch_size=32, max_len=3, lr=3e-2, progress=False)
+    assert len(losses) == 60 and sum(losses[-10:]) < 0.4 * sum(losses[:10])  # measured: 0.15
+    acc = s2s.accuracy_by_length(model, [1, 2], n_per_length=50)
+    assert list(acc) == [1, 2] and acc[1] >= 0.9 and acc[2] >= 0.7  # measured: 1.0 and 0.94
+    with pytest.raises(ValueError, match="steps and batch_size"):
+        s2s.train_seq2seq(model, steps=0)
+
+
+def test_anti_diagonal_mass_on_known_maps_and_errors():
+    lengths = torch.tensor([3, 2])
+    perfect = torch.zeros(2, 4, 3)  # T = L_max + 1 rows (the last one reads EOS), S = 3
+    for b, L in enumerate(lengths.tolist()):
+        for t in range(L):
+            perfect[b, t, L - 1 - t] = 1.0
+    assert s2s.anti_diagonal_mass(perfect, lengths).tolist() == [1.0, 1.0]
+    shifted = torch.roll(perfect, 1, dims=2)  # one position later, except row 0, which wraps round to j = 0
+    assert s2s.anti_diagonal_mass(shifted[:1], lengths[:1]).item() == 0.0
+    assert s2s.anti_diagonal_mass(shifted[:1], lengths[:1], band=1).item() == pytest.approx(2 / 3)
+    uniform = torch.full((1, 4, 3), 1 / 3)
+    assert s2s.anti_diagonal_mass(uniform, torch.tensor([3])).item() == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="band must be"):
+        s2s.anti_diagonal_mass(perfect, lengths, band=-1)
+    with pytest.raises(ValueError, match="src_lengths must lie"):
+        s2s.anti_diagonal_mass(perfect, torch.tensor([4, 1]))
+    with pytest.raises(ValueError, match="expected weights"):
+        s2s.anti_diagonal_mass(perfect[0], lengths)
+
+
+# --- search -------------------------------------------------------------------------------------
+
+
+def test_table_step_fn():
+    fn = s2s.step_fn_from_table(TABLE, vocab_size=5)
+    out = torch.cat([fn(torch.tensor([[TOY_BOS]])), fn(torch.tensor([[TOY_BOS, B]]))])
+    assert out.shape == (2, 5)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2))
+    assert math.isclose(float(out[1, A]), math.log(0.9), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="not a probability distribution"):
+        s2s.step_fn_from_table({(): {A: 0.5}}, vocab_size=5)
+    with pytest.raises(ValueError, match="outside"):
+        s2s.step_fn_from_table({(): {7: 1.0}}, vocab_size=5)
+
+
+def test_beam_search_beats_greedy_on_the_hand_made_distribution():
+    fn = s2s.step_fn_from_table(TABLE, vocab_size=5)
+    greedy, g_score = s2s.greedy_search(fn, TOY_BOS, TOY_EOS, max_len=5)
+    beam, b_score = s2s.beam_search(fn, TOY_BOS, TOY_EOS, beam_size=2, max_len=5)
+    assert greedy == [A, A, TOY_EOS] and math.isclose(math.exp(g_score), 0.5 * 0.34, rel_tol=1e-5)
+    assert beam == [B, A, TOY_EOS] and math.isclose(math.exp(b_score), 0.4 * 0.9, rel_tol=1e-5)
+    assert (beam, b_score) == s2s.exhaustive_search(fn, TOY_BOS, TOY_EOS, max_len=5)
+    assert s2s.beam_search(fn, TOY_BOS, TOY_EOS, beam_size=1, max_len=5) == (greedy, g_score)
+    assert s2s.beam_search(fn, TOY_BOS, TOY_EOS, beam_size=10, max_len=5)[0] == beam
+
+
+def test_beam_size_one_is_greedy_on_a_model_and_wider_beams_score_no_worse_here():
+    model = AttentionSeq2Seq(emb=8, hidden=16).eval()
+    b = batch()
+    for i in range(3):
+        fn = model.step_fn(b.src[i], int(b.src_lengths[i]))
+        assert s2s.beam_search(fn, BOS, EOS, beam_size=1, max_len=6) == s2s.greedy_search(fn, BOS, EOS, max_len=6)
+    fn = s2s.step_fn_from_table(TABLE, vocab_size=5)
+    scores = [s2s.beam_search(fn, TOY_BOS, TOY_EOS, k, 5)[1] for k in (1, 2, 3)]
+    assert scores[0] < scores[1] <= scores[2] + 1e-9
+
+
+def random_step_fn(vocab_size=4, seed=0):
+    """A prefix-dependent random distribution (tokens 0 = BOS, 1 = EOS), the same on every call."""
+
+    def fn(prefixes):
+        rows = []
+        for p in prefixes.tolist():
+            g = torch.Generator().manual_seed(seed * 1000 + hash(tuple(p)) % 1000)
+            rows.append(F.log_softmax(2 * torch.randn(vocab_size, generator=g, dtype=torch.float64), -1))
+        return torch.stack(rows)
+
+    return fn
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_beam_as_wide_as_the_tree_is_exact(seed):
+    fn = random_step_fn(seed=seed)
+    best = s2s.exhaustive_search(fn, TOY_BOS, TOY_EOS, max_len=4)
+    wide = s2s.beam_search(fn, TOY_BOS, TOY_EOS, beam_size=4**4, max_len=4)
+    assert wide[0] == best[0] and math.isclose(wide[1], best[1], rel_tol=1e-9)
+    greedy = s2s.greedy_search(fn, TOY_BOS, TOY_EOS, max_len=4)
+    if greedy[0][-1] == TOY_EOS:  # a finished greedy hypothesis can never beat the optimum
+        assert greedy[1] <= best[1] + 1e-12
+
+
+def test_search_returns_best_prefix_when_nothing_finishes_and_errors():
+    loop = s2s.step_fn_from_table({(): {A: 1.0}, (A,): {A: 1.0}, (A, A): {A: 1.0}}, vocab_size=5)
+    assert s2s.beam_search(loop, TOY_BOS, TOY_EOS, beam_size=2, max_len=3) == ([A, A, A], 0.0)
+    assert s2s.greedy_search(loop, TOY_BOS, TOY_EOS, max_len=3) == ([A, A, A], 0.0)
+    assert s2s.exhaustive_search(loop, TOY_BOS, TOY_EOS, max_len=3) == ([], -math.inf)
+    with pytest.raises(ValueError, match="beam_size and max_len"):
+        s2s.beam_search(loop, TOY_BOS, TOY_EOS, beam_size=0, max_len=3)
+    with pytest.raises(ValueError, match="must return"):
+        s2s.beam_search(lambda p: torch.zeros(5), TOY_BOS, TOY_EOS, beam_size=2, max_len=3)
+    with pytest.raises(ValueError, match="max_len must be"):
+        s2s.greedy_search(loop, TOY_BOS, TOY_EOS, max_len=0)
+    with pytest.raises(ValueError, match="max_len must be"):
+        s2s.exhaustive_search(loop, TOY_BOS, TOY_EOS, max_len=0)
