@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import difflib
-import statistics
-import time
 import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Generic, Iterable, TypeVar
@@ -25,6 +23,8 @@ from typing import Any, Callable, Generic, Iterable, TypeVar
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from dlarch_lib import bench
 
 T = TypeVar("T")
 
@@ -301,19 +301,18 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time in milliseconds of a forward pass on ``x`` (eval mode, no grad, warmed up).
 
-    On CUDA the clock is read only after ``torch.cuda.synchronize()``: kernels run asynchronously.
+    Timed by :func:`dlarch_lib.bench.median_ms`. On CUDA every timed call ends with
+    ``torch.cuda.synchronize()``: kernels run asynchronously, so the clock must wait for them.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     model.eval()
-    times = []
+
+    def forward() -> None:
+        model(x)
+        sync()
+
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        sync()  # start from an idle device
+        return bench.median_ms(forward, repeats, warmup)

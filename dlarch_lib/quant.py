@@ -1,0 +1,393 @@
+"""Chapter 13: quantization -- affine int8 by hand, the straight-through estimator, QAT, and int8 in ONNX Runtime.
+
+- :func:`qrange`, :func:`qparams` and :func:`minmax` give the integer range and the
+  ``(scale, zero_point)`` of affine quantization, symmetric or asymmetric, per tensor or per channel.
+- :func:`quantize`, :func:`dequantize` and :func:`fake_quantize` apply ``q = clamp(round(x / s) + z)``
+  and ``x_hat = s (q - z)``; :func:`fake_quantize` passes gradients with the (clipped)
+  straight-through estimator :func:`round_ste`, exactly like ``torch.fake_quantize_per_*_affine``.
+- :func:`int8_linear` is the integer-only matrix product of a quantized linear layer.
+- :class:`QuantizedLinear` is the corrected version of the seed's sketch: fp32 master weights
+  initialised like ``nn.Linear``, fake-quantized weights (per channel) and inputs (running range)
+  in the forward pass, gradients through the STE -- quantization-aware training (QAT).
+  :func:`to_quantized` swaps every ``nn.Linear`` of a trained model for one, and
+  :func:`calibrate` sets their input ranges from a calibration batch (post-training quantization).
+- :func:`export_onnx`, :func:`ort_quantize_dynamic`, :func:`ort_quantize_static`,
+  :func:`ort_session`, :func:`ort_predict` and :func:`ort_latency_ms` run post-training
+  quantization with ONNX Runtime's own tools and time its int8 kernels with
+  :func:`dlarch_lib.bench.median_ms` (imported lazily: ``onnx`` and ``onnxruntime`` are only
+  needed for those).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from dlarch_lib.bench import median_ms
+
+# --- affine quantization -------------------------------------------------------------------
+
+
+def qrange(bits: int = 8, symmetric: bool = False) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a ``bits``-bit code.
+
+    Asymmetric codes are unsigned, ``[0, 2^b - 1]`` (uint8: 0..255). Symmetric codes are signed
+    and *restricted* to ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (int8: -127..127), so that the zero
+    point is 0 and the range is symmetric about it.
+    """
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int in 2..16, got {bits!r}")
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def qparams(
+    x_min: torch.Tensor | float, x_max: torch.Tensor | float, bits: int = 8, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` that map the real range ``[x_min, x_max]`` onto :func:`qrange`.
+
+    The range is first widened to contain 0, so that real 0 (padding, ReLU output) is exactly
+    representable. Asymmetric: ``s = (max - min) / (qmax - qmin)``, ``z = qmin - round(min / s)``.
+    Symmetric: ``s = max(|min|, |max|) / qmax``, ``z = 0``. Scalars give a per-tensor pair;
+    ``(C,)`` tensors give per-channel ``(C,)`` scales (float32) and zero points (int64).
+    """
+    lo = torch.as_tensor(x_min, dtype=torch.float32)
+    hi = torch.as_tensor(x_max, dtype=torch.float32)
+    if lo.shape != hi.shape:
+        raise ValueError(f"x_min and x_max must have the same shape, got {tuple(lo.shape)} and {tuple(hi.shape)}")
+    if bool((lo > hi).any()):
+        raise ValueError("x_min must be <= x_max everywhere")
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range must contain 0
+    tiny = torch.finfo(torch.float32).eps
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / qmax, min=tiny)
+        zero_point = torch.zeros_like(scale, dtype=torch.int64)
+    else:
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int64)
+    return scale, zero_point
+
+
+def minmax(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed range of ``x``: scalars (per tensor) or ``(C,)`` tensors over all dims but ``axis``."""
+    if axis is None:
+        return x.detach().min(), x.detach().max()
+    _check_axis(x, axis)
+    flat = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, rest)
+    return flat.min(dim=1).values, flat.max(dim=1).values
+
+
+def _check_axis(x: torch.Tensor, axis: int) -> None:
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
+
+
+def _broadcast(x: torch.Tensor, t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape per-channel ``t`` ``(C,)`` so it broadcasts along ``axis`` of ``x``."""
+    if axis is None:
+        if t.numel() != 1:
+            raise ValueError(f"per-tensor quantization needs a scalar scale and zero point, got shape {tuple(t.shape)}")
+        return t.reshape(())
+    _check_axis(x, axis)
+    if t.shape != (x.shape[axis],):
+        raise ValueError(f"per-channel scale and zero point must have shape ({x.shape[axis]},) for axis {axis}, got {tuple(t.shape)}")
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round`` in the forward pass, the identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties to even) with the straight-through estimator: d round(v) / dv := 1."""
+    return _RoundSTE.apply(v)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, symmetric: bool = False, axis: int | None = None
+) -> torch.Tensor:
+    """Integer codes ``q = clamp(round(x / s) + z, qmin, qmax)`` as int32 (same shape as ``x``)."""
+    qmin, qmax = qrange(bits, symmetric)
+    s, z = _broadcast(x, scale, axis), _broadcast(x, zero_point, axis)
+    return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """Real values ``x_hat = s (q - z)`` (float32, same shape as ``q``)."""
+    s, z = _broadcast(q, scale, axis), _broadcast(q, zero_point, axis)
+    return s * (q.to(torch.float32) - z)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, symmetric: bool = False, axis: int | None = None
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in float, differentiable with the clipped straight-through estimator.
+
+    The gradient with respect to ``x`` is 1 where ``round(x / s) + z`` lies in ``[qmin, qmax]`` and 0
+    where it is clipped -- the same as ``torch.fake_quantize_per_tensor_affine`` and
+    ``torch.fake_quantize_per_channel_affine``. ``scale`` and ``zero_point`` get no gradient.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    s, z = _broadcast(x, scale, axis).detach(), _broadcast(x, zero_point, axis).to(x.dtype)
+    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)  # clamp: zero gradient outside the range
+    return (q - z) * s
+
+
+def int8_linear(
+    qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integer-only linear layer: uint8 input codes, symmetric per-channel int8 weight codes.
+
+    qx ``(N, in)`` with scalar ``sx, zx``; qw ``(out, in)`` with ``(out,)`` scales ``sw`` (zero point 0).
+    ``y = sx sw (qx qw^T - zx sum_k qw) + b``: one int32 matrix product, one precomputable row sum
+    of the weights, one float rescale per output channel. Returns float32 ``(N, out)``.
+    """
+    if qx.ndim != 2 or qw.ndim != 2 or qx.shape[1] != qw.shape[1]:
+        raise ValueError(f"need qx (N, in) and qw (out, in) with matching in, got {tuple(qx.shape)} and {tuple(qw.shape)}")
+    acc = qx.to(torch.int64) @ qw.to(torch.int64).T  # (N, out), exact integer accumulation
+    acc = acc - zx.to(torch.int64) * qw.to(torch.int64).sum(dim=1)  # zero-point correction, (out,)
+    y = (sx * sw).to(torch.float32) * acc.to(torch.float32)  # (N, out)
+    return y if bias is None else y + bias
+
+
+# --- quantization-aware training -----------------------------------------------------------
+
+
+class QuantizedLinear(nn.Linear):
+    """A linear layer trained with fake quantization (the corrected seed ``QuantizedLinear``).
+
+    It *is* an ``nn.Linear`` -- fp32 master weights and bias initialised exactly like one
+    (Kaiming-uniform weight, bias uniform in ``+-1/sqrt(in_features)``), not from ``randn``.
+    The forward pass fake-quantizes the weight symmetrically (per output channel, or per tensor
+    with ``per_channel=False``) and the input asymmetrically per tensor over a running (EMA)
+    min/max range, then calls ``F.linear``; gradients reach the master weights through the
+    straight-through estimator. Input ``(N, in)``, output ``(N, out)``. ``act_bits=None``
+    leaves the input in float.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, act_bits: int | None = 8,
+        per_channel: bool = True, momentum: float = 0.1,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        qrange(bits)  # validates
+        if act_bits is not None:
+            qrange(act_bits)
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.bits, self.act_bits, self.per_channel, self.momentum = bits, act_bits, per_channel, momentum
+        self.register_buffer("act_min", torch.tensor(0.0))
+        self.register_buffer("act_max", torch.tensor(0.0))
+        self.register_buffer("observed", torch.tensor(False))
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, bits: int = 8, act_bits: int | None = 8, per_channel: bool = True
+    ) -> "QuantizedLinear":
+        """A :class:`QuantizedLinear` holding a copy of a trained ``linear``'s weights (start of QAT)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float needs an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, act_bits, per_channel)
+        layer.load_state_dict(linear.state_dict(), strict=False)  # weight and bias; observers start empty
+        return layer
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric ``(scale, zero_point)`` of the current weight: ``(out,)`` each, or scalars per tensor."""
+        return qparams(*minmax(self.weight, axis=0 if self.per_channel else None), bits=self.bits, symmetric=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in) -> (N, out)`` with fake-quantized weight and input."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedLinear expects (..., {self.in_features}), got {tuple(x.shape)}")
+        if self.act_bits is not None:
+            if self.training:  # track the input range with an exponential moving average
+                lo, hi = x.detach().min(), x.detach().max()
+                m = 1.0 if not bool(self.observed) else self.momentum
+                self.act_min.lerp_(lo, m)
+                self.act_max.lerp_(hi, m)
+                self.observed.fill_(True)
+            elif not bool(self.observed):
+                raise ValueError("QuantizedLinear has seen no training batch: its input range is unknown (run calibrate)")
+            x = fake_quantize(x, *qparams(self.act_min, self.act_max, self.act_bits), bits=self.act_bits)
+        axis = 0 if self.per_channel else None
+        w = fake_quantize(self.weight, *self.weight_qparams(), bits=self.bits, symmetric=True, axis=axis)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}, per_channel={self.per_channel}"
+
+
+def to_quantized(model: nn.Module, bits: int = 8, act_bits: int | None = 8, per_channel: bool = True) -> nn.Module:
+    """A deep copy of ``model`` with every ``nn.Linear`` replaced by a :class:`QuantizedLinear`.
+
+    The copies keep the trained weights (:meth:`QuantizedLinear.from_float`); their input ranges
+    are unknown until :func:`calibrate` (post-training quantization) or a training step (QAT)
+    sets them. ``model`` itself is left unchanged.
+    """
+    qrange(bits)
+    if act_bits is not None:
+        qrange(act_bits)
+    model = copy.deepcopy(model)
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and not isinstance(child, QuantizedLinear):
+                setattr(parent, name, QuantizedLinear.from_float(child, bits, act_bits, per_channel))
+            else:
+                swap(child)
+
+    swap(model)
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("to_quantized found no nn.Linear in the model")
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Set every :class:`QuantizedLinear` input range to the min/max it sees on the batch ``x``.
+
+    One forward pass in training mode with a fresh observer (the first batch sets the range
+    exactly), without gradients; the model is returned in evaluation mode. This is min/max
+    calibration, as in ONNX Runtime's ``CalibrationMethod.MinMax``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        raise ValueError("calibrate needs a model with QuantizedLinear layers (see to_quantized)")
+    for layer in layers:
+        layer.observed.fill_(False)
+    model.train()
+    model(x)
+    return model.eval()
+
+
+# --- post-training quantization with ONNX Runtime -----------------------------------------
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> str:
+    """Export ``model`` (eval mode) to ONNX at ``path`` with a dynamic batch axis; returns ``path``.
+
+    Uses the TorchScript exporter (``dynamo=False``, opset 17), which folds BatchNorm into the
+    preceding convolution in eval mode. Input name ``"x"``, output name ``"logits"``.
+    """
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks in forward()
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return str(path)
+
+
+def _preprocessed(src: str | os.PathLike, workdir: str) -> str:
+    """``src`` after ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
+    from onnxruntime.quantization import quant_pre_process
+
+    out = str(Path(workdir) / "preprocessed.onnx")
+    quant_pre_process(str(src), out)
+    return out
+
+
+def ort_quantize_dynamic(src: str | os.PathLike, dst: str | os.PathLike, reduce_range: bool = True) -> str:
+    """Dynamic PTQ of the ONNX model ``src`` into ``dst``; returns ``dst``.
+
+    Weights become int8 (symmetric, per output channel) now; each activation's range is
+    measured on every batch at run time (``DynamicQuantizeLinear``, uint8), so no calibration
+    data is needed, at the price of a min/max pass per layer per call. ``reduce_range`` keeps
+    the weights to 7 bits, which avoids the int16 overflow of uint8 x int8 kernels on x86 CPUs
+    without VNNI (see the chapter); the file is int8 either way.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(
+            _preprocessed(src, tmp), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range
+        )
+    return str(dst)
+
+
+def calibration_reader(x: torch.Tensor, batch_size: int = 64, input_name: str = "x") -> Any:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` that yields ``x`` ``(N, ...)`` in batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"calibration data must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[torch.Tensor] = iter(x.split(batch_size))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {input_name: batch.numpy().astype(np.float32)}
+
+        def rewind(self) -> None:
+            self._batches = iter(x.split(batch_size))
+
+    return _Reader()
+
+
+def ort_quantize_static(
+    src: str | os.PathLike, dst: str | os.PathLike, calib_x: torch.Tensor, reduce_range: bool = True
+) -> str:
+    """Static PTQ of ``src`` into ``dst``: int8 weights (per channel), uint8 activations; returns ``dst``.
+
+    Every activation's range is fixed once, from min/max over the calibration batch ``calib_x``
+    ``(N, ...)``. QDQ format: QuantizeLinear/DequantizeLinear pairs around each Gemm, which
+    ONNX Runtime fuses into int8 kernels when it loads the model. ``reduce_range``: 7-bit
+    weights, as in :func:`ort_quantize_dynamic`.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    reader = calibration_reader(calib_x)  # validates calib_x before any work
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_static(
+            _preprocessed(src, tmp), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        )
+    return str(dst)
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """A CPU ``onnxruntime.InferenceSession`` for ``path`` (``threads`` intra-op threads; default torch's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
+    """Outputs of ``session`` on ``x`` (first output, as a float tensor)."""
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
+
+
+def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing)."""
+    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
+    return median_ms(lambda: session.run(None, feed), repeats, warmup)
