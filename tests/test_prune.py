@@ -1,0 +1,260 @@
+"""Tests for dlarch_lib.prune: hand-written masks against torch.nn.utils.prune, the seed's bugs, channel removal."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as tprune
+
+from dlarch_lib import modular, prune
+from dlarch_lib.cnn import SmallResNet
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return modular.build_model({"arch": "mlp", "width": 32, "depth": 2})
+
+
+def cnn(norm: str = "none", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return modular.build_model({"arch": "cnn", "width": 8, "depth": 2, "norm": norm})
+
+
+def train_steps(model: nn.Module, steps: int = 5, lr: float = 1e-2) -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_prunable_layers_and_sparsity():
+    model = mlp()
+    names = [name for name, _ in prune.prunable_layers(model)]
+    assert len(names) == 3 and all(isinstance(m, nn.Linear) for _, m in prune.prunable_layers(model))
+    assert prune.sparsity(model) == 0.0
+    with torch.no_grad():
+        first = prune.prunable_layers(model)[0][1]
+        first.weight[:, :16] = 0.0  # a quarter of 64 inputs
+    assert prune.layer_sparsities(model)[names[0]] == pytest.approx(0.25)
+    total = sum(m.weight.numel() for _, m in prune.prunable_layers(model))
+    assert prune.sparsity(model) == pytest.approx(0.25 * first.weight.numel() / total)
+    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+        prune.prunable_layers(nn.ReLU())
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.3, 0.9])
+def test_magnitude_masks_match_torch_prune(amount):
+    model = mlp()
+    layers = [m for _, m in prune.prunable_layers(model)]
+    weights = [m.weight.detach().clone() for m in layers]
+    layer_masks = prune.magnitude_masks(weights, amount, scope="layer")
+    global_masks = prune.magnitude_masks(weights, amount, scope="global")
+    ref_layer = copy.deepcopy(model)
+    for m in [m for _, m in prune.prunable_layers(ref_layer)]:
+        tprune.l1_unstructured(m, "weight", amount=amount)
+    ref_global = copy.deepcopy(model)
+    tprune.global_unstructured([(m, "weight") for _, m in prune.prunable_layers(ref_global)],
+                               tprune.L1Unstructured, amount=amount)
+    for ours, (_, ref) in zip(layer_masks, prune.prunable_layers(ref_layer)):
+        assert torch.equal(ours, ref.weight_mask)
+        assert (1 - ours.mean()).item() == pytest.approx(round(amount * ours.numel()) / ours.numel())
+    for ours, (_, ref) in zip(global_masks, prune.prunable_layers(ref_global)):
+        assert torch.equal(ours, ref.weight_mask)
+    n = sum(w.numel() for w in weights)
+    assert sum(int((m == 0).sum()) for m in global_masks) == round(amount * n)
+
+
+def test_magnitude_masks_hand_case_and_errors():
+    w = torch.tensor([[0.1, -3.0], [2.0, -0.5]])
+    (mask,) = prune.magnitude_masks([w], 0.5)
+    assert torch.equal(mask, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    small, big = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([5.0, 6.0, 7.0, 8.0])
+    masks = prune.magnitude_masks([small, big], 0.5, scope="global")  # global takes all four small ones
+    assert masks[0].sum() == 0 and masks[1].sum() == 4
+    with pytest.raises(ValueError, match="amount"):
+        prune.magnitude_masks([w], 1.0)
+    with pytest.raises(ValueError, match="scope"):
+        prune.magnitude_masks([w], 0.5, scope="network")
+    with pytest.raises(ValueError, match="at least one"):
+        prune.magnitude_masks([], 0.5)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_magnitude_prune_hits_target_and_keeps_zeros_while_training(scope):
+    model = mlp()
+    prune.magnitude_prune(model, 0.8, scope=scope)
+    assert prune.sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    if scope == "layer":
+        assert all(s == pytest.approx(0.8, abs=1e-2) for s in prune.layer_sparsities(model).values())
+    masks = [m.weight_mask.clone() for _, m in prune.prunable_layers(model)]
+    train_steps(model)
+    for mask, (_, layer) in zip(masks, prune.prunable_layers(model)):
+        assert torch.equal(layer.weight_mask, mask)
+        assert torch.all(layer.weight[mask == 0] == 0)
+    assert prune.sparsity(model) == pytest.approx(0.8, abs=1e-3)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_iterative_pruning_only_grows_masks(scope):
+    model = mlp()
+    schedule = prune.geometric_schedule(0.9, 3)
+    previous = None
+    for target in schedule:
+        prune.magnitude_prune(model, target, scope=scope)
+        assert prune.sparsity(model) == pytest.approx(target, abs=2e-3)
+        masks = torch.cat([m.weight_mask.flatten() for _, m in prune.prunable_layers(model)])
+        if previous is not None:
+            assert torch.all(masks <= previous)  # once pruned, pruned for good
+        previous = masks
+        train_steps(model, steps=2)
+    with pytest.raises(ValueError, match="masks only grow"):
+        prune.magnitude_prune(model, 0.5, scope=scope)
+    with pytest.raises(ValueError, match="scope"):
+        prune.magnitude_prune(model, 0.95, scope="net")
+
+
+def test_geometric_schedule():
+    s = prune.geometric_schedule(0.96, 2)
+    assert s == pytest.approx([0.8, 0.96])  # prune 80% of what is left, twice
+    assert prune.geometric_schedule(0.5, 1) == pytest.approx([0.5])
+    with pytest.raises(ValueError, match="steps"):
+        prune.geometric_schedule(0.5, 0)
+    with pytest.raises(ValueError, match="amount"):
+        prune.geometric_schedule(1.2, 3)
+
+
+def test_remove_masks_makes_zeros_permanent():
+    model = mlp()
+    x = torch.randn(4, 1, 8, 8)
+    prune.magnitude_prune(model, 0.7)
+    before = model(x)
+    prune.remove_masks(model)
+    assert not any(name.endswith("_mask") for name, _ in model.named_buffers())
+    assert not any(name.endswith("_orig") for name, _ in model.named_parameters())
+    torch.testing.assert_close(model(x), before)
+    assert prune.sparsity(model) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_rewind_restores_initial_weights_under_the_mask():
+    model = mlp()
+    init = copy.deepcopy(model.state_dict())
+    train_steps(model)
+    prune.magnitude_prune(model, 0.5)
+    prune.rewind(model, init)
+    for name, layer in prune.prunable_layers(model):
+        torch.testing.assert_close(layer.weight_orig, init[f"{name}.weight"])
+        torch.testing.assert_close(layer.weight, init[f"{name}.weight"] * layer.weight_mask)
+        torch.testing.assert_close(layer.bias, init[f"{name}.bias"])
+    with pytest.raises(ValueError, match="no entry"):
+        prune.rewind(model, {})
+    bad = {k: v[..., :1] if v.ndim else v for k, v in init.items()}
+    with pytest.raises(ValueError, match="shape"):
+        prune.rewind(model, bad)
+
+
+def test_seed_unstructured_pruning_regrows():
+    model = mlp()
+    prune.seed_unstructured_pruning(model, 0.8)
+    assert prune.sparsity(model) == pytest.approx(0.8, abs=0.01)
+    train_steps(model, steps=3)
+    assert prune.sparsity(model) < 0.2  # Adam moves every zero weight that gets a gradient
+
+
+def test_seed_structured_pruning_changes_nothing():
+    model = cnn()
+    before = copy.deepcopy(model.state_dict())
+    out = prune.seed_structured_pruning(model, 0.5)
+    assert out is model
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16]
+    small = prune._seed_prune_channels(convs[0], torch.tensor([0, 2]))
+    assert small.weight.shape == (2, 1, 3, 3) and torch.equal(small.weight, convs[0].weight[[0, 2]])
+
+
+def test_filter_norms_and_keep_indices():
+    w = torch.zeros(4, 2, 3, 3)
+    for o, scale in enumerate([3.0, 1.0, 4.0, 2.0]):
+        w[o] = scale
+    assert torch.equal(prune.filter_l1_norms(w), torch.tensor([54.0, 18.0, 72.0, 36.0]))
+    assert prune.channel_keep_indices(w, 0.5).tolist() == [0, 2]
+    assert prune.channel_keep_indices(w, 0.0).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="all 4 channels"):
+        prune.channel_keep_indices(w, 0.9)
+    with pytest.raises(ValueError, match="out, in"):
+        prune.filter_l1_norms(torch.ones(3))
+
+
+@pytest.mark.parametrize("make", [mlp, cnn, lambda: cnn(norm="batch")], ids=["mlp", "cnn", "cnn-bn"])
+@pytest.mark.parametrize("amount", [0.25, 0.5])
+def test_prune_channels_equals_masked_model(make, amount):
+    model = make()
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # give BN non-trivial statistics
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(16, 1, 8, 8))
+    model.eval()
+    x = torch.randn(8, 1, 8, 8)
+    masked, small = prune.mask_channels(model, amount).eval(), prune.prune_channels(model, amount).eval()
+    torch.testing.assert_close(small(x), masked(x), atol=1e-5, rtol=1e-5)
+    assert modular.count_parameters(small) < modular.count_parameters(model)
+    full_layers, small_layers = prune.prunable_layers(model), prune.prunable_layers(small)
+    for (_, big), (_, little) in zip(full_layers[:-1], small_layers[:-1]):
+        assert little.weight.shape[0] == big.weight.shape[0] - round(amount * big.weight.shape[0])
+    assert small_layers[-1][1].weight.shape[0] == 10  # the output layer keeps every class
+    assert prune.sparsity(small) == 0.0  # nothing masked: the zeros are gone, not stored
+
+
+def test_mask_channels_matches_ln_structured_choice():
+    model = cnn()
+    masked = prune.mask_channels(model, 0.5)
+    first = prune.prunable_layers(masked)[0][1]
+    kept = first.weight_mask.flatten(1)[:, 0].nonzero().flatten()
+    assert torch.equal(kept, prune.channel_keep_indices(prune.prunable_layers(model)[0][1].weight, 0.5))
+    assert torch.all(first.bias[first.weight_mask.flatten(1)[:, 0] == 0] == 0)
+    assert prune.prunable_layers(masked)[-1][1].weight.shape == prune.prunable_layers(model)[-1][1].weight.shape
+
+
+def test_prune_channels_reduces_flops_quadratically():
+    model = cnn()
+    x = torch.randn(1, 1, 8, 8)
+    small = prune.prune_channels(model, 0.5)
+    convs = lambda m: [l for _, l in prune.prunable_layers(m)]  # noqa: E731
+    assert [c.weight.shape for c in convs(small)] == [(4, 1, 3, 3), (8, 4, 3, 3), (10, 32)]
+    # the middle conv loses half its inputs and half its outputs: a quarter of its FLOPs remain
+    middle_big = 2 * 4 * 4 * 16 * 8 * 9
+    assert modular.forward_flops(model, x) - modular.forward_flops(small, x) >= middle_big * 3 // 4
+
+
+def test_prune_channels_errors():
+    with pytest.raises(ValueError, match="ResBlock"):
+        prune.prune_channels(SmallResNet(width=4), 0.5)
+    with pytest.raises(ValueError, match="at least two"):
+        prune.prune_channels(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), 0.5)
+    with pytest.raises(ValueError, match="groups"):
+        prune.prune_channels(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1)), 0.5)
+    with pytest.raises(ValueError, match="amount"):
+        prune.prune_channels(mlp(), -0.1)
+    with pytest.raises(ValueError, match="amount"):
+        prune.mask_channels(mlp(), 1.0)
+
+
+def test_interleaved_latency_ms():
+    small = nn.Sequential(nn.Linear(256, 8))
+    big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+    times = prune.interleaved_latency_ms({"small": small, "big": big}, torch.randn(64, 256), rounds=2, repeats=3)
+    assert set(times) == {"small", "big"} and all(t > 0 for t in times.values())
+    assert times["big"] > times["small"]  # eight 256x256 layers against one 256x8
+    with pytest.raises(ValueError, match="at least one"):
+        prune.interleaved_latency_ms({}, torch.randn(1, 8))
+    with pytest.raises(ValueError, match="rounds"):
+        prune.interleaved_latency_ms({"small": small}, torch.randn(1, 8), rounds=0)
