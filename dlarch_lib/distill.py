@@ -1,0 +1,277 @@
+"""Chapter 12: knowledge distillation — a small student learns from a trained teacher.
+
+- :func:`softmax_t`              softmax with temperature, ``softmax(z / T)``
+- :func:`soft_target_loss`       ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))``, batch mean (Hinton et al. 2015)
+- :func:`distillation_loss`      ``alpha CE(y, softmax(z_s)) + (1 - alpha) T^2 KL(...)``; unlabelled rows
+  carry the label ``IGNORE`` and only feel the soft term
+- :func:`soft_target_grad`       the closed-form gradient ``(q - p) / T`` and its high-T limit
+- :class:`KDLoss`, :func:`pack_targets`   the loss in the ``loss_fn(logits, target)`` form ``train.fit`` calls
+- :class:`StudentMLP`            a one-hidden-layer MLP student with a ``hidden`` (guided) layer
+- :class:`HintRegressor`, :func:`hint_loss`   FitNets feature distillation (Romero et al. 2015)
+- :func:`labelled_subset`        a few labels per class, the rest of the indices unlabelled
+- :func:`teacher_logits`, :func:`train_student`   precompute the frozen teacher once; train a student with ``fit``
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+from dlarch_lib.train import History, fit
+
+IGNORE = -100  # label of an unlabelled (transfer-set) example; the value F.cross_entropy ignores by default
+
+
+def _check_temperature(T: float) -> None:
+    if not isinstance(T, (int, float)) or T <= 0:
+        raise ValueError(f"temperature T must be a positive number, got {T!r}")
+
+
+def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.ndim != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher logits must both be (B, C) with the same shape, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+
+
+def softmax_t(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Softmax with temperature over the last axis: ``p_i = exp(z_i / T) / sum_j exp(z_j / T)``.
+
+    ``T = 1`` is the ordinary softmax; ``T -> inf`` flattens it towards uniform, ``T -> 0``
+    sharpens it towards one-hot on the arg-max. ``(..., C) -> (..., C)``.
+    """
+    _check_temperature(T)
+    return torch.softmax(logits / T, dim=-1)
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)``, averaged over the batch.
+
+    Written out: ``T^2 / B * sum_b sum_i p_t[b, i] (log p_t[b, i] - log p_s[b, i])``. The ``T^2``
+    undoes the ``1 / T^2`` by which the soft-target gradient shrinks, so that its size does not
+    depend on ``T``. Logits ``(B, C)``; the teacher is treated as a constant (detached).
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(T)
+    log_p_s = F.log_softmax(student_logits / T, dim=1)  # (B, C)
+    log_p_t = F.log_softmax(teacher_logits.detach() / T, dim=1)  # (B, C)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # (B,)
+    return T**2 * kl.mean()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    T: float = 4.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """``alpha * CE(y, softmax(z_s)) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
+
+    The hard term uses temperature 1 (the student is deployed at ``T = 1``); it is averaged
+    over the labelled rows only: rows whose label is :data:`IGNORE` (an unlabelled transfer set)
+    contribute to the soft term alone. ``labels=None`` (or no labelled row) means no hard term.
+    Logits ``(B, C)``, labels ``(B,)`` int64.
+    """
+    _check_logits(student_logits, teacher_logits)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    soft = soft_target_loss(student_logits, teacher_logits, T)
+    if labels is None or alpha == 0.0:
+        return (1 - alpha) * soft
+    if labels.shape != student_logits.shape[:1] or labels.dtype != torch.long:
+        raise ValueError(f"labels must be int64 of shape ({student_logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+    labelled = labels != IGNORE  # (B,) bool
+    if not labelled.any():
+        return (1 - alpha) * soft
+    hard = F.cross_entropy(student_logits[labelled], labels[labelled])
+    return alpha * hard + (1 - alpha) * soft
+
+
+def soft_target_grad(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, limit: bool = False
+) -> torch.Tensor:
+    """Gradient of ``KL(p_t || p_s)`` (no ``T^2``, one example per row) with respect to ``z_s``.
+
+    Exact: ``(softmax(z_s/T) - softmax(z_t/T)) / T``. With ``limit=True`` the high-temperature
+    approximation ``(z_s - z_t) / (C T^2)`` after centring each row of logits (zero mean): the
+    loss becomes logit matching, ``||z_s - z_t||^2 / (2 C T^2)``. ``(B, C) -> (B, C)``.
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(T)
+    if limit:
+        centre = lambda z: z - z.mean(dim=1, keepdim=True)  # noqa: E731
+        return (centre(student_logits) - centre(teacher_logits)) / (student_logits.shape[1] * T**2)
+    return (softmax_t(student_logits, T) - softmax_t(teacher_logits, T)) / T
+
+
+def pack_targets(teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """One target tensor ``(B, C + 1)``: the teacher's logits, then the label (:data:`IGNORE` if none).
+
+    ``train.fit`` hands the loss one target per batch; packing lets a ``TensorDataset`` carry
+    both the soft and the hard target. :class:`KDLoss` unpacks it.
+    """
+    if teacher_logits.ndim != 2:
+        raise ValueError(f"teacher_logits must be (B, C), got {tuple(teacher_logits.shape)}")
+    if labels is None:
+        labels = torch.full(teacher_logits.shape[:1], IGNORE, dtype=torch.long)
+    if labels.shape != teacher_logits.shape[:1]:
+        raise ValueError(f"labels must be ({teacher_logits.shape[0]},), got {tuple(labels.shape)}")
+    return torch.cat([teacher_logits.float(), labels.to(teacher_logits.device).float()[:, None]], dim=1)
+
+
+class KDLoss:
+    """:func:`distillation_loss` as ``loss_fn(student_logits, packed_targets)`` for ``train.fit``.
+
+    ``hard_only=True`` ignores the teacher and trains on the labels alone (plain cross-entropy on
+    the labelled rows), so every variant of the experiment runs through the same code path.
+    """
+
+    def __init__(self, T: float = 4.0, alpha: float = 0.5, hard_only: bool = False) -> None:
+        _check_temperature(T)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.T, self.alpha, self.hard_only = T, alpha, hard_only
+
+    def __call__(self, student_logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """Loss of logits ``(B, C)`` against targets packed by :func:`pack_targets` ``(B, C + 1)``."""
+        if packed.ndim != 2 or packed.shape[1] != student_logits.shape[1] + 1:
+            raise ValueError(f"packed targets must be (B, C + 1) = (B, {student_logits.shape[1] + 1}), got {tuple(packed.shape)}")
+        teacher, labels = packed[:, :-1], packed[:, -1].round().long()  # (B, C), (B,)
+        if self.hard_only:
+            labelled = labels != IGNORE  # (B,) bool
+            if not labelled.any():  # a batch of unlabelled rows only: no signal, zero loss (not nan)
+                return student_logits.sum() * 0.0
+            return F.cross_entropy(student_logits[labelled], labels[labelled])
+        return distillation_loss(student_logits, teacher, labels, self.T, self.alpha)
+
+
+class StudentMLP(nn.Module):
+    """A small student: ``(B, 1, 8, 8) -> flatten 64 -> hidden (ReLU) -> C`` logits.
+
+    :meth:`hidden` is the guided layer that FitNets' hint loss trains to predict the teacher's
+    features (through a :class:`HintRegressor`).
+    """
+
+    def __init__(self, hidden: int = 32, num_classes: int = 10, in_features: int = 64) -> None:
+        super().__init__()
+        if hidden < 1 or num_classes < 2 or in_features < 1:
+            raise ValueError(f"need hidden >= 1, num_classes >= 2, in_features >= 1; got {hidden}, {num_classes}, {in_features}")
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())  # (B, hidden)
+        self.head = nn.Linear(hidden, num_classes)
+        self.in_features = in_features
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Guided-layer features ``(B, hidden)``."""
+        if x[0].numel() != self.in_features:
+            raise ValueError(f"StudentMLP expects {self.in_features} inputs per example, got shape {tuple(x.shape)}")
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)``."""
+        return self.head(self.hidden(x))
+
+
+class HintRegressor(nn.Module):
+    """FitNets' regressor: maps the student's guided layer to the shape of the teacher's hint.
+
+    Vectors ``(B, d_s) -> (B, d_t)`` with a linear layer, or feature maps
+    ``(B, c_s, H, W) -> (B, c_t, H, W)`` with a 1x1 convolution (``spatial=True``). It exists only
+    during training: the deployed student does not contain it.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, spatial: bool = False) -> None:
+        super().__init__()
+        if student_dim < 1 or teacher_dim < 1:
+            raise ValueError(f"student_dim and teacher_dim must be >= 1, got {student_dim}, {teacher_dim}")
+        self.spatial = spatial
+        self.proj = nn.Conv2d(student_dim, teacher_dim, 1) if spatial else nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, d_s) -> (B, d_t)``, or ``(B, c_s, H, W) -> (B, c_t, H, W)`` when spatial."""
+        want = 4 if self.spatial else 2
+        if h.ndim != want:
+            raise ValueError(f"HintRegressor(spatial={self.spatial}) expects a {want}-d input, got shape {tuple(h.shape)}")
+        return self.proj(h)
+
+
+def hint_loss(student_hint: torch.Tensor, teacher_hint: torch.Tensor, regressor: nn.Module) -> torch.Tensor:
+    """FitNets hint loss: mean squared error between ``regressor(student_hint)`` and the teacher's hint.
+
+    (Romero et al. write ``1/2 ||u_h - r(v_g)||^2``; the mean instead of the half-sum only
+    rescales the learning rate.) The teacher's hint is a constant (detached).
+    """
+    guess = regressor(student_hint)
+    if guess.shape != teacher_hint.shape:
+        raise ValueError(f"regressed student hint {tuple(guess.shape)} does not match the teacher hint {tuple(teacher_hint.shape)}")
+    return F.mse_loss(guess, teacher_hint.detach())
+
+
+def labelled_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices ``0..N-1`` into ``per_class`` labelled examples of every class and the rest (unlabelled).
+
+    Returns ``(labelled, unlabelled)`` index tensors, each sorted; seeded, so every method in a
+    comparison sees the same few labels for a given seed.
+    """
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be (N,), got shape {tuple(labels.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()  # (n_c,)
+        if per_class < 1 or per_class > len(members):
+            raise ValueError(f"per_class must be in 1..{len(members)} (class {c} has {len(members)} examples), got {per_class}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    labelled = torch.cat(chosen).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[labelled] = False
+    return labelled, mask.nonzero().flatten()
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, features: bool = False, batch_size: int = 512) -> torch.Tensor:
+    """Run the frozen teacher once over ``x`` (eval mode): logits ``(N, C)``, or ``teacher.features`` with ``features=True``.
+
+    The teacher does not change while the student trains, so its outputs are computed once
+    instead of at every step.
+    """
+    teacher.eval()
+    fn = teacher.features if features else teacher
+    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def train_student(
+    student: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int = 60,
+    lr: float = 3e-3,
+    batch_size: int = 128,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "student",
+) -> History:
+    """Train ``student`` with ``train.fit`` on images ``x`` ``(N, 1, 8, 8)`` and ``targets`` ``(N, ...)``.
+
+    With a :class:`KDLoss`, rows of ``targets`` come from :func:`pack_targets`: the teacher's
+    logits and the true label, or :data:`IGNORE` for a transfer-set image whose label the
+    student may not see. Any ``loss_fn(output, target)`` works (FitNets' hint stage uses
+    ``F.mse_loss`` against the teacher's features).
+    """
+    if len(x) != len(targets):
+        raise ValueError(f"x and targets must have the same length, got {len(x)} and {len(targets)}")
+    generator = torch.Generator().manual_seed(seed)
+    # Whole batches are sliced out of the tensors at once (``batch_size=None`` + a BatchSampler):
+    # the same shuffled batches as ``DataLoader(..., shuffle=True)``, without collating row by row.
+    sampler = BatchSampler(RandomSampler(range(len(x)), generator=generator), batch_size, drop_last=False)
+    loader = DataLoader(TensorDataset(x, targets), sampler=sampler, batch_size=None)
+    return fit(student, loader, epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay,
+               loss_fn=loss_fn, progress=progress, desc=desc)
