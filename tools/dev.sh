@@ -11,7 +11,9 @@ PY=${PYTHON:-python3}
 VENV=$ROOT/.venv
 MATHJAX_VERSION=3.2.2
 export PYDEVD_DISABLE_FILE_VALIDATION=1   # silence debugpy's frozen-modules note in kernels
-export MPLBACKEND=Agg
+# Do not export MPLBACKEND: kernels would inherit it and ipykernel would then skip its inline
+# backend, so plt.show() would put no figure on the page. Headless matplotlib picks Agg itself.
+unset MPLBACKEND
 
 log() { printf '\n==> %s\n' "$*"; }
 

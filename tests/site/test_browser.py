@@ -84,7 +84,7 @@ def test_chapter_page_renders(browser, server, nb):
         assert "$$" not in text, "raw TeX left on the page"
         broken = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
         assert not broken, f"images that did not load: {broken}"
-        assert page.locator("img").count() >= 1, "no figure on the page"
+        assert page.locator("main img:not([src*='_static/'])").count() >= 1, "no executed figure on the page"
         assert page.locator("a[href*='colab.research.google.com']").count() >= 1, "no Colab launch button"
         assert page.locator(".exercise").count() >= 3, "fewer than 3 exercises"
         assert page.locator("details.solution, .solution.dropdown, .solution.toggle").count() >= 3, "solution toggles missing"
