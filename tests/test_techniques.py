@@ -1,0 +1,271 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlarch_lib import techniques as T
+from dlarch_lib.data import load_digits_split
+
+
+def _opt(lr: float = 0.1) -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+# ----------------------------------------------------------------- schedules
+
+
+def test_step_lr_matches_steplr_and_hand_values():
+    lrs = T.scheduler_lrs(T.torch_scheduler("step", _opt(0.1), 50, step_size=7, gamma=0.5), 50)
+    assert lrs == pytest.approx([T.step_lr(t, base_lr=0.1, step_size=7, gamma=0.5) for t in range(50)], abs=1e-15)
+    assert T.step_lr(6, base_lr=1.0, step_size=7) == 1.0 and T.step_lr(7, base_lr=1.0, step_size=7) == pytest.approx(0.1)
+
+
+def test_cosine_lr_matches_cosine_annealing_and_endpoints():
+    lrs = T.scheduler_lrs(T.torch_scheduler("cosine", _opt(0.1), 40, min_lr=0.01), 41)
+    ours = [T.cosine_lr(t, base_lr=0.1, total_steps=40, min_lr=0.01) for t in range(41)]
+    assert lrs == pytest.approx(ours, abs=1e-12)
+    assert T.cosine_lr(20, base_lr=1.0, total_steps=40) == pytest.approx(0.5)
+    assert T.cosine_lr(100, base_lr=1.0, total_steps=40, min_lr=0.2) == pytest.approx(0.2)  # flat after the end
+
+
+def test_warmup_cosine_matches_sequential_lr_and_lambda_lr():
+    total, warm = 60, 8
+    ours = [T.warmup_cosine_lr(t, base_lr=0.1, warmup_steps=warm, total_steps=total) for t in range(total)]
+    seq = T.scheduler_lrs(T.torch_scheduler("warmup_cosine", _opt(0.1), total, warmup_steps=warm), total)
+    lam = T.scheduler_lrs(torch.optim.lr_scheduler.LambdaLR(_opt(0.1), T.schedule_factor("warmup_cosine", total, warm)),
+                          total)
+    assert seq == pytest.approx(ours, abs=1e-12) and lam == pytest.approx(ours, abs=1e-12)
+    assert ours[0] == pytest.approx(0.1 / warm) and ours[warm - 1] == pytest.approx(0.1) and max(ours) <= 0.1 + 1e-12
+
+
+def test_schedule_factor_names_and_errors():
+    for name in T.SCHEDULES:
+        f = T.schedule_factor(name, 30, 3)
+        assert 0.0 <= f(29) <= 1.0
+    assert T.schedule_factor("constant", 30)(17) == 1.0
+    assert T.schedule_factor("step", 30)(10) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        T.schedule_factor("linear", 30)
+    with pytest.raises(ValueError, match="unknown torch scheduler"):
+        T.torch_scheduler("linear", _opt(), 30)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        T.warmup_cosine_lr(0, base_lr=1.0, warmup_steps=30, total_steps=30)
+    with pytest.raises(ValueError, match="step must be"):
+        T.cosine_lr(-1, base_lr=1.0, total_steps=10)
+    with pytest.raises(ValueError, match="step_size"):
+        T.step_lr(0, base_lr=1.0, step_size=0)
+    with pytest.raises(ValueError, match="total_steps"):
+        T.cosine_lr(0, base_lr=1.0, total_steps=0)
+
+
+# ----------------------------------------------------------------- dropout
+
+
+def test_dropout_matches_nn_dropout_under_the_same_seed():
+    x = torch.randn(64, 33)
+    torch.manual_seed(5)
+    ref = nn.Dropout(0.3)(x)
+    torch.manual_seed(5)
+    assert torch.equal(T.Dropout(0.3)(x), ref)
+
+
+def test_dropout_keeps_the_mean_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 2.0)
+    out = T.dropout(x, 0.4)
+    assert out.mean().item() == pytest.approx(2.0, rel=0.01)
+    assert torch.all((out == 0) | torch.isclose(out, torch.tensor(2.0 / 0.6)))  # dropped, or scaled by 1/(1-p)
+    assert out.var().item() == pytest.approx(4.0 * 0.4 / 0.6, rel=0.03)
+    layer = T.Dropout(0.4).eval()
+    assert torch.equal(layer(x), x) and torch.equal(T.dropout(x, 0.0), x)
+
+
+def test_dropout_rejects_bad_p():
+    with pytest.raises(ValueError, match="dropout probability"):
+        T.dropout(torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="dropout probability"):
+        T.Dropout(-0.1)
+
+
+# ----------------------------------------------------------------- weight decay vs L2
+
+
+@pytest.mark.parametrize("decoupled, cls", [(False, torch.optim.Adam), (True, torch.optim.AdamW)])
+def test_adam_step_matches_torch_adam_and_adamw(decoupled, cls):
+    torch.manual_seed(0)
+    w0 = torch.randn(5, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    opt = cls([p], lr=0.05, weight_decay=0.1)
+    w, state = w0.clone(), T.AdamState.zeros_like(w0)
+    for _ in range(25):
+        grad = torch.randn(5, dtype=torch.float64)
+        p.grad = grad.clone()
+        opt.step()
+        w = T.adam_step(w, grad, state, lr=0.05, weight_decay=0.1, decoupled=decoupled)
+    torch.testing.assert_close(w, p.detach())
+    assert state.t == 25
+
+
+def test_adam_l2_differs_from_adamw_and_ignores_lambda_without_loss_gradient():
+    w0, zero = torch.tensor([1.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    steps = []
+    for lam in (1e-3, 1e-1):
+        l2 = T.adam_step(w0, zero, T.AdamState.zeros_like(w0), lr=0.01, weight_decay=lam)
+        decoupled = T.adam_step(w0, zero, T.AdamState.zeros_like(w0), lr=0.01, weight_decay=lam, decoupled=True)
+        assert l2.item() == pytest.approx(1.0 - 0.01, abs=1e-6)  # a step of lr, whatever lambda is
+        assert decoupled.item() == pytest.approx(1.0 - 0.01 * lam)
+        steps.append((l2.item(), decoupled.item()))
+    assert steps[0][0] == pytest.approx(steps[1][0], abs=1e-6) and steps[0][1] != steps[1][1]
+
+
+def test_sgd_l2_and_decoupled_coincide_and_match_torch():
+    torch.manual_seed(1)
+    w0 = torch.randn(4, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([p], lr=0.1, weight_decay=0.3)
+    w_l2, w_dec = w0.clone(), w0.clone()
+    for _ in range(10):
+        grad = torch.randn(4, dtype=torch.float64)
+        p.grad = grad.clone()
+        opt.step()
+        w_l2 = T.sgd_step(w_l2, grad, lr=0.1, weight_decay=0.3)
+        w_dec = T.sgd_step(w_dec, grad, lr=0.1, weight_decay=0.3, decoupled=True)
+    torch.testing.assert_close(w_l2, w_dec)
+    torch.testing.assert_close(w_l2, p.detach())
+
+
+def test_optimizer_steps_reject_shape_mismatch():
+    with pytest.raises(ValueError, match="one shape"):
+        T.adam_step(torch.zeros(3), torch.zeros(2), T.AdamState.zeros_like(torch.zeros(3)), lr=0.1)
+    with pytest.raises(ValueError, match="one shape"):
+        T.sgd_step(torch.zeros(3), torch.zeros(2), lr=0.1)
+
+
+# ----------------------------------------------------------------- batch norm
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (8, 6, 5)])
+def test_batchnorm_matches_nn_batchnorm1d_in_train_and_eval(shape):
+    torch.manual_seed(0)
+    ours, ref = T.BatchNorm1d(6, momentum=0.2), nn.BatchNorm1d(6, momentum=0.2)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0)
+        ours.bias.normal_()
+        ref.weight.copy_(ours.weight)
+        ref.bias.copy_(ours.bias)
+    for _ in range(4):  # train mode: batch statistics, running statistics updated
+        x = 3.0 * torch.randn(*shape) + 1.5
+        out_ours, out_ref = ours(x), ref(x)
+        torch.testing.assert_close(out_ours, out_ref)
+        g_ours = torch.autograd.grad(out_ours.pow(2).sum(), (ours.weight, ours.bias))
+        g_ref = torch.autograd.grad(out_ref.pow(2).sum(), (ref.weight, ref.bias))
+        for a, b in zip(g_ours, g_ref):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    x = torch.randn(*shape)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours(x[:1]), ref(x)[:1])  # eval: each sample on its own
+
+
+def test_batchnorm_train_output_is_standardised():
+    bn = T.BatchNorm1d(3)
+    out = bn(5.0 + 2.0 * torch.randn(256, 3))
+    torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+
+
+def test_batchnorm_errors():
+    with pytest.raises(ValueError, match="expected"):
+        T.BatchNorm1d(4)(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="more than one value"):
+        T.BatchNorm1d(4)(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="momentum"):
+        T.BatchNorm1d(4, momentum=0.0)
+    with pytest.raises(ValueError, match="num_features"):
+        T.BatchNorm1d(0)
+
+
+# ----------------------------------------------------------------- clipping and the RNN
+
+
+def test_clip_grad_norm_matches_torch():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    (10 * a(x)).pow(2).sum().backward()
+    (10 * b(x)).pow(2).sum().backward()
+    n_ours = T.clip_grad_norm(a.parameters(), 1.0)
+    n_ref = nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+    torch.testing.assert_close(n_ours, n_ref)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert torch.sqrt(sum(p.grad.pow(2).sum() for p in a.parameters())).item() == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="max_norm"):
+        T.clip_grad_norm(a.parameters(), 0.0)
+
+
+def test_clip_grad_norm_leaves_small_gradients_alone():
+    p = nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([0.1, 0.2, 0.2])
+    assert T.clip_grad_norm([p], 1.0).item() == pytest.approx(0.3)
+    torch.testing.assert_close(p.grad, torch.tensor([0.1, 0.2, 0.2]))
+
+
+def test_adding_problem_shapes_and_marks():
+    x, y = T.adding_problem(50, 10, seed=0)
+    assert x.shape == (50, 10, 2) and y.shape == (50,)
+    assert torch.all(x[..., 1].sum(1) == 2) and torch.all(x[:, :5, 1].sum(1) == 1)
+    torch.testing.assert_close((x[..., 0] * x[..., 1]).sum(1), y)
+    with pytest.raises(ValueError, match="length"):
+        T.adding_problem(5, 1)
+
+
+def test_rnn_regressor_shapes_spectral_scale_and_errors():
+    model = T.RNNRegressor(hidden=8, recurrent_scale=1.5)
+    assert model(torch.zeros(3, 7, 2)).shape == (3,)
+    singular = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach())
+    torch.testing.assert_close(singular, torch.full((8,), 1.5), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected"):
+        model(torch.zeros(3, 7))
+
+
+def test_clipping_rescues_an_exploding_rnn():
+    x, y = T.adding_problem(256, 10, seed=0)
+    torch.manual_seed(0)
+    plain = T.RNNRegressor(hidden=32)
+    torch.manual_seed(0)
+    clipped = T.RNNRegressor(hidden=32)
+    losses_plain, _ = T.train_rnn(plain, x, y, steps=60, lr=0.5, seed=0)
+    losses_clip, norms = T.train_rnn(clipped, x, y, steps=60, lr=0.5, clip=0.5, seed=0)
+    assert not math.isfinite(losses_plain[-1]) and len(losses_plain) < 60
+    assert len(losses_clip) == 60 and all(math.isfinite(v) for v in losses_clip) and max(norms) > 0.5
+
+
+# ----------------------------------------------------------------- the digits MLP and its loop
+
+
+def test_digits_mlp_layers_and_shapes():
+    model = T.DigitsMLP(hidden=16, depth=3, dropout=0.2, batchnorm=True)
+    assert model(torch.zeros(4, 1, 8, 8)).shape == (4, 10)
+    kinds = [type(m) for m in model.net]
+    assert kinds.count(nn.BatchNorm1d) == 3 and kinds.count(nn.Dropout) == 3
+    assert all(m.bias is None for m in model.net[:-1] if isinstance(m, nn.Linear))
+    with pytest.raises(ValueError, match="hidden and depth"):
+        T.DigitsMLP(hidden=0)
+
+
+def test_train_classifier_records_the_schedule_and_learns():
+    split = load_digits_split(seed=0)
+    torch.manual_seed(0)
+    record = T.train_classifier(T.DigitsMLP(hidden=32), split, epochs=3, lr=1e-2, schedule="warmup_cosine")
+    steps = 3 * math.ceil(len(split.y_train) / 64)
+    expected = [1e-2 * T.schedule_factor("warmup_cosine", steps, int(0.1 * steps))(t) for t in range(steps)]
+    assert record.lrs == pytest.approx(expected) and len(record.losses) == steps
+    assert record.epoch_loss[-1] < record.epoch_loss[0] and record.test_acc > 0.8
+    with pytest.raises(ValueError, match="epochs"):
+        T.train_classifier(T.DigitsMLP(), split, epochs=0)
