@@ -1,0 +1,425 @@
+"""Model, pipeline and tensor parallelism: splitting one model over several devices.
+
+Data parallelism (:mod:`dlarch_lib.parallel`) copies the whole model to every worker. When
+the model itself is too big for one device, we split *the model* instead:
+
+- **model parallelism** (:class:`TwoStageModel`): consecutive layers live on different devices
+  and ``forward`` moves the activations from one device to the next;
+- **pipeline parallelism** (GPipe): the batch is cut into ``m`` micro-batches that flow through
+  the ``p`` stages like parts on an assembly line. :func:`gpipe_schedule` is an event
+  simulation of the schedule, :func:`bubble_fraction` the idle fraction ``(p-1)/(m+p-1)``,
+  and :func:`run_pipeline` measures the real thing with ``torch.distributed.pipelining``
+  (``PipelineStage`` + ``ScheduleGPipe``) on CPU processes with the gloo backend;
+- **tensor parallelism** (Megatron-LM): one linear layer's weight is split by output
+  (column-parallel, then all-gather) or by input features (row-parallel, then all-reduce):
+  :func:`column_parallel_linear`, :func:`row_parallel_linear`, :func:`tp_comm_elements`.
+
+Spawned workers must be importable, so :func:`pipeline_worker` lives here, not in a notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# --------------------------------------------------------------------------- model parallelism
+
+
+class TwoStageModel(nn.Module):
+    """A model split over two devices: ``stage0`` on ``dev0``, ``stage1`` on ``dev1``.
+
+    ``forward`` moves the input to ``dev0`` and the activation between the stages to ``dev1``;
+    the second move is what the seed's sketch (section 8) leaves out.
+    """
+
+    def __init__(self, stage0: nn.Module, stage1: nn.Module, dev0: str | torch.device, dev1: str | torch.device):
+        super().__init__()
+        self.dev0, self.dev1 = torch.device(dev0), torch.device(dev1)
+        self.stage0 = stage0.to(self.dev0)
+        self.stage1 = stage1.to(self.dev1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) on any device -> stage1's output on ``dev1``."""
+        h = self.stage0(x.to(self.dev0))  # activations live on dev0
+        return self.stage1(h.to(self.dev1))  # move them to dev1: the line the seed forgets
+
+
+class SeedTwoStageModel(TwoStageModel):
+    """The seed's version: stages placed on two devices, but ``forward`` never moves activations.
+
+    It works only when both devices are the same; otherwise ``stage1`` receives a tensor on
+    ``dev0`` and PyTorch raises a device-mismatch ``RuntimeError``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> output; fails when ``dev0 != dev1``."""
+        return self.stage1(self.stage0(x.to(self.dev0)))  # bug: h stays on dev0
+
+
+class _RecordMoves(TorchFunctionMode):
+    """Records the target device of every ``Tensor.to`` call made while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[torch.device] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            if isinstance(target, (str, torch.device)):
+                self.devices.append(torch.device(target))
+        return func(*args, **kwargs)
+
+
+def record_device_moves(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.device]]:
+    """Run ``model(x)`` and return its output and the devices passed to ``Tensor.to``, in order."""
+    with _RecordMoves() as mode:
+        out = model(x)
+    return out, mode.devices
+
+
+# --------------------------------------------------------------------------- the GPipe schedule
+
+
+@dataclass(frozen=True)
+class Task:
+    """One box of the pipeline's Gantt chart: stage ``stage`` runs ``phase`` of micro-batch ``micro``."""
+
+    stage: int
+    micro: int
+    phase: str  # "F" (forward) or "B" (backward)
+    start: float
+    end: float
+    cpu: float | None = None  # CPU seconds the task's thread used (measured tasks only)
+
+
+def _times(value: float | Sequence[float], p: int, name: str) -> list[float]:
+    times = [float(value)] * p if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(times) != p or any(t < 0 for t in times):
+        raise ValueError(f"{name} must be one non-negative time or {p} of them, got {value!r}")
+    return times
+
+
+def gpipe_schedule(p: int, m: int, t_fwd: float | Sequence[float] = 1.0,
+                   t_bwd: float | Sequence[float] = 2.0) -> list[Task]:
+    """Event simulation of GPipe: all ``m`` forwards, then all ``m`` backwards, on ``p`` stages.
+
+    Stage ``s`` runs its tasks in order; a forward F(s, i) waits for F(s-1, i) (its input), a
+    backward B(s, i) for B(s+1, i) (its output gradient); the last stage starts backward once
+    its forwards are done. ``t_fwd``/``t_bwd`` are per-stage times (one number: all equal).
+    Communication is taken as free. Returns the tasks sorted by start time.
+    """
+    if p < 1 or m < 1:
+        raise ValueError(f"need p >= 1 stages and m >= 1 micro-batches, got p={p}, m={m}")
+    tf, tb = _times(t_fwd, p, "t_fwd"), _times(t_bwd, p, "t_bwd")
+    free = [0.0] * p  # when each stage's device is next free
+    f_end = [[0.0] * m for _ in range(p)]
+    b_end = [[0.0] * m for _ in range(p)]
+    tasks = []
+    for i in range(m):
+        for s in range(p):
+            start = max(free[s], f_end[s - 1][i] if s > 0 else 0.0)
+            f_end[s][i] = free[s] = start + tf[s]
+            tasks.append(Task(s, i, "F", start, start + tf[s]))
+    for i in range(m):  # ScheduleGPipe runs the backwards in micro-batch order
+        for s in reversed(range(p)):
+            start = max(free[s], b_end[s + 1][i] if s < p - 1 else 0.0)
+            b_end[s][i] = free[s] = start + tb[s]
+            tasks.append(Task(s, i, "B", start, start + tb[s]))
+    return sorted(tasks, key=lambda t: (t.start, t.stage))
+
+
+def bubble_fraction(p: int, m: int) -> float:
+    """GPipe's idle fraction ``(p-1)/(m+p-1)`` for ``p`` equal stages and ``m`` micro-batches."""
+    if p < 1 or m < 1:
+        raise ValueError(f"need p >= 1 and m >= 1, got p={p}, m={m}")
+    return (p - 1) / (m + p - 1)
+
+
+def idle_fraction(tasks: Sequence[Task]) -> float:
+    """Fraction of device-time spent idle: ``1 - busy / (p * makespan)`` over all stages."""
+    if not tasks:
+        raise ValueError("no tasks")
+    p = 1 + max(t.stage for t in tasks)
+    start, end = min(t.start for t in tasks), max(t.end for t in tasks)
+    busy = sum(t.end - t.start for t in tasks)
+    return 1.0 - busy / (p * (end - start))
+
+
+def plot_gantt(tasks: Sequence[Task], ax=None, title: str = "GPipe schedule", unit: str = "time"):
+    """Draw ``tasks`` as a Gantt chart: one row per stage, forward blue, backward orange."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(10, 3))[1]
+    p = 1 + max(t.stage for t in tasks)
+    t0 = min(t.start for t in tasks)
+    colors = {"F": "tab:blue", "B": "tab:orange"}
+    for t in tasks:
+        ax.barh(t.stage, t.end - t.start, left=t.start - t0, color=colors[t.phase], edgecolor="black", height=0.8)
+        ax.text((t.start + t.end) / 2 - t0, t.stage, f"{t.phase}{t.micro}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title)
+    return ax
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+
+def column_parallel_linear(x: torch.Tensor, layer: nn.Linear, p: int) -> torch.Tensor:
+    """Megatron's column-parallel split, in one process: shard ``W`` by output rows, concatenate.
+
+    Shard k holds ``W[k*o/p:(k+1)*o/p]`` and its bias slice and computes ``x @ W_k.T + b_k``
+    (B, o/p); the concatenation along the last axis is the all-gather of a real run.
+    """
+    out = layer.out_features
+    if out % p:
+        raise ValueError(f"out_features={out} is not divisible by p={p}")
+    weights = layer.weight.chunk(p, dim=0)  # p x (o/p, i)
+    biases = layer.bias.chunk(p) if layer.bias is not None else [None] * p
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)  # (B, o)
+
+
+def row_parallel_linear(x: torch.Tensor, layer: nn.Linear, p: int) -> torch.Tensor:
+    """Megatron's row-parallel split, in one process: shard ``W`` and ``x`` by input features, sum.
+
+    Shard k holds ``W[:, k*i/p:(k+1)*i/p]`` and sees ``x[..., k*i/p:(k+1)*i/p]``; each partial
+    product is (B, o), and their sum (the all-reduce of a real run) plus the bias is the output.
+    """
+    inp = layer.in_features
+    if inp % p:
+        raise ValueError(f"in_features={inp} is not divisible by p={p}")
+    if x.shape[-1] != inp:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer expects {inp}")
+    partials = [F.linear(xk, wk) for xk, wk in zip(x.chunk(p, dim=-1), layer.weight.chunk(p, dim=1))]
+    out = torch.stack(partials).sum(0)  # (B, o): the all-reduce
+    return out + layer.bias if layer.bias is not None else out
+
+
+def tp_comm_elements(kind: str, batch: int, in_features: int, out_features: int, p: int) -> float:
+    """Elements each rank sends (ring algorithms) in the forward pass of a split linear layer.
+
+    ``"column"``: all-gather of the (batch, out) output, ``(p-1)/p * batch * out``.
+    ``"row"``: all-reduce of the (batch, out) partial sums, ``2 (p-1)/p * batch * out``.
+    ``"column+row"`` (a Megatron MLP ``in -> out -> in``): one all-reduce of (batch, in).
+    """
+    if p < 1 or min(batch, in_features, out_features) < 1:
+        raise ValueError("p, batch and feature sizes must be positive")
+    share = (p - 1) / p
+    if kind == "column":
+        return share * batch * out_features
+    if kind == "row":
+        return 2 * share * batch * out_features
+    if kind == "column+row":
+        return 2 * share * batch * in_features
+    raise ValueError(f"kind must be 'column', 'row' or 'column+row', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- a real pipeline (gloo)
+
+
+def make_mlp(width: int = 256, depth: int = 8, seed: int = 0) -> nn.Sequential:
+    """A seeded stack of ``depth`` (Linear(width, width), Tanh) blocks: the model we pipeline."""
+    if width < 1 or depth < 1:
+        raise ValueError(f"width and depth must be positive, got {width}, {depth}")
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+
+
+def split_stages(model: nn.Sequential, p: int) -> list[nn.Sequential]:
+    """Cut a ``Sequential`` into ``p`` consecutive stages of equal length."""
+    if p < 1 or len(model) % p:
+        raise ValueError(f"cannot split {len(model)} layers into p={p} equal stages")
+    k = len(model) // p
+    return [nn.Sequential(*model[s * k:(s + 1) * k]) for s in range(p)]
+
+
+class _Clock(torch.autograd.Function):
+    """Identity whose backward appends ``(tag, time)`` to a log: timestamps a backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, log, tag):
+        ctx.log, ctx.tag = log, tag
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.is_cuda:
+            torch.cuda.synchronize(grad.device)
+        ctx.log.append((ctx.tag, time.perf_counter(), time.thread_time()))
+        return grad, None, None
+
+
+class TimedStage(nn.Module):
+    """Wraps a stage and logs ``(tag, wall, cpu)`` stamps; tags F0/F1, B0/B1 = forward/backward start/end.
+
+    ``wall`` is ``time.perf_counter()`` (one clock for all processes on a machine); ``cpu`` is
+    ``time.thread_time()``, which does not advance while the OS has the process descheduled.
+    On a CPU the autograd engine runs the backward in the calling thread, so both are comparable.
+    """
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body, self.log = body, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as ``body(x)``, with timestamps for this forward and (later) its backward."""
+        if x.is_cuda:  # time the GPU's work, not the kernel launches
+            torch.cuda.synchronize(x.device)
+        self.log.append(("F0", time.perf_counter(), time.thread_time()))
+        if not x.requires_grad:  # first stage: make the input a leaf so its backward end is seen
+            x = x.detach().requires_grad_()
+        y = self.body(_Clock.apply(x, self.log, "B1"))
+        y = _Clock.apply(y, self.log, "B0")
+        if y.is_cuda:
+            torch.cuda.synchronize(y.device)
+        self.log.append(("F1", time.perf_counter(), time.thread_time()))
+        return y
+
+
+def _intervals(log: list[tuple[str, float]], stage: int) -> list[Task]:
+    """Pair the start/end stamps of a :class:`TimedStage` log into tasks (micro-batches in order)."""
+    tasks, open_, counts = [], {}, {"F": 0, "B": 0}
+    for tag, wall, cpu in log:
+        phase, edge = tag[0], tag[1]
+        if edge == "0":
+            open_[phase] = (wall, cpu)
+        else:
+            wall0, cpu0 = open_.pop(phase)
+            tasks.append(Task(stage, counts[phase], phase, wall0, wall, cpu - cpu0))
+            counts[phase] += 1
+    return tasks
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bind to port 0 and let the OS choose)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Column- and row-parallel ``Linear(16, 8)`` across ranks with all_gather / all_reduce."""
+    torch.manual_seed(seed)
+    layer, x = nn.Linear(16, 8).to(device), torch.randn(4, 16).to(device)  # same full layer on every rank
+    with torch.no_grad():
+        full = layer(x)
+        w_col, b_col = layer.weight.chunk(world, 0)[rank], layer.bias.chunk(world)[rank]
+        parts = [torch.empty(4, 8 // world, device=device) for _ in range(world)]
+        dist.all_gather(parts, F.linear(x, w_col, b_col))  # column-parallel: gather outputs
+        col = torch.cat(parts, dim=-1)
+        partial = F.linear(x.chunk(world, -1)[rank], layer.weight.chunk(world, 1)[rank])
+        dist.all_reduce(partial)  # row-parallel: sum partial products
+        row = partial + layer.bias
+    return {"column_err": (col - full).abs().max().item(), "row_err": (row - full).abs().max().item()}
+
+
+def pipeline_worker(rank: int, world: int, port: int, config: dict, out_dir: str) -> None:
+    """One rank of :func:`run_pipeline`: GPipe training steps with ``ScheduleGPipe`` (gloo or NCCL).
+
+    For each micro-batch count ``m`` in ``config["microbatches"]`` it runs one warm-up step and
+    ``config["repeats"]`` timed steps on a batch of ``m * config["micro_batch"]`` rows, logs the
+    start/end of every forward and backward, checks the stage's gradients against the unsplit
+    model (rank-local reference), and saves everything to ``out_dir/rank{rank}.pt``.
+    ``config["device"]`` is ``"cpu"`` (gloo) or ``"cuda"`` (rank r on ``cuda:r``, NCCL).
+    """
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = config["device"] == "cuda"
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        result = {"tp": _tensor_parallel_check(rank, world, config["seed"], device), "runs": {}, "grad_err": {}}
+        width, b = config["width"], config["micro_batch"]
+        model = make_mlp(width, config["depth"], config["seed"])
+        reference = make_mlp(width, config["depth"], config["seed"]).to(device)  # unsplit, for the gradient check
+        stage_module = TimedStage(split_stages(model, world)[rank]).to(device)
+        loss_fn = F.mse_loss
+        for m in config["microbatches"]:
+            gen = torch.Generator().manual_seed(m)
+            x, y = (torch.randn(m * b, width, generator=gen).to(device) for _ in range(2))
+            stage = PipelineStage(stage_module, rank, world, device)
+            schedule = ScheduleGPipe(stage, n_microbatches=m, loss_fn=loss_fn)  # grads scaled by 1/m
+            runs = []
+            for step in range(1 + config["repeats"]):
+                stage_module.zero_grad(set_to_none=True)
+                stage_module.log.clear()
+                dist.barrier()
+                if rank == 0:
+                    schedule.step(x)
+                elif rank == world - 1:
+                    schedule.step(target=y)
+                else:
+                    schedule.step()
+                if step > 0:
+                    runs.append([tuple(vars(t).values()) for t in _intervals(list(stage_module.log), rank)])
+            result["runs"][m] = runs
+            reference.zero_grad()
+            loss_fn(reference(x), y).backward()  # full batch, one device
+            ref_stage = split_stages(reference, world)[rank]
+            result["grad_err"][m] = max((pa.grad - pr.grad).abs().max().item()
+                                        for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters()))
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class PipelineRun:
+    """What :func:`run_pipeline` measured: tasks per (m, repeat), gradient and TP errors."""
+
+    runs: dict[int, list[list[Task]]]  # m -> repeats -> tasks of all stages
+    grad_err: dict[int, float]  # m -> max |grad_pipeline - grad_unsplit| over all stages
+    tp_err: dict[str, float]  # "column_err"/"row_err" -> max error over ranks
+    seconds: float  # wall time of the whole spawn, start-up included
+
+    def idle(self, m: int) -> float:
+        """Median over repeats of the measured idle fraction for ``m`` micro-batches."""
+        values = sorted(idle_fraction(tasks) for tasks in self.runs[m])
+        return values[len(values) // 2]
+
+
+def run_pipeline(world: int = 2, microbatches: Sequence[int] = (1, 2, 4, 8), micro_batch: int = 32,
+                 width: int = 256, depth: int = 8, repeats: int = 3, seed: int = 0,
+                 device: str = "cpu") -> PipelineRun:
+    """Spawn ``world`` processes running :func:`pipeline_worker` and collect the results.
+
+    ``device="cpu"``: gloo processes on the CPU; ``device="cuda"``: one GPU per rank, NCCL.
+    Each micro-batch has ``micro_batch`` rows, so the per-task work is the same for every ``m``.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and torch.cuda.device_count() < world:
+        raise ValueError(f"device='cuda' needs {world} GPUs, found {torch.cuda.device_count()}")
+    if world < 2:
+        raise ValueError(f"a pipeline needs world >= 2 processes, got {world}")
+    if depth % world:
+        raise ValueError(f"depth={depth} layers cannot be split into {world} equal stages")
+    config = dict(microbatches=list(microbatches), micro_batch=micro_batch, width=width, depth=depth,
+                  repeats=repeats, seed=seed, device=device)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.spawn(pipeline_worker, args=(world, free_port(), config, out_dir), nprocs=world)
+        results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    seconds = time.perf_counter() - start
+    runs = {m: [[Task(*row) for res in results for row in res["runs"][m][k]] for k in range(repeats)] for m in microbatches}
+    grad_err = {m: max(res["grad_err"][m] for res in results) for m in microbatches}
+    tp_err = {key: max(res["tp"][key] for res in results) for key in results[0]["tp"]}
+    return PipelineRun(runs, grad_err, tp_err, seconds)
