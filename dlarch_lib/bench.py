@@ -34,6 +34,17 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 (what the computation cost; unaffected by other programs sharing the cores, blind to device work)."""
 
 
+def steady_clock(device: torch.device | str | None = None) -> str:
+    """The clock least disturbed by other programs for work on ``device`` (default: the CPU).
+
+    ``"cpu"`` when the work runs on a CPU with one torch thread: then the process's CPU time is
+    the work's time, and other programs sharing the cores cannot inflate it. ``"wall"`` otherwise
+    (several threads, or a GPU, where the CPU mostly waits).
+    """
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return "cpu" if on_cpu and torch.get_num_threads() == 1 else "wall"
+
+
 def _check_counts(repeats: int, warmup: int) -> None:
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")

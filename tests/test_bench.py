@@ -136,3 +136,15 @@ def test_roofline():
     assert roof.fraction(1.0, 5.0) == 0.5
     with pytest.raises(ValueError, match="positive"):
         bench.Roofline(0.0, 1.0)
+
+
+def test_steady_clock_is_cpu_time_only_for_single_threaded_cpu_work():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert bench.steady_clock() == "cpu" and bench.steady_clock("cpu") == "cpu"
+        assert bench.steady_clock("cuda:0") == "wall"
+        torch.set_num_threads(2)
+        assert bench.steady_clock() == "wall"
+    finally:
+        torch.set_num_threads(threads)

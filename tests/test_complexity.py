@@ -1,0 +1,139 @@
+"""Tests for dlarch_lib.complexity: closed forms against real modules and the flop counter."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from dlarch_lib import attention, complexity as cx, rnn
+from dlarch_lib.modular import CNNConfig, MLPConfig, build_model, count_parameters, forward_flops
+
+
+@pytest.mark.parametrize("d_in,d_out,bias", [(3, 5, True), (7, 2, False), (1, 1, True)])
+def test_linear_params_and_flops(d_in, d_out, bias):
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    assert cx.linear_params(d_in, d_out, bias) == count_parameters(layer)
+    assert cx.linear_flops(d_in, d_out, tokens=6) == forward_flops(layer, torch.randn(2, 3, d_in))
+
+
+def test_conv2d_params_and_flops_random_configs():
+    rng = random.Random(0)
+    for _ in range(25):
+        g = rng.choice([1, 2, 4])
+        c_in, c_out = g * rng.randint(1, 3), g * rng.randint(1, 3)
+        k, s, p, d = (rng.randint(1, 4), rng.randint(1, 3)), rng.randint(1, 3), rng.randint(0, 2), rng.randint(1, 2)
+        size = (d * (k[0] - 1) + 1 + rng.randint(0, 6), d * (k[1] - 1) + 1 + rng.randint(0, 6))
+        bias = rng.random() < 0.5
+        conv = nn.Conv2d(c_in, c_out, k, s, p, d, groups=g, bias=bias)
+        assert cx.conv2d_params(c_in, c_out, k, g, bias) == count_parameters(conv)
+        flops = forward_flops(conv, torch.randn(2, c_in, *size))
+        assert cx.conv2d_flops(c_in, c_out, size, k, s, p, d, g, batch=2) == flops
+
+
+def test_conv_known_case():
+    # 3x3, 8 -> 16 channels, 10x10 input, same padding: 2 * 16 * 100 * 8 * 9 FLOPs
+    assert cx.conv2d_flops(8, 16, 10, 3, padding=1) == 2 * 16 * 100 * 72
+    assert cx.conv2d_params(8, 8, 3, groups=8, bias=False) == 72  # depthwise
+
+
+def test_seed_formula_overcounts_groups_and_misses_batchnorm():
+    assert cx.seed_conv_params([(3, 3, 8, 8)]) == 8 * 8 * 9 + 8
+    assert cx.seed_conv_params([(3, 3, 8, 8)]) != cx.conv2d_params(8, 8, 3, groups=8)
+    with pytest.raises(ValueError, match="layer 0"):
+        cx.seed_conv_params([(3, 3, 8)])
+
+
+@pytest.mark.parametrize("T,T_k,d,h", [(5, 5, 16, 4), (3, 7, 12, 3), (1, 1, 8, 8)])
+def test_mha_against_module_and_counter(T, T_k, d, h):
+    mha = attention.MultiHeadAttention(d, h)
+    assert cx.mha_params(d) == count_parameters(mha)
+    assert cx.mha_params(d) == count_parameters(nn.MultiheadAttention(d, h))
+    q, kv = torch.randn(2, T, d), torch.randn(2, T_k, d)
+    terms = cx.mha_flops(T, d, h, T_k=T_k, batch=2)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        mha(q, kv)
+    assert terms["total"] == counter.get_total_flops()
+    assert terms["scores"] == terms["mix"] == 2 * 2 * T * T_k * d
+    assert cx.mha_flops(T, d, 1, T_k=T_k) == cx.mha_flops(T, d, h, T_k=T_k)  # heads cancel
+
+
+@pytest.mark.parametrize("d,h,layers", [(5, 6, 1), (3, 4, 2), (8, 2, 3)])
+def test_lstm_params_and_flops(d, h, layers):
+    ref = nn.LSTM(d, h, layers, batch_first=True)
+    assert cx.lstm_params(d, h, layers, biases=2) == count_parameters(ref)
+    assert cx.lstm_params(d, h, layers, biases=1) == count_parameters(ref) - 4 * h * layers
+    assert forward_flops(ref, torch.randn(2, 7, d)) == 0  # the counter cannot see the fused kernel
+    ours = rnn.LSTM.from_torch(ref)
+    assert cx.lstm_flops(d, h, T=7, batch=2, layers=layers) == forward_flops(ours, torch.randn(2, 7, d))
+
+
+def test_gpt_params_and_flops():
+    gpt = attention.GPT(vocab_size=11, context=16, d_model=32, n_heads=4, n_layers=2)
+    assert cx.gpt_params(11, 16, 32, 2) == count_parameters(gpt)
+    assert cx.gpt_flops(16, 11, 32, 4, 2, batch=3) == forward_flops(gpt, torch.zeros(3, 16, dtype=torch.long))
+
+
+def test_saved_activation_bytes_mlp_and_cnn():
+    x = torch.randn(8, 1, 8, 8)
+    mlp = build_model(MLPConfig(width=32, depth=3))
+    assert cx.saved_activation_bytes(mlp, x) == cx.mlp_saved_bytes(8, [64, 32, 32, 32, 10])
+    config = CNNConfig(width=4, depth=2)
+    assert cx.saved_activation_bytes(build_model(config), x) == cx.cnn_saved_bytes(config, 8)
+    with torch.no_grad():
+        assert cx.saved_activation_bytes(mlp, x) == 0
+    with pytest.raises(ValueError, match="norm='none'"):
+        cx.cnn_saved_bytes(CNNConfig(norm="batch"), 8)
+    with pytest.raises(ValueError, match="at least"):
+        cx.mlp_saved_bytes(8, [64])
+    with pytest.raises(TypeError):
+        cx.saved_activation_bytes(lambda t: t, x)
+
+
+def test_traffic_and_intensity():
+    layer = nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 16)
+    traffic = cx.traffic_bytes(layer, x)
+    assert traffic["ideal"] == 4 * (16 * 8 + 4 * 16 + 4 * 8)
+    assert traffic["unfused"] >= traffic["ideal"]
+    ai = cx.arithmetic_intensity(layer, x)
+    assert ai["flops"] == 2 * 4 * 16 * 8
+    assert ai["ideal_intensity"] == pytest.approx(ai["flops"] / traffic["ideal"])
+
+
+def test_book_models_run_and_match_formulas():
+    models = cx.book_models(vocab_size=20, batch=2)
+    assert len(models) == 3
+    for model, x in models.values():
+        assert model(x) is not None and not model.training
+    lstm_lm, ids = models["CharLSTM (ch. 5)"]
+    assert forward_flops(lstm_lm, ids) == cx.lstm_flops(64, 256, T=64, batch=2) + cx.linear_flops(256, 20, 2 * 64)
+
+
+def test_scaling_helpers():
+    assert cx.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    assert cx.min_time_ms(lambda: None, repeats=3) >= 0.0
+    with pytest.raises(ValueError):
+        cx.loglog_slope([1], [1])
+    with pytest.raises(ValueError, match="positive"):
+        cx.loglog_slope([1, 0], [1, 2])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: cx.linear_params(0, 3),
+        lambda: cx.conv2d_params(3, 4, 3, groups=2),
+        lambda: cx.conv2d_flops(4, 4, 2, 5),  # kernel larger than the input
+        lambda: cx.mha_flops(4, 10, 3),
+        lambda: cx.lstm_params(3, 4, biases=3),
+        lambda: cx.lstm_flops(3, 4, T=0),
+        lambda: cx.book_models(0),
+    ],
+)
+def test_bad_input_is_a_clear_error(call):
+    with pytest.raises(ValueError):
+        call()
