@@ -11,11 +11,11 @@
   in the forward pass, gradients through the STE -- quantization-aware training (QAT).
   :func:`to_quantized` swaps every ``nn.Linear`` of a trained model for one, and
   :func:`calibrate` sets their input ranges from a calibration batch (post-training quantization).
-- :func:`export_onnx`, :func:`ort_quantize_dynamic`, :func:`ort_quantize_static`,
-  :func:`ort_session`, :func:`ort_predict` and :func:`ort_latency_ms` run post-training
-  quantization with ONNX Runtime's own tools and time its int8 kernels with
-  :func:`dlarch_lib.bench.median_ms` (imported lazily: ``onnx`` and ``onnxruntime`` are only
-  needed for those).
+- :func:`ort_quantize_dynamic` and :func:`ort_quantize_static` run post-training
+  quantization with ONNX Runtime's own tools (imported lazily: ``onnx`` and ``onnxruntime``
+  are only needed for those). :func:`export_onnx`, :func:`ort_session`, :func:`ort_predict`
+  and :func:`ort_latency_ms` (timed with :func:`dlarch_lib.bench.median_ms`) come from
+  :mod:`dlarch_lib.deploy` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +31,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from dlarch_lib.bench import median_ms
+# ONNX export and ONNX Runtime sessions live in dlarch_lib.deploy (chapter 20); re-exported here.
+from dlarch_lib.deploy import export_onnx, ort_latency_ms, ort_predict, ort_session  # noqa: F401
 
 # --- affine quantization -------------------------------------------------------------------
 
@@ -284,22 +284,6 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
 # --- post-training quantization with ONNX Runtime -----------------------------------------
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> str:
-    """Export ``model`` (eval mode) to ONNX at ``path`` with a dynamic batch axis; returns ``path``.
-
-    Uses the TorchScript exporter (``dynamo=False``, opset 17), which folds BatchNorm into the
-    preceding convolution in eval mode. Input name ``"x"``, output name ``"logits"``.
-    """
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape checks in forward()
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["logits"],
-            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    return str(path)
-
-
 def _preprocessed(src: str | os.PathLike, workdir: str) -> str:
     """``src`` after ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
     from onnxruntime.quantization import quant_pre_process
@@ -369,25 +353,3 @@ def ort_quantize_static(
             reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         )
     return str(dst)
-
-
-def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """A CPU ``onnxruntime.InferenceSession`` for ``path`` (``threads`` intra-op threads; default torch's)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
-    """Outputs of ``session`` on ``x`` (first output, as a float tensor)."""
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
-
-
-def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing)."""
-    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
-    return median_ms(lambda: session.run(None, feed), repeats, warmup)

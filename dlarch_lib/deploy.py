@@ -1,0 +1,482 @@
+"""Chapter 20: deployment -- export to ONNX, run with ONNX Runtime, build TensorRT engines.
+
+- :func:`export_onnx` writes a model to ONNX with a dynamic batch axis (TorchScript exporter,
+  with only its known-noisy warnings silenced); :func:`check_onnx` loads and validates the
+  file; :func:`graph_summary` counts its operators and reads its input/output signature.
+- :func:`fold_batchnorm` is the Conv--BatchNorm folding the exporter applies in eval mode.
+- :class:`DigitsPipeline` puts pre-processing (raw grey levels -> [0, 1]) and post-processing
+  (softmax) into the exported graph; :func:`stamp_metadata` / :func:`read_metadata` version it.
+- :func:`ort_session`, :func:`ort_predict` and :func:`ort_latency_ms` run an ONNX file with
+  ONNX Runtime (:mod:`dlarch_lib.quant` re-exports them for chapter 13);
+  :func:`optimized_graph` saves and summarises the graph ORT runs at each optimisation level;
+  :func:`parity` checks ONNX Runtime against PyTorch at several batch sizes.
+- :func:`latency_sweep` times PyTorch eager against ONNX Runtime over batch sizes and
+  :func:`fit_latency` fits the overhead-plus-throughput model ``t(B) = alpha + beta B``.
+- :func:`available_providers` lists ORT execution providers present here, in preference order.
+- :func:`build_trt_engine` and :class:`TensorRTRunner` use the TensorRT 10 API
+  (``build_serialized_network``, memory-pool limits, optimisation profiles, named I/O tensors,
+  ``execute_async_v3``); :func:`removed_trt_apis` finds calls removed in TensorRT 10 in source code.
+
+``onnx``, ``onnxruntime`` and ``tensorrt`` are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
+
+from dlarch_lib import hardware
+from dlarch_lib.bench import median_ms
+from dlarch_lib.modular import latency_ms
+
+# --- export and inspection -----------------------------------------------------------------
+
+
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, opset: int = 17,
+    dynamic_batch: bool = True, input_name: str = "x", output_name: str = "logits",
+) -> str:
+    """Export ``model`` (put in eval mode) to ONNX at ``path``; returns ``path`` as a string.
+
+    Uses the TorchScript exporter (``dynamo=False``): it traces one forward pass on ``example``
+    ``(B, ...)`` and, in eval mode, folds BatchNorm into the preceding convolution (constant
+    folding). ``dynamic_batch`` names axis 0 of the input and output ``"batch"`` (a symbolic
+    dimension) instead of fixing it to ``B``. Two known warnings are silenced, nothing else:
+    the tracer's ``TracerWarning`` about shape checks in ``forward`` (they test fixed
+    dimensions only) and the ``DeprecationWarning`` that the TorchScript exporter is legacy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example, torch.Tensor) or example.ndim < 1:
+        raise ValueError("example must be a batched input tensor (B, ...)")
+    if not isinstance(opset, int) or not 7 <= opset <= 23:
+        raise ValueError(f"opset must be an int in 7..23, got {opset!r}")
+    if input_name == output_name:
+        raise ValueError(f"input and output names must differ, both are {input_name!r}")
+    model.eval()
+    axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[input_name], output_names=[output_name], dynamic_axes=axes,
+        )
+    return str(path)
+
+
+def check_onnx(path: str | os.PathLike) -> Any:
+    """Load the ONNX file at ``path``, run ``onnx.checker.check_model`` with shape inference, return the model.
+
+    The checker validates the graph against the ONNX specification of its opset (operators,
+    attributes, types, topological order); ``full_check`` also runs strict shape inference.
+    Raises ``onnx.checker.ValidationError`` on an invalid model.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _dims(value_info: Any) -> tuple[int | str, ...]:
+    """Shape of an ONNX ``ValueInfoProto``: ints for fixed axes, names for symbolic ones."""
+    return tuple(d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim)
+
+
+@dataclass
+class GraphSummary:
+    """What an ONNX graph contains: opset, operator counts, I/O signature and weights."""
+
+    opset: int
+    ops: collections.Counter = field(default_factory=collections.Counter)
+    inputs: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
+    outputs: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
+    initializers: int = 0
+    weights: int = 0
+
+    @property
+    def nodes(self) -> int:
+        """Number of nodes (operator instances) in the graph."""
+        return sum(self.ops.values())
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """True when axis 0 of every input and output is symbolic (a named dimension)."""
+        shapes = [*self.inputs.values(), *self.outputs.values()]
+        return bool(shapes) and all(len(s) > 0 and isinstance(s[0], str) for s in shapes)
+
+
+def graph_summary(model: Any) -> GraphSummary:
+    """Summarise an ONNX model (a ``ModelProto`` or a path to one).
+
+    Operators from other domains than the default ``ai.onnx`` (ONNX Runtime's fused
+    ``com.microsoft`` ops, for instance) are counted as ``"domain:OpType"``.
+    """
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model))
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"graph_summary needs an onnx.ModelProto or a path, got {type(model).__name__}")
+    graph = model.graph
+    weights = {init.name for init in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    ops = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in graph.node)
+    return GraphSummary(
+        opset=opset,
+        ops=ops,
+        inputs={i.name: _dims(i) for i in graph.input if i.name not in weights},
+        outputs={o.name: _dims(o) for o in graph.output},
+        initializers=len(graph.initializer),
+        weights=int(sum(np.prod(init.dims) for init in graph.initializer)),
+    )
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A single ``nn.Conv2d`` equal to ``bn(conv(x))`` with ``bn`` in eval mode (running statistics).
+
+    ``w' = w * g`` per output channel and ``b' = beta + (b - mu) * g`` with
+    ``g = gamma / sqrt(var + eps)`` (``b = 0`` for a convolution without bias). Same result as
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``; the inputs are not modified.
+    """
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"need (nn.Conv2d, nn.BatchNorm2d), got ({type(conv).__name__}, {type(bn).__name__})")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"BatchNorm has {bn.num_features} channels, the convolution {conv.out_channels}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    with torch.no_grad():
+        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.weight.copy_(conv.weight * gain.view(-1, 1, 1, 1))  # (O, C/g, kh, kw)
+        fused.bias.copy_(shift + (bias - bn.running_mean) * gain)  # (O,)
+    return fused.eval()
+
+
+class DigitsPipeline(nn.Module):
+    """Model plus pre- and post-processing, so the deployed graph takes what the application has.
+
+    Input: raw digit images ``(N, 8, 8)``, grey levels 0..16 as float (``load_digits().images``).
+    Pre-processing: divide by 16 and add the channel axis -> ``(N, 1, 8, 8)`` in [0, 1], as in
+    :func:`dlarch_lib.data.digits_arrays`. Post-processing: softmax -> probabilities ``(N, classes)``.
+    """
+
+    def __init__(self, model: nn.Module, max_level: float = 16.0) -> None:
+        super().__init__()
+        if max_level <= 0:
+            raise ValueError(f"max_level must be positive, got {max_level}")
+        self.model, self.max_level = model, float(max_level)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W)`` raw grey levels -> ``(N, classes)`` probabilities."""
+        if raw.ndim != 3:
+            raise ValueError(f"DigitsPipeline expects raw images (N, H, W), got {tuple(raw.shape)}")
+        x = (raw / self.max_level).unsqueeze(1)  # (N, 1, H, W) in [0, 1]
+        return F.softmax(self.model(x), dim=-1)
+
+
+def stamp_metadata(path: str | os.PathLike, version: int, **props: str) -> str:
+    """Write ``model_version`` and string metadata ``props`` into the ONNX file at ``path``; returns it.
+
+    ONNX Runtime reads them back without running the model (:func:`read_metadata`): the
+    file carries its own version, pre-processing contract and provenance.
+    """
+    import onnx
+
+    if not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative int, got {version!r}")
+    bad = [k for k, v in props.items() if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"metadata values must be strings, not for {bad}")
+    model = onnx.load(str(path))
+    model.model_version = version
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def read_metadata(session: Any) -> tuple[int, dict[str, str]]:
+    """``(model_version, custom metadata)`` of an ``onnxruntime.InferenceSession``."""
+    meta = session.get_modelmeta()
+    return int(meta.version), dict(meta.custom_metadata_map)
+
+
+# --- ONNX Runtime ---------------------------------------------------------------------------
+
+OPT_LEVELS: dict[str, str] = {
+    "disabled": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+"""ONNX Runtime graph optimisation levels, weakest first: name -> ``GraphOptimizationLevel`` member."""
+
+
+def available_opt_levels() -> list[str]:
+    """The names in :data:`OPT_LEVELS` that the installed ONNX Runtime knows (``layout`` is recent)."""
+    import onnxruntime as ort
+
+    return [name for name, member in OPT_LEVELS.items() if hasattr(ort.GraphOptimizationLevel, member)]
+
+
+def ort_session(
+    path: str | os.PathLike, threads: int | None = None, level: str = "all",
+    optimized_path: str | os.PathLike | None = None, providers: Sequence[Any] | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for the ONNX file ``path``.
+
+    ``threads`` intra-op threads (default: torch's thread count); ``level`` one of
+    :data:`OPT_LEVELS`; ``optimized_path`` saves the graph after optimisation (what ORT
+    really runs); ``providers`` execution providers in preference order (default: the CPU).
+    """
+    import onnxruntime as ort
+
+    if level not in OPT_LEVELS:
+        raise ValueError(f"level must be one of {list(OPT_LEVELS)}, got {level!r}")
+    if not hasattr(ort.GraphOptimizationLevel, OPT_LEVELS[level]):
+        raise ValueError(f"this onnxruntime {ort.__version__} has no optimisation level {level!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
+    options.log_severity_level = 3  # errors only
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
+    """Outputs of ``session`` on ``x`` (first output, as a float tensor)."""
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
+
+
+def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing)."""
+    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
+    return median_ms(lambda: session.run(None, feed), repeats, warmup)
+
+
+def optimized_graph(path: str | os.PathLike, level: str, out: str | os.PathLike, threads: int = 1) -> GraphSummary:
+    """Summary of the graph ONNX Runtime runs for ``path`` at optimisation ``level`` (saved to ``out``)."""
+    ort_session(path, threads=threads, level=level, optimized_path=out)
+    return graph_summary(out)
+
+
+def parity(
+    model: nn.Module, session: Any, inputs: Iterable[torch.Tensor], atol: float = 1e-5, rtol: float = 1e-4
+) -> dict[int, float]:
+    """Check ONNX Runtime against PyTorch on each batch; return ``{batch size: max |error|}``.
+
+    Every batch must satisfy ``torch.testing.assert_close(ort, torch, atol, rtol)``, i.e.
+    ``|y_ort - y_torch| <= atol + rtol |y_torch|`` elementwise, else ``AssertionError``.
+    Different batch sizes exercise the dynamic batch axis.
+    """
+    errors: dict[int, float] = {}
+    model.eval()
+    for x in inputs:
+        with torch.no_grad():
+            expected = model(x)
+        got = ort_predict(session, x)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, msg=lambda m: f"batch {len(x)}: {m}")
+        errors[len(x)] = max(errors.get(len(x), 0.0), (got - expected).abs().max().item())
+    if not errors:
+        raise ValueError("parity needs at least one input batch")
+    return errors
+
+
+def latency_sweep(
+    model: nn.Module, session: Any, pool: torch.Tensor, batch_sizes: Sequence[int],
+    budget: int = 2000, rounds: int = 3, progress: bool = True,
+) -> list[dict[str, float]]:
+    """Median latency of PyTorch eager and ONNX Runtime on batches of ``pool`` ``(N, ...)``.
+
+    Returns one row per batch size: ``batch``, ``eager_ms``, ``ort_ms``, ``speedup``
+    (eager / ORT). The two engines are timed alternately in ``rounds`` rounds, so that a burst
+    of load on a shared machine hits both; each round warms up and repeats
+    ``max(4, budget // (rounds (B + 9)))`` calls, so small batches get many repeats and large
+    ones few. Each engine's latency is the median over all its rounds' medians.
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive, got {batch_sizes!r}")
+    if max(batch_sizes) > len(pool):
+        raise ValueError(f"the pool has {len(pool)} inputs, fewer than the largest batch {max(batch_sizes)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    rows = []
+    for b in tqdm(batch_sizes, desc="latency sweep", disable=not progress):
+        x, repeats = pool[:b].contiguous(), max(4, budget // (rounds * (b + 9)))
+        eager, onnx_rt = [], []
+        for _ in range(rounds):
+            eager.append(latency_ms(model, x, repeats=repeats, warmup=2))
+            onnx_rt.append(ort_latency_ms(session, x, repeats=repeats, warmup=2))
+        e, o = float(np.median(eager)), float(np.median(onnx_rt))
+        rows.append({"batch": b, "eager_ms": e, "ort_ms": o, "speedup": e / o})
+    return rows
+
+
+def fit_latency(batch: Sequence[float], ms: Sequence[float]) -> tuple[float, float]:
+    """Fit ``t(B) = alpha + beta B`` to measured times; returns ``(alpha, beta)`` in ms and ms per input.
+
+    ``alpha`` is the fixed cost of one call (dispatch, per-operator overhead), ``beta`` the
+    cost of one more input (arithmetic and memory traffic). Least squares on *relative*
+    residuals (weights ``1 / t``), so the small batches, which pin ``alpha``, count as much as
+    the large ones, which pin ``beta``.
+    """
+    b, t = np.asarray(batch, dtype=float), np.asarray(ms, dtype=float)
+    if b.shape != t.shape or b.ndim != 1 or len(b) < 2 or len(np.unique(b)) < 2:
+        raise ValueError("need two equal-length 1-D sequences with at least two distinct batch sizes")
+    if (t <= 0).any():
+        raise ValueError("times must be positive")
+    beta, alpha = np.polyfit(b, t, 1, w=1.0 / t)
+    return float(alpha), float(beta)
+
+
+def available_providers(wanted: Sequence[str] = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                 "CPUExecutionProvider")) -> list[str]:
+    """The execution providers of ``wanted`` that this ``onnxruntime`` build offers, in ``wanted``'s order.
+
+    The CPU build (``pip install onnxruntime``) has only the CPU provider;
+    ``onnxruntime-gpu`` adds CUDA and TensorRT (which also need the CUDA and TensorRT libraries).
+    """
+    import onnxruntime as ort
+
+    if isinstance(wanted, str):
+        raise TypeError("wanted must be a sequence of provider names, not one string")
+    present = set(ort.get_available_providers())
+    return [p for p in wanted if p in present]
+
+
+# --- TensorRT ---------------------------------------------------------------------------------
+
+REMOVED_TRT_APIS: dict[str, str] = {
+    "max_workspace_size": "config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)",
+    "build_engine": "builder.build_serialized_network(network, config) -> serialized plan",
+    "build_cuda_engine": "builder.build_serialized_network(network, config) -> serialized plan",
+    "EXPLICIT_BATCH": "builder.create_network(0): networks are always explicit-batch",
+    "max_batch_size": "an optimisation profile (profile.set_shape) for the batch axis",
+    "execute_async_v2": "context.set_tensor_address(name, ptr) + context.execute_async_v3(stream)",
+    "get_binding_shape": "engine.get_tensor_shape(name) / context.get_tensor_shape(name)",
+    "set_binding_shape": "context.set_input_shape(name, shape)",
+    "binding_is_input": "engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT",
+    "num_bindings": "engine.num_io_tensors and engine.get_tensor_name(i)",
+}
+"""TensorRT 8 names that TensorRT 10 removed (``EXPLICIT_BATCH``: deprecated, ignored) -> what replaces them."""
+
+
+def removed_trt_apis(source: str) -> dict[str, str]:
+    """The names of :data:`REMOVED_TRT_APIS` used in ``source`` (Python code), with their replacements.
+
+    Matches whole identifiers only (``build_engine`` does not match ``build_engine_cache``).
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a string of code, got {type(source).__name__}")
+    return {name: fix for name, fix in REMOVED_TRT_APIS.items() if re.search(rf"\b{name}\b", source)}
+
+
+def build_trt_engine(
+    onnx_path: str | os.PathLike, *, fp16: bool = True, int8: bool = False, workspace_bytes: int = 1 << 30,
+    batch: tuple[int, int, int] = (1, 64, 256),
+) -> bytes:
+    """Build a serialized TensorRT engine (a "plan") for an ONNX file with a dynamic batch axis.
+
+    TensorRT 10 API: ``create_network(0)`` (explicit batch is the only mode), the ONNX parser's
+    errors checked, ``set_memory_pool_limit(WORKSPACE, workspace_bytes)``, the ``FP16`` /
+    ``INT8`` builder flags, an optimisation profile with ``batch = (min, opt, max)`` for axis 0
+    of the input, and ``build_serialized_network``. ``int8`` only pays off on a model with
+    Q/DQ nodes (explicit quantization); TensorRT 10 deprecates calibrators and TensorRT 11
+    removes the precision flags (export a float16 model and pass ``fp16=False`` there).
+    """
+    if not isinstance(workspace_bytes, int) or workspace_bytes < 1 << 20:
+        raise ValueError(f"workspace_bytes must be an int >= 1 MiB, got {workspace_bytes!r}")
+    if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise ValueError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch!r}")
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"no ONNX file at {onnx_path}")
+    if not hardware.has_tensorrt():
+        raise RuntimeError(hardware.explain_missing("requires-tensorrt"))
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    for wanted, flag in ((fp16, "FP16"), (int8, "INT8")):
+        if wanted:
+            if not hasattr(trt.BuilderFlag, flag):
+                raise RuntimeError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in 11): "
+                                   "export the model in the precision you want and build with the flag off")
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+    tensor = network.get_input(0)
+    profile = builder.create_optimization_profile()
+    sample = tuple(tensor.shape)[1:]  # fixed axes after the batch
+    profile.set_shape(tensor.name, (batch[0], *sample), (batch[1], *sample), (batch[2], *sample))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the log above)")
+    return bytes(plan)
+
+
+class TensorRTRunner:
+    """Run a serialized TensorRT engine on torch CUDA tensors (TensorRT 10 named-tensor API).
+
+    One input and one output; the input shape is set per call (``set_input_shape``), buffers
+    are torch tensors on the GPU (``set_tensor_address``), and ``execute_async_v3`` runs on
+    torch's current CUDA stream. ``runner(x)`` returns the output on the GPU as float32.
+    """
+
+    def __init__(self, plan: bytes) -> None:
+        if not hardware.has_tensorrt() or hardware.gpu_count() < 1:
+            raise RuntimeError(hardware.explain_missing("requires-tensorrt"))
+        import tensorrt as trt
+
+        self._trt = trt
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise RuntimeError("TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"TensorRTRunner handles one input and one output, got {inputs} and {outputs}")
+        self.input, self.output = inputs[0], outputs[0]
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return torch.from_numpy(np.empty(0, dtype=self._trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ...)`` -> the engine's output ``(B, ...)`` on the GPU, float32."""
+        x = x.to("cuda", self._dtype(self.input)).contiguous()
+        if not self.context.set_input_shape(self.input, tuple(x.shape)):
+            raise ValueError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile")
+        y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda", dtype=self._dtype(self.output))
+        self.context.set_tensor_address(self.input, x.data_ptr())
+        self.context.set_tensor_address(self.output, y.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return y.float()
