@@ -1,0 +1,445 @@
+"""Data parallelism: gradient averaging, sharded sampling, DDP workers and a communication-cost model.
+
+Data parallelism keeps a full copy of the model on each of ``p`` workers (ranks). Each rank
+computes gradients on its own shard of the global batch; an *all-reduce* averages them, so
+every replica takes the same optimiser step. This module has:
+
+- the theory in one process: :func:`shard`, :func:`replica_gradients` (average of per-shard
+  gradients) against :func:`batch_gradients`, :func:`shard_indices` (what
+  ``DistributedSampler`` does) and :func:`ring_allreduce` (the algorithm, simulated);
+- real DDP with ``torch.distributed``: :func:`init_distributed`, the spawn worker
+  :func:`train_worker` and its launcher :func:`spawn_ddp`, the single-process reference
+  :func:`train_reference`, and :func:`main`, a ``torchrun`` entry point that times all-reduce
+  (``python -m torch.distributed.run --standalone --nproc_per_node=2 -m dlarch_lib.parallel``);
+- the alpha-beta cost model: :func:`allreduce_seconds`, :func:`fit_alpha_beta`,
+  :func:`scaling_efficiency`.
+
+Workers run in child processes, so they live here (children cannot unpickle notebook code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+JSON_MARKER = "ALLREDUCE_JSON "
+"""Prefix of the line :func:`main` prints on rank 0 (parsed by :func:`run_torchrun`)."""
+
+
+# --------------------------------------------------------------------------- theory, one process
+
+
+def _check_world_size(world_size: int) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+
+
+def shard(x: torch.Tensor, world_size: int) -> tuple[torch.Tensor, ...]:
+    """Split a batch ``(B, ...)`` into ``world_size`` equal shards ``(B/p, ...)`` along dim 0."""
+    _check_world_size(world_size)
+    if x.ndim == 0 or x.shape[0] % world_size != 0:
+        raise ValueError(f"batch of shape {tuple(x.shape)} does not split into {world_size} equal shards")
+    return torch.chunk(x, world_size, dim=0)
+
+
+def batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the mean loss over the whole batch, one tensor per parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss_fn(model(x), y), params))
+
+
+def replica_gradients(
+    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, world_size: int
+) -> list[torch.Tensor]:
+    """What data parallelism computes, in one process: per-shard gradients, then their average.
+
+    Each of the ``world_size`` "replicas" sees ``B/p`` examples; averaging their gradients is
+    the all-reduce. For a mean loss this equals :func:`batch_gradients` (chapter 18, theorem 1).
+    """
+    per_replica = [batch_gradients(model, loss_fn, xs, ys) for xs, ys in zip(shard(x, world_size), shard(y, world_size))]
+    return [torch.stack(grads).mean(dim=0) for grads in zip(*per_replica)]  # average over replicas
+
+
+def shard_indices(
+    n: int, world_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False
+) -> list[list[int]]:
+    """The dataset indices each rank reads in one epoch, exactly as ``DistributedSampler`` does.
+
+    Shuffle with a generator seeded ``seed + epoch`` (the same permutation on every rank, new
+    each epoch: that is what ``set_epoch`` is for), pad by wrapping around to a multiple of
+    ``world_size`` (or drop the tail when ``drop_last``), then deal the indices out like cards:
+    rank ``r`` takes positions ``r, r + p, r + 2p, ...``.
+    """
+    _check_world_size(world_size)
+    if n < 1:
+        raise ValueError(f"the dataset must not be empty, got n={n}")
+    if drop_last and n < world_size:
+        raise ValueError(f"drop_last with n={n} < world_size={world_size} leaves no samples")
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(n))
+    per_rank = n // world_size if drop_last else math.ceil(n / world_size)
+    total = per_rank * world_size
+    order = (order * math.ceil(total / n))[:total]  # pad by wrapping around, or cut the tail
+    return [order[rank:total:world_size] for rank in range(world_size)]
+
+
+def ring_allreduce(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Sum ``p`` equal-shaped tensors with the ring algorithm, simulated; return results and traffic.
+
+    The flattened vector is cut into ``p`` segments. *Reduce-scatter*: in ``p - 1`` steps each
+    rank sends one segment to its right neighbour, which adds it to its own; afterwards rank
+    ``r`` holds the full sum of segment ``(r + 1) % p``. *All-gather*: ``p - 1`` more steps pass
+    the finished segments round the ring. Returns every rank's result and the number of elements
+    each rank sent: ``2 (p - 1) / p`` times the tensor size when ``p`` divides it.
+    """
+    p = len(tensors)
+    _check_world_size(p)
+    shape = tensors[0].shape
+    if any(t.shape != shape for t in tensors):
+        raise ValueError(f"all tensors must have the same shape, got {[tuple(t.shape) for t in tensors]}")
+    segs = [list(torch.tensor_split(t.detach().flatten().clone(), p)) for t in tensors]  # segs[rank][segment]
+    sent = [0] * p
+    for step in range(p - 1):  # reduce-scatter
+        outgoing = [(r, (r - step) % p, segs[r][(r - step) % p].clone()) for r in range(p)]
+        for r, s, payload in outgoing:  # all sends of a step happen at once
+            segs[(r + 1) % p][s] += payload
+            sent[r] += payload.numel()
+    for step in range(p - 1):  # all-gather: pass the finished segments on
+        outgoing = [(r, (r + 1 - step) % p, segs[r][(r + 1 - step) % p].clone()) for r in range(p)]
+        for r, s, payload in outgoing:
+            segs[(r + 1) % p][s] = payload
+            sent[r] += payload.numel()
+    return [torch.cat(segs[r]).reshape(shape) for r in range(p)], sent
+
+
+# --------------------------------------------------------------------------- the cost model
+
+
+def ring_allreduce_bytes(nbytes: float, world_size: int) -> float:
+    """Bytes each rank sends (and receives) in a ring all-reduce of ``nbytes``: ``2 (p-1)/p * nbytes``."""
+    _check_world_size(world_size)
+    return 2.0 * (world_size - 1) / world_size * nbytes
+
+
+def allreduce_seconds(nbytes: float, world_size: int, latency_s: float, bandwidth: float) -> float:
+    """Alpha-beta time of a ring all-reduce: ``2 (p-1)`` latencies plus the ring bytes over the bandwidth.
+
+    ``latency_s`` (alpha) is the fixed cost of one ring step in seconds; ``bandwidth`` (1/beta)
+    is in bytes per second per rank.
+    """
+    if latency_s < 0 or bandwidth <= 0:
+        raise ValueError(f"need latency_s >= 0 and bandwidth > 0, got {latency_s}, {bandwidth}")
+    return 2 * (world_size - 1) * latency_s + ring_allreduce_bytes(nbytes, world_size) / bandwidth
+
+
+def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float], world_size: int) -> tuple[float, float]:
+    """``(latency_s, bandwidth)`` of :func:`allreduce_seconds` from measured all-reduce times.
+
+    The model is a straight line in the message size ``M``: intercept ``2 (p-1) alpha``, slope
+    ``2 (p-1) / (p * bandwidth)``. We draw it through the smallest and the largest message: the
+    smallest is all latency, the largest mostly bandwidth. (A least-squares line is pulled about
+    by the middle sizes, where real transports switch protocols and the model fits worst.)
+    """
+    if world_size < 2:
+        raise ValueError("fitting needs world_size >= 2 (one rank communicates nothing)")
+    sizes, times = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
+    if sizes.shape != times.shape or sizes.size < 2 or np.unique(sizes).size < 2:
+        raise ValueError("need at least two distinct sizes, with one time per size")
+    if (times <= 0).any():
+        raise ValueError("measured times must be positive")
+    small, large = int(np.argmin(sizes)), int(np.argmax(sizes))
+    slope = (times[large] - times[small]) / (sizes[large] - sizes[small])  # seconds per byte
+    if slope <= 0:
+        raise ValueError(f"time does not grow with size (slope {slope:.3g} s/byte): measurement too noisy")
+    intercept = max(float(times[small] - slope * sizes[small]), 0.0)
+    return intercept / (2 * (world_size - 1)), 2 * (world_size - 1) / (world_size * float(slope))
+
+
+def compute_seconds(n_params: float, samples: float, flops_per_second: float) -> float:
+    """Rule-of-thumb time of one training step of a dense net: ``6 * params * samples / FLOP/s``.
+
+    Forward costs about 2 FLOPs per parameter per sample (a multiply and an add), backward twice that.
+    """
+    if n_params <= 0 or samples <= 0 or flops_per_second <= 0:
+        raise ValueError(f"need positive n_params, samples, flops_per_second; got {n_params}, {samples}, {flops_per_second}")
+    return 6.0 * n_params * samples / flops_per_second
+
+
+def scaling_efficiency(compute_s: float, comm_s: float, overlap: float = 0.0) -> float:
+    """Fraction of ideal speed-up with a fixed per-rank batch (weak scaling): ``t_compute / t_step``.
+
+    ``t_step = t_compute + max(0, t_comm - overlap * t_compute)``: a fraction ``overlap`` of the
+    compute (DDP overlaps the all-reduce with the backward pass) can hide communication.
+    """
+    if compute_s <= 0 or comm_s < 0 or not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"need compute_s > 0, comm_s >= 0, 0 <= overlap <= 1; got {compute_s}, {comm_s}, {overlap}")
+    return compute_s / (compute_s + max(0.0, comm_s - overlap * compute_s))
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the OS picks it when we bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "gloo", rank: int | None = None, world_size: int | None = None,
+                     port: int | None = None) -> torch.device:
+    """Join the process group and return this rank's device (``cuda:local_rank`` for NCCL, else CPU).
+
+    With ``rank``/``world_size``/``port`` given (``mp.spawn``), rendezvous at ``127.0.0.1:port``.
+    Without them (``torchrun``), read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` from the environment: this is where the seed's undefined ``local_rank`` comes from.
+    """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if rank is None:
+        local_rank = int(os.environ["LOCAL_RANK"])  # set by torchrun for each process on a node
+        dist.init_process_group(backend, init_method="env://")
+    else:
+        if world_size is None or port is None:
+            raise ValueError("with an explicit rank, give world_size and port too")
+        local_rank = rank  # one machine: local rank == global rank
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def make_mlp(hidden: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64,
+             in_features: int = 64, classes: int = 10) -> nn.Sequential:
+    """A small MLP ``(N, 1, 8, 8) -> (N, classes)``, initialised from ``seed`` (same on every rank)."""
+    if hidden < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden}")
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)).to(dtype)
+
+
+@dataclass(frozen=True)
+class DDPJob:
+    """One data-parallel training run: model, schedule and communication settings.
+
+    ``batch_size`` is the *global* batch; each of the ``p`` ranks reads ``batch_size / p``.
+    """
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    hidden: int = 64
+    seed: int = 0
+    dtype: torch.dtype = torch.float64
+    backend: str = "gloo"
+    bucket_cap_mb: float = 25.0
+    threads: int = 1
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Examples per rank and step; the global batch must split evenly."""
+        _check_world_size(world_size)
+        if self.batch_size % world_size:
+            raise ValueError(f"global batch {self.batch_size} does not split evenly over {world_size} ranks")
+        return self.batch_size // world_size
+
+
+def _recording_allreduce_hook(bucket_numels, bucket):  # no annotations: DDP checks them, and ours are strings
+    """DDP's default communication, written out: divide the bucket by p, all-reduce (sum) it, async.
+
+    ``bucket`` is a ``dist.GradBucket`` (its gradients flattened into one buffer); the hook returns a
+    ``torch.futures.Future`` of the reduced buffer, so backward can go on while it is in flight.
+    """
+    bucket_numels.append(bucket.buffer().numel())  # record the bucket's size, then do what DDP does
+    grads = bucket.buffer().div_(dist.get_world_size())
+    return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def train_worker(rank: int, world_size: int, port: int, job: DDPJob, x: torch.Tensor, y: torch.Tensor,
+                 out_path: str) -> None:
+    """One DDP rank (the target of ``mp.spawn``): train ``make_mlp`` with SGD on its shards.
+
+    The seed's sketch, corrected: the rank and device come from the launcher, the sampler is a
+    ``DistributedSampler`` (disjoint shards) with ``set_epoch`` each epoch, and the loss is computed
+    from the model's output. Rank 0 saves the final weights and what was measured to ``out_path``.
+    """
+    torch.set_num_threads(job.threads)
+    device = init_distributed(job.backend, rank, world_size, port)
+    try:
+        model = make_mlp(job.hidden, job.seed, job.dtype).to(device)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  bucket_cap_mb=job.bucket_cap_mb)
+        bucket_numels: list[int] = []
+        ddp.register_comm_hook(bucket_numels, _recording_allreduce_hook)
+        dataset = TensorDataset(x.to(job.dtype), y)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=job.seed)
+        loader = DataLoader(dataset, batch_size=job.per_rank_batch(world_size), sampler=sampler)
+        opt = torch.optim.SGD(ddp.parameters(), lr=job.lr, momentum=job.momentum)
+        step_seconds, epoch0 = [], list(iter(sampler))
+        for epoch in range(job.epochs):
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+            for xb, yb in loader:
+                start = time.perf_counter()
+                bucket_numels.clear()
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(ddp(xb.to(device)), yb.to(device)).backward()  # all-reduce runs inside backward
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_seconds.append(time.perf_counter() - start)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        replicas = [torch.empty_like(flat) for _ in range(world_size)]
+        dist.all_gather(replicas, flat)  # every rank's weights, to check that they agree
+        shards: list[list[int] | None] = [None] * world_size
+        dist.all_gather_object(shards, epoch0)
+        if rank == 0:
+            torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "replica_max_diff": max(float((r - flat).abs().max()) for r in replicas),
+                        "bucket_numels": list(bucket_numels), "step_seconds": step_seconds,
+                        "epoch0_indices": shards}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ddp(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, start_method: str = "spawn") -> dict:
+    """Run :func:`train_worker` in ``world_size`` fresh processes and return rank 0's results.
+
+    ``start_method="spawn"`` (what ``mp.spawn`` does) starts clean interpreters, safe with CUDA;
+    ``"fork"`` (Linux, CPU only: never after CUDA is initialised) copies this process and skips
+    the seconds of re-importing torch, which the tests use.
+
+    Keys: ``state_dict``, ``replica_max_diff``, ``bucket_numels`` (sizes of the gradient buckets
+    of the last step, in elements), ``step_seconds``, ``epoch0_indices`` (each rank's shard).
+    """
+    job.per_rank_batch(world_size)  # fail early on a bad batch size
+    if start_method not in ("spawn", "fork", "forkserver"):
+        raise ValueError(f"start_method must be 'spawn', 'fork' or 'forkserver', got {start_method!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y disagree on the number of examples: {x.shape[0]} vs {y.shape[0]}")
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = str(Path(tmp) / "rank0.pt")
+        mp.start_processes(train_worker, args=(world_size, free_port(), job, x, y, out_path), nprocs=world_size,
+                           join=True, start_method=start_method)
+        return torch.load(out_path, weights_only=True)
+
+
+def train_reference(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2,
+                    progress: bool = False) -> nn.Module:
+    """One process, no DDP: SGD on the same *global* batches the ``world_size`` ranks would see.
+
+    Step ``k`` of an epoch uses the union of every rank's ``k``-th mini-batch (from
+    :func:`shard_indices`), with the mean loss over it.
+    """
+    from tqdm import tqdm
+
+    b = job.per_rank_batch(world_size)
+    model = make_mlp(job.hidden, job.seed, job.dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum)
+    x = x.to(job.dtype)
+    for epoch in tqdm(range(job.epochs), desc="single-process reference", disable=not progress):
+        shards = shard_indices(len(x), world_size, shuffle=True, seed=job.seed, epoch=epoch)
+        for start in range(0, len(shards[0]), b):
+            idx = torch.tensor([i for s in shards for i in s[start:start + b]])  # the global batch
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model
+
+
+def time_allreduce(numels: Sequence[int], repeats: int = 10, warmup: int = 2,
+                   device: torch.device | str = "cpu", stat: str = "min") -> list[float]:
+    """Seconds of ``dist.all_reduce`` on float32 tensors of each size (call inside a process group).
+
+    ``stat="min"`` (the default) keeps the fastest repeat: the cost of the collective itself, as
+    the cost model needs it. On a shared machine every slower repeat waited for other processes.
+    ``stat="median"`` gives the typical time instead.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if stat not in ("min", "median"):
+        raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")
+    device = torch.device(device)
+    for _ in range(5 * warmup):  # warm the connection up once (the first collectives pay set-up costs)
+        dist.all_reduce(torch.ones(1, device=device))
+    results = []
+    for n in numels:
+        t = torch.ones(int(n), device=device)
+        times = []
+        for i in range(warmup + repeats):
+            dist.barrier()  # start together, so we time the collective, not waiting for a late rank
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        results.append(min(times) if stat == "min" else statistics.median(times))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``torchrun`` entry point: time all-reduce (fastest of ``--repeats``) for several sizes; rank 0 prints JSON.
+
+    ``python -m torch.distributed.run --standalone --nproc_per_node=2 -m dlarch_lib.parallel --backend gloo``
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    parser.add_argument("--numels", default="1024,16384,131072,524288,2097152",
+                        help="comma-separated tensor sizes (float32 elements)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = init_distributed(args.backend)  # rank, world size, local rank: from torchrun's environment
+    try:
+        numels = [int(n) for n in args.numels.split(",")]
+        seconds = time_allreduce(numels, repeats=args.repeats, device=device)
+        if dist.get_rank() == 0:
+            print(JSON_MARKER + json.dumps({"backend": args.backend, "world_size": dist.get_world_size(),
+                                            "nbytes": [4 * n for n in numels], "seconds": seconds}), flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def torchrun_command(nproc: int, args: Sequence[str] = ()) -> list[str]:
+    """The command line that launches :func:`main` on ``nproc`` local processes with torchrun."""
+    _check_world_size(nproc)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "dlarch_lib.parallel", *args]
+
+
+def run_torchrun(nproc: int = 2, args: Sequence[str] = (), timeout: float = 120.0) -> dict:
+    """Run :func:`torchrun_command` as a subprocess and return the JSON that rank 0 printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(torchrun_command(nproc, args), capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(JSON_MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len(JSON_MARKER):])
+
+
+if __name__ == "__main__":
+    main()

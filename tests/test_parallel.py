@@ -1,0 +1,217 @@
+"""Tests for dlarch_lib.parallel: gradient averaging, sharding, ring all-reduce, cost model, DDP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from dlarch_lib import parallel
+from dlarch_lib.modular import count_parameters
+
+
+def _data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_shard_shapes_and_errors():
+    x = torch.arange(12).reshape(6, 2)
+    parts = parallel.shard(x, 3)
+    assert len(parts) == 3 and all(p.shape == (2, 2) for p in parts)
+    torch.testing.assert_close(torch.cat(parts), x)
+    with pytest.raises(ValueError, match="equal shards"):
+        parallel.shard(x, 4)
+    with pytest.raises(ValueError, match="world_size"):
+        parallel.shard(x, 0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_replica_gradients_equal_batch_gradients(world_size):
+    x, y = _data()
+    model = parallel.make_mlp(hidden=16, seed=0)
+    for a, b in zip(parallel.replica_gradients(model, F.cross_entropy, x, y, world_size),
+                    parallel.batch_gradients(model, F.cross_entropy, x, y)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_plain_average_of_unequal_shards_is_wrong():
+    x, y = _data()
+    model = parallel.make_mlp(hidden=16, seed=0)
+    full = parallel.batch_gradients(model, F.cross_entropy, x, y)
+    a = parallel.batch_gradients(model, F.cross_entropy, x[:48], y[:48])
+    b = parallel.batch_gradients(model, F.cross_entropy, x[48:], y[48:])
+    assert max(float((0.5 * (ga + gb) - g).abs().max()) for ga, gb, g in zip(a, b, full)) > 1e-4
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_shard_indices_match_distributed_sampler(drop_last):
+    for n in range(1, 12):
+        for p in range(1, 5):
+            if drop_last and n < p:
+                continue
+            for epoch in range(2):
+                for shuffle in (True, False):
+                    ours = parallel.shard_indices(n, p, shuffle=shuffle, seed=3, epoch=epoch, drop_last=drop_last)
+                    for rank in range(p):
+                        sampler = DistributedSampler(range(n), num_replicas=p, rank=rank, shuffle=shuffle,
+                                                     seed=3, drop_last=drop_last)
+                        sampler.set_epoch(epoch)
+                        assert list(sampler) == ours[rank]
+
+
+def test_shard_indices_known_case_and_errors():
+    assert parallel.shard_indices(5, 2, shuffle=False) == [[0, 2, 4], [1, 3, 0]]  # padded with index 0
+    assert parallel.shard_indices(5, 2, shuffle=False, drop_last=True) == [[0, 2], [1, 3]]
+    assert parallel.shard_indices(100, 2, epoch=0) != parallel.shard_indices(100, 2, epoch=1)
+    with pytest.raises(ValueError, match="empty"):
+        parallel.shard_indices(0, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        parallel.shard_indices(10, 0)
+    with pytest.raises(ValueError, match="drop_last"):
+        parallel.shard_indices(2, 3, drop_last=True)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 5, 8])
+def test_ring_allreduce_sums_and_counts_traffic(p):
+    tensors = [torch.randn(4, 10, dtype=torch.float64) for _ in range(p)]
+    results, sent = parallel.ring_allreduce(tensors)
+    for r in results:
+        assert r.shape == (4, 10)
+        torch.testing.assert_close(r, torch.stack(tensors).sum(0))
+    if 40 % p == 0:
+        assert sent == [2 * (p - 1) * 40 // p] * p
+    assert all(s <= 2 * 40 for s in sent)
+    assert tensors[0].shape == (4, 10)  # inputs untouched in shape
+
+
+def test_ring_allreduce_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        parallel.ring_allreduce([torch.zeros(3), torch.zeros(4)])
+    with pytest.raises(ValueError, match="world_size"):
+        parallel.ring_allreduce([])
+
+
+def test_cost_model_known_values():
+    assert parallel.ring_allreduce_bytes(100.0, 1) == 0.0
+    assert parallel.ring_allreduce_bytes(100.0, 2) == 100.0
+    assert parallel.ring_allreduce_bytes(100.0, 4) == 150.0
+    # p=4: 6 latencies of 1 ms, 1.5 MB at 1 MB/s
+    assert parallel.allreduce_seconds(1e6, 4, 1e-3, 1e6) == pytest.approx(6e-3 + 1.5)
+    assert parallel.compute_seconds(1e6, 10, 6e9) == pytest.approx(0.01)
+    assert parallel.scaling_efficiency(1.0, 1.0) == 0.5
+    assert parallel.scaling_efficiency(1.0, 0.5, overlap=1.0) == 1.0
+    assert parallel.scaling_efficiency(1.0, 1.5, overlap=1.0) == pytest.approx(1 / 1.5)
+    with pytest.raises(ValueError):
+        parallel.allreduce_seconds(1.0, 2, -1.0, 1.0)
+    with pytest.raises(ValueError):
+        parallel.compute_seconds(0, 1, 1)
+    with pytest.raises(ValueError):
+        parallel.scaling_efficiency(1.0, 1.0, overlap=2.0)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_fit_alpha_beta_recovers_synthetic_constants(p):
+    sizes = [1e3, 1e4, 1e5, 1e6, 1e7]
+    times = [parallel.allreduce_seconds(m, p, 50e-6, 2e9) for m in sizes]
+    latency, bandwidth = parallel.fit_alpha_beta(sizes, times, p)
+    assert latency == pytest.approx(50e-6, rel=1e-6)
+    assert bandwidth == pytest.approx(2e9, rel=1e-6)
+
+
+def test_fit_alpha_beta_errors():
+    with pytest.raises(ValueError, match="world_size"):
+        parallel.fit_alpha_beta([1, 2], [1, 2], 1)
+    with pytest.raises(ValueError, match="two distinct"):
+        parallel.fit_alpha_beta([1, 1], [1, 2], 2)
+    with pytest.raises(ValueError, match="does not grow"):
+        parallel.fit_alpha_beta([1, 2, 3], [3, 2, 1], 2)
+
+
+def test_fit_alpha_beta_goes_through_the_end_points():
+    latency, bandwidth = parallel.fit_alpha_beta([10, 500, 1000], [2e-3, 9.0, 4e-3], 2)  # middle ignored
+    assert parallel.allreduce_seconds(10, 2, latency, bandwidth) == pytest.approx(2e-3)
+    assert parallel.allreduce_seconds(1000, 2, latency, bandwidth) == pytest.approx(4e-3)
+    with pytest.raises(ValueError, match="positive"):
+        parallel.fit_alpha_beta([1, 2], [0, 1], 2)
+
+
+def test_make_mlp_and_job_checks():
+    a, b = parallel.make_mlp(8, seed=5), parallel.make_mlp(8, seed=5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert a(torch.zeros(3, 1, 8, 8, dtype=torch.float64)).shape == (3, 10)
+    with pytest.raises(ValueError, match="hidden"):
+        parallel.make_mlp(0)
+    assert parallel.DDPJob(batch_size=64).per_rank_batch(4) == 16
+    with pytest.raises(ValueError, match="split evenly"):
+        parallel.DDPJob(batch_size=10).per_rank_batch(3)
+
+
+def test_free_port_and_init_errors():
+    port = parallel.free_port()
+    assert 0 < port < 65536
+    with pytest.raises(ValueError, match="backend"):
+        parallel.init_distributed("mpi", 0, 1, port)
+    with pytest.raises(ValueError, match="port"):
+        parallel.init_distributed("gloo", 0, 1, None)
+
+
+def test_ddp_two_ranks_match_single_process():
+    x, y = _data(n=101)  # odd: DistributedSampler pads
+    job = parallel.DDPJob(epochs=2, batch_size=16, lr=0.1, hidden=16, bucket_cap_mb=0.001)
+    reference = parallel.train_reference(job, x, y, world_size=2)  # also pays torch's lazy imports before forking
+    result = parallel.spawn_ddp(job, x, y, world_size=2, start_method="fork")
+    model = parallel.make_mlp(job.hidden, seed=1)
+    model.load_state_dict(result["state_dict"])
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert result["replica_max_diff"] == 0.0
+    assert result["epoch0_indices"] == parallel.shard_indices(101, 2, seed=job.seed)
+    assert sum(result["bucket_numels"]) == count_parameters(model) and len(result["bucket_numels"]) >= 2
+    assert len(result["step_seconds"]) == 2 * 7  # 51 examples per rank (one padded), 8 per step: 7 steps an epoch
+
+
+def test_spawn_ddp_errors():
+    x, y = _data(n=10)
+    with pytest.raises(ValueError, match="disagree"):
+        parallel.spawn_ddp(parallel.DDPJob(batch_size=4), x, y[:5])
+    with pytest.raises(ValueError, match="split evenly"):
+        parallel.spawn_ddp(parallel.DDPJob(batch_size=5), x, y)
+    with pytest.raises(ValueError, match="start_method"):
+        parallel.spawn_ddp(parallel.DDPJob(batch_size=4), x, y, start_method="thread")
+
+
+def test_main_in_process_world_of_one(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(parallel.free_port()))
+    parallel.main(["--numels", "16,64", "--repeats", "2"])
+    assert not dist.is_initialized()  # main cleans up its process group
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(parallel.JSON_MARKER)]
+    out = json.loads(lines[-1][len(parallel.JSON_MARKER):])
+    assert out["world_size"] == 1 and out["nbytes"] == [64, 256]
+    assert len(out["seconds"]) == 2 and all(t >= 0 for t in out["seconds"])
+
+
+def test_time_allreduce_rejects_bad_repeats():
+    with pytest.raises(ValueError, match="repeats"):
+        parallel.time_allreduce([8], repeats=0)
+    with pytest.raises(ValueError, match="stat"):
+        parallel.time_allreduce([8], stat="mean")
+
+
+def test_torchrun_command():
+    cmd = parallel.torchrun_command(2, ["--backend", "gloo"])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc_per_node=2" in cmd
+    assert cmd[-3:] == ["dlarch_lib.parallel", "--backend", "gloo"]
+    with pytest.raises(ValueError):
+        parallel.torchrun_command(0)
