@@ -1,0 +1,273 @@
+"""Chapter 27: the variational autoencoder (VAE), and what it is good for next to a GAN.
+
+- The two pieces of the ELBO: :func:`gaussian_kl` (``KL(N(mu, diag sigma^2) || N(0, I))`` in
+  closed form) and :func:`reparameterize` (``z = mu + sigma * eps``).
+- Two gradient estimators of ``d/d mu, d/d log sigma^2`` of ``E_q[f(z)]``:
+  :func:`pathwise_gradient` (reparameterisation) and :func:`score_function_gradient` (REINFORCE).
+- A small MLP :class:`VAE` for 8x8 digits in [0, 1] (Bernoulli/BCE decoder), :func:`elbo_terms`,
+  :func:`negative_elbo`, :func:`train_vae`, :func:`sample`, :func:`reconstruct`, :func:`interpolate`.
+- Uses: :func:`roc_auc` (anomaly detection scored by -ELBO) and :func:`augment_by_posterior`
+  (extra labelled images decoded from ``q(z|x)`` of the few labelled ones).
+
+Images are ``(N, 1, 8, 8)`` in [0, 1] as :mod:`dlarch_lib.data` gives them; all nats are per image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- the two ELBO pieces
+
+
+def _check_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> None:
+    if mu.shape != logvar.shape or mu.ndim != 2:
+        raise ValueError(f"expected mu and logvar of equal shape (B, z_dim), got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu, diag exp(logvar)) || N(0, I))`` per row, in nats: ``(B, z) -> (B,)``.
+
+    ``1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)``.
+    """
+    _check_gaussian(mu, logvar)
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """``z = mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (drawn if not given): ``(B, z) -> (B, z)``.
+
+    The randomness sits in ``eps``, so ``z`` is a differentiable function of ``mu`` and ``logvar``.
+    """
+    _check_gaussian(mu, logvar)
+    if eps is None:
+        eps = torch.randn_like(mu)
+    if eps.shape != mu.shape:
+        raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def pathwise_gradient(
+    f: Callable[[torch.Tensor], torch.Tensor], mu: torch.Tensor, logvar: torch.Tensor, n: int = 10_000, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterisation estimate of ``grad_{mu, logvar} E_{z ~ N(mu, exp(logvar))}[f(z)]``.
+
+    ``mu``, ``logvar`` are ``(z,)``; ``f`` maps ``(n, z) -> (n,)``. Returns two ``(z,)`` tensors.
+    """
+    if mu.ndim != 1 or mu.shape != logvar.shape or n < 1:
+        raise ValueError(f"expected mu, logvar of equal shape (z,) and n >= 1, got {tuple(mu.shape)}, {tuple(logvar.shape)}, n={n}")
+    mu, logvar = mu.detach().double().requires_grad_(), logvar.detach().double().requires_grad_()
+    eps = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = reparameterize(mu.expand(n, -1), logvar.expand(n, -1), eps)  # (n, z)
+    g_mu, g_logvar = torch.autograd.grad(f(z).mean(), (mu, logvar))
+    return g_mu, g_logvar
+
+
+@torch.no_grad()
+def score_function_gradient(
+    f: Callable[[torch.Tensor], torch.Tensor], mu: torch.Tensor, logvar: torch.Tensor, n: int = 10_000, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score-function (REINFORCE) estimate of the same gradient: ``E[f(z) grad log q(z)]``.
+
+    For a diagonal Gaussian ``d log q / d mu = (z - mu) / sigma^2`` and
+    ``d log q / d logvar = ((z - mu)^2 / sigma^2 - 1) / 2``. Needs no gradient of ``f``.
+    """
+    if mu.ndim != 1 or mu.shape != logvar.shape or n < 1:
+        raise ValueError(f"expected mu, logvar of equal shape (z,) and n >= 1, got {tuple(mu.shape)}, {tuple(logvar.shape)}, n={n}")
+    mu, logvar = mu.double(), logvar.double()
+    eps = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    sigma = torch.exp(0.5 * logvar)
+    fz = f(mu + sigma * eps)[:, None]  # (n, 1)
+    return (fz * eps / sigma).mean(0), (fz * (eps.pow(2) - 1) / 2).mean(0)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class VAE(nn.Module):
+    """An MLP VAE for ``(B, 1, 8, 8)`` images in [0, 1].
+
+    Encoder ``64 -> hidden -> (mu, logvar) in R^z_dim``; decoder ``z -> hidden -> 64`` pixel logits
+    (Bernoulli means ``sigmoid(logits)``). ``forward(x)`` returns ``(logits (B, 1, 8, 8), mu, logvar)``.
+    """
+
+    def __init__(self, z_dim: int = 8, hidden: int = 256, side: int = 8) -> None:
+        super().__init__()
+        if min(z_dim, hidden, side) < 1:
+            raise ValueError(f"z_dim, hidden and side must be >= 1, got {z_dim}, {hidden}, {side}")
+        self.z_dim, self.side = z_dim, side
+        pixels = side * side
+        self.encoder = nn.Sequential(nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
+        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, pixels))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1, side, side) -> mu (B, z), logvar (B, z)`` of ``q(z|x)``."""
+        if x.ndim != 4 or x.shape[1:] != (1, self.side, self.side):
+            raise ValueError(f"expected images of shape (B, 1, {self.side}, {self.side}), got {tuple(x.shape)}")
+        mu, logvar = self.encoder(rearrange(x, "b 1 h w -> b (h w)")).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z (B, z_dim) -> pixel logits (B, 1, side, side)``."""
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected z of shape (B, {self.z_dim}), got {tuple(z.shape)}")
+        return rearrange(self.decoder(z), "b (h w) -> b 1 h w", h=self.side)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(reparameterize(mu, logvar)), mu, logvar
+
+
+def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-sample estimate of the two ELBO terms per image: ``(reconstruction (B,), kl (B,))`` in nats.
+
+    ``reconstruction = -log p(x|z) = BCE(sigmoid(logits), x)`` summed over pixels, ``z ~ q(z|x)``;
+    ``-ELBO = reconstruction + kl``.
+    """
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError("images must be in [0, 1]")
+    logits, mu, logvar = model(x)
+    rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=(1, 2, 3))  # (B,)
+    return rec, gaussian_kl(mu, logvar)
+
+
+@torch.no_grad()
+def negative_elbo(model: VAE, images: torch.Tensor, n_samples: int = 1, seed: int = 0) -> torch.Tensor:
+    """``-ELBO`` per image ``(N,)`` in nats, averaged over ``n_samples`` draws of ``z`` (eval mode, seeded)."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    total = torch.zeros(len(images), dtype=torch.float64)
+    for _ in range(n_samples):
+        rec, kl = elbo_terms(model, images)
+        total += (rec + kl).double().cpu()
+    model.train(was_training)
+    return total / n_samples
+
+
+def train_vae(
+    model: VAE,
+    images: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[float]:
+    """Minimise the mean ``-ELBO`` on ``images (N, 1, 8, 8)`` with Adam; returns train ``-ELBO`` per epoch.
+
+    The model is moved to ``device`` and left in eval mode.
+    """
+    if images.ndim != 4 or float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError(f"expected images (N, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    data = images.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    for _ in tqdm(range(epochs), desc="VAE", disable=not progress, mininterval=2.0):
+        order = torch.randperm(len(data), generator=gen).to(device)
+        total = 0.0
+        for i in range(0, len(data), batch_size):
+            x = data[order[i : i + batch_size]]
+            rec, kl = elbo_terms(model, x)
+            loss = (rec + kl).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(x)
+        history.append(total / len(data))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def sample(model: VAE, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` images ``(n, 1, 8, 8)`` in [0, 1]: decoder means ``sigmoid(decode(z))``, ``z ~ N(0, I)``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    return torch.sigmoid(model.decode(z)).cpu()
+
+
+@torch.no_grad()
+def reconstruct(model: VAE, images: torch.Tensor) -> torch.Tensor:
+    """Decoder means at the posterior means: ``sigmoid(decode(mu(x)))``, ``(N, 1, 8, 8)`` in [0, 1]."""
+    mu, _ = model.encode(images)
+    return torch.sigmoid(model.decode(mu))
+
+
+@torch.no_grad()
+def interpolate(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """Decode ``(1 - t) mu(x_a) + t mu(x_b)`` for ``steps`` values of ``t`` in [0, 1]: ``(steps, 1, 8, 8)``."""
+    if x_a.shape != x_b.shape or x_a.ndim != 3:
+        raise ValueError(f"expected two single images (1, H, W) of equal shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    mu, _ = model.encode(torch.stack([x_a, x_b]))  # (2, z)
+    t = torch.linspace(0, 1, steps, device=mu.device)[:, None]  # (steps, 1)
+    return torch.sigmoid(model.decode((1 - t) * mu[0] + t * mu[1]))
+
+
+# ----------------------------------------------------------------------------- uses
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve for ``scores (N,)`` (higher = more anomalous) and ``labels (N,)`` in {0, 1}.
+
+    The Mann-Whitney form: the probability that a random positive scores above a random
+    negative, ties counting one half, computed from average ranks.
+    """
+    if scores.ndim != 1 or scores.shape != labels.shape:
+        raise ValueError(f"expected scores and labels of equal shape (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+    labels = labels.long()
+    if not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError("labels must be 0 or 1")
+    n_pos, n_neg = int(labels.sum()), int((1 - labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("need at least one positive and one negative example")
+    s = scores.double()
+    order = torch.argsort(s)
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+    uniq, inverse = torch.unique(s, return_inverse=True)  # average ranks over ties
+    mean_rank = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    mean_rank /= torch.bincount(inverse, minlength=len(uniq)).double()
+    rank_sum = mean_rank[inverse][labels == 1].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def augment_by_posterior(model: VAE, images: torch.Tensor, labels: torch.Tensor, copies: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each labelled image draw ``copies`` codes ``z ~ q(z|x)`` and decode them, keeping the label.
+
+    ``images (N, 1, 8, 8)``, ``labels (N,)`` -> ``(N * copies, 1, 8, 8)`` decoder means and
+    ``(N * copies,)`` labels. Assumes a small move in latent space keeps the class.
+    """
+    if len(images) != len(labels) or copies < 1:
+        raise ValueError(f"need as many labels as images and copies >= 1, got {len(images)}, {len(labels)}, {copies}")
+    torch.manual_seed(seed)
+    mu, logvar = model.encode(images)
+    mu, logvar = mu.repeat_interleave(copies, 0), logvar.repeat_interleave(copies, 0)  # (N*copies, z)
+    return torch.sigmoid(model.decode(reparameterize(mu, logvar))), labels.repeat_interleave(copies, 0)
+
+
+def nats_to_bits_per_pixel(nats: float, pixels: int = 64) -> float:
+    """Convert nats per image to bits per pixel: ``nats / (pixels ln 2)``."""
+    if pixels < 1:
+        raise ValueError(f"pixels must be >= 1, got {pixels}")
+    return nats / (pixels * math.log(2))
