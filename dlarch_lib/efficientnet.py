@@ -1,0 +1,256 @@
+"""Chapter 24: EfficientNet pieces for 8x8 digits, compound scaling, and transfer learning.
+
+- :class:`SqueezeExcite` re-weights channels with a gate in (0, 1) computed from the pooled map.
+- :class:`MBConv` is the inverted-residual block: expand 1x1, depthwise 3x3, SE, project 1x1,
+  identity shortcut when the shapes match.
+- :func:`conv_cost` gives the parameters and FLOPs of a standard or a depthwise-separable
+  convolution in closed form (checked against ``torch.utils.flop_counter`` in the tests).
+- :func:`compound_multipliers` and :func:`scaled_config` apply compound scaling
+  (depth ``alpha^phi``, width ``beta^phi``, resolution ``gamma^phi``) to a base
+  :class:`EffNetConfig`; :class:`TinyEfficientNet` builds it (the input is resized to the
+  config's resolution inside ``forward``).
+- :func:`few_shot_indices`, :func:`replace_head` and :func:`extract_features` are the three
+  small tools of the transfer-learning experiment; :func:`pareto_front` marks the
+  accuracy-cost front.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: ``x * sigmoid(W2 silu(W1 mean_hw(x)))`` channel by channel.
+
+    Squeeze: global average pool ``(N, C, H, W) -> (N, C)``. Excite: a bottleneck MLP
+    ``C -> reduced -> C`` with a sigmoid, giving one gate in (0, 1) per channel.
+    """
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        if channels < 1 or reduced < 1:
+            raise ValueError(f"need channels >= 1 and reduced >= 1, got {channels}, {reduced}")
+        self.reduce = nn.Linear(channels, reduced)
+        self.expand = nn.Linear(reduced, channels)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Channel gates ``(N, C)`` in (0, 1) for ``x`` of shape ``(N, C, H, W)``."""
+        if x.ndim != 4 or x.shape[1] != self.reduce.in_features:
+            raise ValueError(f"SqueezeExcite expects (N, {self.reduce.in_features}, H, W), got {tuple(x.shape)}")
+        squeezed = x.mean(dim=(2, 3))  # (N, C)
+        return torch.sigmoid(self.expand(F.silu(self.reduce(squeezed))))  # (N, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, C, H, W)``: each channel scaled by its gate."""
+        return x * self.gate(x)[:, :, None, None]
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck block (MobileNetV2 / EfficientNet), with SE.
+
+    ``(N, in, H, W)`` -> expand 1x1 to ``expand * in`` (skipped when ``expand == 1``) -> BN, SiLU
+    -> depthwise ``kernel x kernel`` with ``stride`` -> BN, SiLU -> SE -> project 1x1 to ``out`` -> BN
+    (no activation: a linear bottleneck) -> ``+ x`` when ``stride == 1`` and ``in == out``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expand: int = 4, stride: int = 1,
+                 kernel: int = 3, se_ratio: float = 0.25, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        if min(in_channels, out_channels, expand, stride) < 1:
+            raise ValueError(f"need in, out, expand, stride >= 1; got {in_channels}, {out_channels}, {expand}, {stride}")
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd int, got {kernel}")
+        if not 0.0 < se_ratio <= 1.0:
+            raise ValueError(f"se_ratio must be in (0, 1], got {se_ratio}")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+        hidden = in_channels * expand
+        bn = lambda c: nn.BatchNorm2d(c, momentum=bn_momentum)  # noqa: E731
+        self.expand_conv: nn.Module = nn.Identity() if expand == 1 else nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False), bn(hidden), nn.SiLU())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, kernel, stride, padding=kernel // 2, groups=hidden, bias=False),
+            bn(hidden), nn.SiLU())
+        self.se = SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)))  # reduced from the block input, as in EfficientNet
+        self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), bn(out_channels))
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.use_residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in, H, W) -> (N, out, H', W')`` with ``H' = ceil(H / stride)``."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"MBConv expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        out = self.project(self.se(self.depthwise(self.expand_conv(x))))
+        return out + x if self.use_residual else out
+
+
+def conv_cost(c_in: int, c_out: int, kernel: int, height: int, width: int, separable: bool = False) -> tuple[int, int]:
+    """(parameters, FLOPs) of a bias-free, stride-1, 'same'-padded ``kernel x kernel`` convolution.
+
+    Standard: ``k^2 C_in C_out`` weights and ``2 H W k^2 C_in C_out`` FLOPs (one multiply and one
+    add per weight per output pixel, the convention of ``torch.utils.flop_counter``).
+    Depthwise-separable (depthwise ``k x k`` then pointwise 1x1): ``k^2 C_in + C_in C_out``
+    weights and ``2 H W (k^2 C_in + C_in C_out)`` FLOPs.
+    """
+    if min(c_in, c_out, kernel, height, width) < 1:
+        raise ValueError(f"all sizes must be >= 1, got c_in={c_in}, c_out={c_out}, kernel={kernel}, "
+                         f"height={height}, width={width}")
+    params = kernel * kernel * c_in + c_in * c_out if separable else kernel * kernel * c_in * c_out
+    return params, 2 * height * width * params
+
+
+def compound_multipliers(phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15) -> tuple[float, float, float]:
+    """(depth, width, resolution) multipliers ``(alpha^phi, beta^phi, gamma^phi)``.
+
+    The defaults are EfficientNet's grid-searched values; ``alpha beta^2 gamma^2 = 1.92``, so each
+    unit of ``phi`` multiplies the FLOPs by about 2.
+    """
+    if min(alpha, beta, gamma) < 1.0:
+        raise ValueError(f"alpha, beta, gamma must be >= 1 (scaling up), got {alpha}, {beta}, {gamma}")
+    if phi < 0:
+        raise ValueError(f"phi must be >= 0, got {phi}")
+    return alpha**phi, beta**phi, gamma**phi
+
+
+@dataclass(frozen=True)
+class EffNetConfig:
+    """A :class:`TinyEfficientNet`: stem width, per-stage (width, depth, stride), input resolution."""
+
+    stem: int = 8
+    widths: tuple[int, ...] = (8, 12, 16)
+    depths: tuple[int, ...] = (1, 2, 2)
+    strides: tuple[int, ...] = (1, 2, 1)
+    resolution: int = 8
+    expand: int = 3
+    num_classes: int = 10
+    bn_momentum: float = 0.3  # runs of a few dozen steps: running statistics must keep up (PyTorch default 0.1)
+
+    def __post_init__(self) -> None:
+        if not (len(self.widths) == len(self.depths) == len(self.strides)) or not self.widths:
+            raise ValueError(f"widths, depths and strides need the same non-zero length, got "
+                             f"{self.widths}, {self.depths}, {self.strides}")
+        if min(self.widths + self.depths + self.strides) < 1 or min(self.stem, self.resolution, self.expand) < 1:
+            raise ValueError(f"every size must be >= 1, got {self}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+
+def _round_width(channels: float, divisor: int = 2) -> int:
+    """Round a channel count to the nearest multiple of ``divisor`` (never down by more than 10%)."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+def scaled_config(base: EffNetConfig, phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15) -> EffNetConfig:
+    """``base`` compound-scaled by ``phi``: depths ``ceil(d alpha^phi)``, widths ``~w beta^phi``
+    (multiples of 2), resolution ``round(r gamma^phi)``."""
+    d, w, r = compound_multipliers(phi, alpha, beta, gamma)
+    return replace(
+        base,
+        stem=_round_width(base.stem * w),
+        widths=tuple(_round_width(c * w) for c in base.widths),
+        depths=tuple(math.ceil(n * d - 1e-9) for n in base.depths),
+        resolution=int(round(base.resolution * r)),
+    )
+
+
+class TinyEfficientNet(nn.Module):
+    """An EfficientNet for small grey images: resize -> stem 3x3 -> stages of :class:`MBConv` -> pool -> linear.
+
+    The input ``(N, C, H, W)`` is resized (bilinear) to ``config.resolution`` squared, so a
+    higher-resolution member of a family sees an upsampled digit. Stage ``s`` has
+    ``depths[s]`` blocks of width ``widths[s]``; its first block has stride ``strides[s]``.
+    """
+
+    def __init__(self, config: EffNetConfig = EffNetConfig(), in_channels: int = 1) -> None:
+        super().__init__()
+        self.config = config
+        self.in_channels = in_channels
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, config.stem, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(config.stem, momentum=config.bn_momentum), nn.SiLU())
+        blocks, c = [], config.stem
+        for width, depth, stride in zip(config.widths, config.depths, config.strides):
+            for i in range(depth):
+                blocks.append(MBConv(c, width, expand=config.expand, stride=stride if i == 0 else 1,
+                                     bn_momentum=config.bn_momentum))
+                c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = c
+        self.head = nn.Linear(c, config.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, C, H, W) -> (N, num_features)``."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"TinyEfficientNet expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        r = self.config.resolution
+        if x.shape[-2:] != (r, r):
+            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)  # (N, C, r, r)
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))  # (N, num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.head(self.features(x))
+
+
+def few_shot_indices(labels: torch.Tensor | np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``per_class`` examples of every label in ``labels`` (seeded, without replacement)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        pool = np.flatnonzero(labels == label)
+        if len(pool) < per_class:
+            raise ValueError(f"label {label} has only {len(pool)} examples, fewer than per_class={per_class}")
+        chosen.append(rng.choice(pool, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` (with ``head`` and ``num_features``) a fresh linear head for ``num_classes``; returns it."""
+    if not hasattr(model, "head") or not hasattr(model, "num_features"):
+        raise TypeError(f"{type(model).__name__} has no 'head' and 'num_features' to replace")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    model.head = nn.Linear(model.num_features, num_classes)
+    return model
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``model.features(x)`` in eval mode without gradients: ``(N, C, H, W) -> (N, num_features)``.
+
+    Feature extraction (a frozen backbone) is then a linear classifier fitted on these rows.
+    """
+    if not hasattr(model, "features"):
+        raise TypeError(f"{type(model).__name__} has no 'features' method")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model.features(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def pareto_front(costs: list[float] | np.ndarray, scores: list[float] | np.ndarray) -> np.ndarray:
+    """Sorted indices of the Pareto-optimal points: no other point is at most as costly and strictly better,
+    or strictly cheaper and at least as good (lower cost and higher score are better)."""
+    costs, scores = np.asarray(costs, dtype=float), np.asarray(scores, dtype=float)
+    if costs.shape != scores.shape or costs.ndim != 1:
+        raise ValueError(f"costs and scores must be 1-D of the same length, got {costs.shape} and {scores.shape}")
+    keep = [i for i in range(len(costs))
+            if not np.any(((costs <= costs[i]) & (scores > scores[i])) | ((costs < costs[i]) & (scores >= scores[i])))]
+    return np.array(keep, dtype=int)
