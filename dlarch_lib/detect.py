@@ -1,0 +1,411 @@
+"""Object detection by hand (chapter 25): IoU, NMS, mAP, a YOLO-style detector and RoIAlign.
+
+Boxes are ``(x0, y0, x1, y1)`` in pixel edges (``x1, y1`` exclusive), as in
+:mod:`dlarch_lib.shapes`, whose generated images give the detection set
+(:func:`detection_set`). Class ids are ``1..num_classes``; 0 is background.
+
+- :func:`box_iou` pairwise intersection over union, :func:`nms` and :func:`batched_nms`;
+- :func:`average_precision` (all-point interpolated) and :func:`mean_average_precision`;
+- :func:`encode_grid` / :func:`decode_grid` YOLO grid targets, :class:`TinyYOLO`,
+  :func:`yolo_loss`, :func:`yolo_detect`;
+- :func:`bilinear_sample`, :func:`roi_align`, :func:`roi_pool` (the two-stage crop) and
+  :class:`RoIHead`, a small second-stage classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dlarch_lib.shapes import CLASSES, ShapesSet, make_shapes
+
+NUM_CLASSES = len(CLASSES)
+"""Foreground classes of the detection set (labels 1..3; 0 is background)."""
+
+
+def detection_set(n: int, size: int = 32, max_shapes: int = 3, seed: int = 0) -> ShapesSet:
+    """``n`` seeded images with 1..``max_shapes`` shapes each, boxes and labels (see :func:`make_shapes`).
+
+    Radii 3..7 px on 32 x 32 images (objects 6..14 px wide); radii scale with ``size``.
+    """
+    scale = size / 32
+    return make_shapes(n, size=size, max_shapes=max_shapes, seed=seed, radius=(3.0 * scale, 7.0 * scale))
+
+
+def _check_boxes(boxes: torch.Tensor, name: str = "boxes") -> None:
+    if not isinstance(boxes, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape (K, 4) as (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas ``(K,)`` of boxes ``(K, 4)``; a box with ``x1 < x0`` or ``y1 < y0`` has area 0."""
+    _check_boxes(boxes)
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU ``(N, M)`` of boxes ``a`` ``(N, 4)`` and ``b`` ``(M, 4)``: ``|A ∩ B| / |A ∪ B|``."""
+    _check_boxes(a, "a")
+    _check_boxes(b, "b")
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # (N, M), 0 when disjoint
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return inter / union.clamp(min=1e-12)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5, sort: bool = True) -> torch.Tensor:
+    """Greedy non-maximum suppression: indices of the kept boxes, highest score first.
+
+    Take the best remaining box, drop every box overlapping it with IoU > ``iou_threshold``,
+    repeat. ``sort=False`` visits boxes in the given order instead (a bug, kept to show why
+    the sort matters).
+    """
+    _check_boxes(boxes)
+    if scores.shape != (boxes.shape[0],):
+        raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    order = scores.argsort(descending=True, stable=True) if sort else torch.arange(len(scores))
+    iou = box_iou(boxes, boxes)  # (K, K)
+    suppressed = torch.zeros(len(scores), dtype=torch.bool)
+    keep = []
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i] > iou_threshold
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+    """NMS run separately per class: boxes of different ``labels`` never suppress each other."""
+    _check_boxes(boxes)
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must match")
+    keep = [torch.nonzero(labels == c).flatten()[nms(boxes[labels == c], scores[labels == c], iou_threshold)] for c in labels.unique()]
+    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+    return keep[scores[keep].argsort(descending=True, stable=True)]
+
+
+def precision_recall(tp: torch.Tensor, scores: torch.Tensor, num_gt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall and precision ``(K + 1,)`` after each of the ``K`` detections ranked by ``scores`` (rank 0: R = 0, P = 1)."""
+    if tp.shape != scores.shape or tp.ndim != 1:
+        raise ValueError(f"tp and scores must be 1-D and of equal shape, got {tuple(tp.shape)} and {tuple(scores.shape)}")
+    if num_gt < 1:
+        raise ValueError(f"num_gt must be >= 1, got {num_gt}")
+    hits = tp[scores.argsort(descending=True, stable=True)].double().cumsum(0)  # TP_k
+    recall = torch.cat([torch.zeros(1, dtype=torch.float64), hits / num_gt])
+    precision = torch.cat([torch.ones(1, dtype=torch.float64), hits / torch.arange(1, len(hits) + 1)])
+    return recall, precision
+
+
+def average_precision(tp: torch.Tensor, scores: torch.Tensor, num_gt: int, interpolate: bool = True) -> float:
+    """AP of detections ranked by ``scores`` with true-positive flags ``tp`` against ``num_gt`` objects.
+
+    All-point interpolation (PASCAL VOC 2010+): the precision envelope
+    ``p̂(r) = max_{r' >= r} p(r')`` integrated over recall. ``interpolate=False`` gives the
+    plain sum ``Σ (R_k - R_{k-1}) P_k`` (what ``sklearn.metrics.average_precision_score`` computes).
+    """
+    recall, precision = precision_recall(tp, scores, num_gt)
+    if interpolate:  # envelope: running maximum from the right
+        precision = precision.flip(0).cummax(0).values.flip(0)
+    return float(((recall[1:] - recall[:-1]) * precision[1:]).sum())
+
+
+def match_detections(
+    boxes: torch.Tensor, scores: torch.Tensor, gt_boxes: torch.Tensor, iou_threshold: float = 0.5
+) -> torch.Tensor:
+    """True-positive flags ``(K,)`` for one image and one class (VOC rule).
+
+    In score order each detection takes the ground-truth box it overlaps most; it is a true
+    positive if that IoU is >= ``iou_threshold`` and the box is not taken yet, else a false positive.
+    """
+    tp = torch.zeros(len(scores), dtype=torch.bool)
+    if len(gt_boxes) == 0 or len(boxes) == 0:
+        return tp
+    iou = box_iou(boxes, gt_boxes)  # (K, G)
+    taken = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    for i in scores.argsort(descending=True, stable=True).tolist():
+        best, j = iou[i].max(0)
+        if best >= iou_threshold and not taken[j]:
+            tp[i], taken[j] = True, True
+    return tp
+
+
+def mean_average_precision(
+    pred_boxes: list[torch.Tensor],
+    pred_scores: list[torch.Tensor],
+    pred_labels: list[torch.Tensor],
+    gt_boxes: list[torch.Tensor],
+    gt_labels: list[torch.Tensor],
+    iou_threshold: float = 0.5,
+) -> dict[str, float | dict[int, float]]:
+    """mAP@``iou_threshold`` over a data set: ``{"map": mean, "ap": {class: AP}}``.
+
+    Every argument is a list with one tensor per image. Detections of each class are pooled
+    over all images, ranked by score, and matched per image (:func:`match_detections`).
+    Classes without ground truth are left out of the mean.
+    """
+    lengths = {len(pred_boxes), len(pred_scores), len(pred_labels), len(gt_boxes), len(gt_labels)}
+    if len(lengths) != 1:
+        raise ValueError(f"all lists need one entry per image, got lengths {sorted(lengths)}")
+    ap = {}
+    for c in sorted(torch.cat(gt_labels).unique().tolist()):
+        flags, scores, num_gt = [], [], 0
+        for b, s, l, gb, gl in zip(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels):
+            flags.append(match_detections(b[l == c], s[l == c], gb[gl == c], iou_threshold))
+            scores.append(s[l == c])
+            num_gt += int((gl == c).sum())
+        ap[c] = average_precision(torch.cat(flags), torch.cat(scores), num_gt)
+    return {"map": sum(ap.values()) / max(len(ap), 1), "ap": ap}
+
+
+# ----------------------------------------------------------------------------- one stage: YOLO
+
+
+def encode_grid(boxes: torch.Tensor, labels: torch.Tensor, size: int, grid: int, anchor: float) -> torch.Tensor:
+    """YOLO targets ``(6, S, S)`` for one image: objectness, cell offsets ox, oy, log(w/a), log(h/a), class.
+
+    The cell containing a box centre is responsible for it (one object per cell: when two
+    centres share a cell, the larger box wins). ``class`` is ``label - 1`` (0-based).
+    """
+    _check_boxes(boxes)
+    if size % grid:
+        raise ValueError(f"image size {size} must be divisible by the grid {grid}")
+    cell = size / grid
+    target = torch.zeros(6, grid, grid)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2 / cell  # (K, 2) in cell units
+    wh = boxes[:, 2:] - boxes[:, :2]  # (K, 2) in pixels
+    for k in (wh.prod(1)).argsort().tolist():  # small to large: larger boxes overwrite
+        col, row = centre[k].floor().long().clamp(0, grid - 1).tolist()
+        target[:, row, col] = torch.cat([
+            torch.ones(1), centre[k] - torch.tensor([col, row]), torch.log(wh[k] / anchor), (labels[k] - 1).float().view(1)
+        ])
+    return target
+
+
+def decode_grid(obj: torch.Tensor, offsets: torch.Tensor, log_wh: torch.Tensor, size: int, anchor: float) -> torch.Tensor:
+    """Boxes ``(N, S, S, 4)`` from cell offsets ``(N, 2, S, S)`` in [0, 1] and ``log(w/a)`` ``(N, 2, S, S)``.
+
+    ``obj`` ``(N, S, S)`` is only checked for shape; every cell gets a box.
+    """
+    n, _, grid, _ = offsets.shape
+    if obj.shape != (n, grid, grid) or log_wh.shape != offsets.shape:
+        raise ValueError(f"obj {tuple(obj.shape)}, offsets {tuple(offsets.shape)}, log_wh {tuple(log_wh.shape)} disagree")
+    cell = size / grid
+    cols = torch.arange(grid, dtype=offsets.dtype).view(1, 1, grid)
+    rows = torch.arange(grid, dtype=offsets.dtype).view(1, grid, 1)
+    cx, cy = (cols + offsets[:, 0]) * cell, (rows + offsets[:, 1]) * cell  # (N, S, S)
+    w, h = anchor * log_wh[:, 0].exp(), anchor * log_wh[:, 1].exp()
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class TinyYOLO(nn.Module):
+    """A one-stage detector: a stride-4 conv backbone and a 1x1 head with ``5 + C`` maps per cell.
+
+    Output ``(N, 5 + C, S, S)``: objectness logit, offset logits (x, y), log(w/a), log(h/a), class logits.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16, size: int = 32, anchor: float = 8.0):
+        super().__init__()
+        if size % 4:
+            raise ValueError(f"size must be divisible by 4 (stride of the backbone), got {size}")
+        self.size, self.grid, self.anchor, self.num_classes = size, size // 4, anchor, num_classes
+        self.backbone = nn.Sequential(  # (N, C_in, H, W) -> (N, 4w, H/4, W/4)
+            _conv(in_channels, width, 2), _conv(width, 2 * width), _conv(2 * width, 2 * width, 2),
+            _conv(2 * width, 4 * width), _conv(4 * width, 4 * width),
+        )
+        self.head = nn.Conv2d(4 * width, 5 + num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw predictions ``(N, 5 + C, S, S)`` for images ``(N, C_in, size, size)``."""
+        if x.ndim != 4 or x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"expected images (N, C, {self.size}, {self.size}), got {tuple(x.shape)}")
+        return self.head(self.backbone(x))
+
+
+def yolo_loss(pred: torch.Tensor, target: torch.Tensor, coord_weight: float = 5.0) -> torch.Tensor:
+    """Objectness BCE over all cells + (box MSE x ``coord_weight`` + class CE) over object cells."""
+    if pred.shape[0] != target.shape[0] or pred.shape[-2:] != target.shape[-2:] or target.shape[1] != 6:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} disagree (target needs 6 maps)")
+    obj = target[:, 0] > 0.5  # (N, S, S)
+    loss = F.binary_cross_entropy_with_logits(pred[:, 0], target[:, 0], reduction="sum")
+    p, t = pred.permute(0, 2, 3, 1)[obj], target.permute(0, 2, 3, 1)[obj]  # (K, 5 + C), (K, 6)
+    box = F.mse_loss(p[:, 1:3].sigmoid(), t[:, 1:3], reduction="sum") + F.mse_loss(p[:, 3:5], t[:, 3:5], reduction="sum")
+    cls = F.cross_entropy(p[:, 5:], t[:, 5].long(), reduction="sum")
+    return (loss + coord_weight * box + cls) / pred.shape[0]
+
+
+@torch.no_grad()
+def yolo_detect(
+    model: TinyYOLO, images: torch.Tensor, score_threshold: float = 0.05, iou_threshold: float = 0.5, use_nms: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Boxes, scores (objectness x class probability) and labels (1..C) per image, after per-class NMS."""
+    model.eval()
+    pred = model(images)  # (N, 5 + C, S, S)
+    boxes = decode_grid(pred[:, 0], pred[:, 1:3].sigmoid(), pred[:, 3:5], model.size, model.anchor).flatten(1, 2)  # (N, S*S, 4)
+    cls_prob, cls = pred[:, 5:].softmax(1).max(1)  # (N, S, S)
+    scores = (pred[:, 0].sigmoid() * cls_prob).flatten(1)  # (N, S*S)
+    labels = (cls + 1).flatten(1)
+    out_b, out_s, out_l = [], [], []
+    for b, s, l in zip(boxes, scores, labels):
+        keep = s > score_threshold
+        b, s, l = b[keep].clamp(0, model.size), s[keep], l[keep]
+        if use_nms:
+            k = batched_nms(b, s, l, iou_threshold)
+            b, s, l = b[k], s[k], l[k]
+        out_b.append(b), out_s.append(s), out_l.append(l)
+    return out_b, out_s, out_l
+
+
+# ----------------------------------------------------------------------------- two stages: RoIAlign
+
+
+def _bilinear(features: torch.Tensor, batch: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples ``(*x.shape, C)`` of ``features`` ``(N, C, H, W)`` at image ``batch`` (broadcast with x, y)."""
+    _, _, h, w = features.shape
+    batch = batch.expand(x.shape)  # one image index per sample point
+    outside = (x < -0.5) | (x > w + 0.5) | (y < -0.5) | (y > h + 0.5)
+    u = (x - 0.5).clamp(0, w - 1)  # continuous column index: pixel centres sit at integers
+    v = (y - 0.5).clamp(0, h - 1)
+    j0, i0 = u.floor().long().clamp(max=max(w - 2, 0)), v.floor().long().clamp(max=max(h - 2, 0))
+    j1, i1 = (j0 + 1).clamp(max=w - 1), (i0 + 1).clamp(max=h - 1)
+    a, b = (u - j0)[..., None], (v - i0)[..., None]  # fractional parts in [0, 1]
+    f = lambda i, j: features[batch, :, i, j]  # noqa: E731  advanced indexing -> (*x.shape, C)
+    out = (1 - a) * (1 - b) * f(i0, j0) + a * (1 - b) * f(i0, j1) + (1 - a) * b * f(i1, j0) + a * b * f(i1, j1)
+    return out.masked_fill(outside[..., None], 0.0)
+
+
+def bilinear_sample(feature: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of ``feature`` ``(C, H, W)`` at continuous points ``x, y`` (any equal shape).
+
+    Coordinates are in pixel units with the centre of pixel ``(i, j)`` at ``(j + 0.5, i + 0.5)``.
+    Points more than half a pixel outside the map give 0; near the border the edge pixel is repeated.
+    Returns ``(C, *x.shape)``.
+    """
+    if feature.ndim != 3 or x.shape != y.shape:
+        raise ValueError(f"need feature (C, H, W) and x, y of equal shape, got {tuple(feature.shape)}, {tuple(x.shape)}, {tuple(y.shape)}")
+    return _bilinear(feature[None], torch.zeros((), dtype=torch.long), x, y).movedim(-1, 0)
+
+
+def _check_rois(features: torch.Tensor, rois: torch.Tensor) -> None:
+    if features.ndim != 4:
+        raise ValueError(f"features must be (N, C, H, W), got {tuple(features.shape)}")
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must be (K, 5) as (batch_index, x0, y0, x1, y1), got {tuple(rois.shape)}")
+
+
+def roi_align(
+    features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float = 1.0, sampling_ratio: int = 2
+) -> torch.Tensor:
+    """RoIAlign: features ``(K, C, P, P)`` for ``rois`` ``(K, 5)`` given in image pixels.
+
+    Each RoI is scaled by ``spatial_scale`` (no rounding), cut into ``P x P`` bins, and each
+    bin averages ``sampling_ratio²`` bilinear samples on a regular grid inside it.
+    """
+    _check_rois(features, rois)
+    if output_size < 1 or sampling_ratio < 1:
+        raise ValueError(f"output_size and sampling_ratio must be >= 1, got {output_size}, {sampling_ratio}")
+    if len(rois) > 4096:  # bound the memory of the sample tensors: K x C x (P s)^2 each
+        return torch.cat([roi_align(features, chunk, output_size, spatial_scale, sampling_ratio) for chunk in rois.split(4096)])
+    p, s = output_size, sampling_ratio
+    steps = (torch.arange(p * s, dtype=features.dtype) + 0.5) / (p * s)  # (Q,) with Q = P*s, fractions in (0, 1)
+    box = rois[:, 1:].to(features.dtype) * spatial_scale  # (K, 4) in feature-map pixels, not rounded
+    xs = box[:, 0:1] + (box[:, 2:3] - box[:, 0:1]) * steps  # (K, Q)
+    ys = box[:, 1:2] + (box[:, 3:4] - box[:, 1:2]) * steps
+    q = p * s
+    samples = _bilinear(features, rois[:, 0].long().view(-1, 1, 1), xs[:, None, :].expand(-1, q, -1), ys[:, :, None].expand(-1, -1, q))
+    return F.avg_pool2d(samples.permute(0, 3, 1, 2), s)  # (K, C, P, P): mean of s x s samples per bin
+
+
+def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float = 1.0) -> torch.Tensor:
+    """RoIPool (Fast R-CNN): the RoI is rounded to whole cells, cut into bins at integer edges, max-pooled."""
+    _check_rois(features, rois)
+    _, c, h, w = features.shape
+    out = features.new_zeros(len(rois), c, output_size, output_size)
+    for k, roi in enumerate(rois):
+        x0, y0, x1, y1 = (roi[1:] * spatial_scale).round().long().tolist()  # quantisation 1
+        x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
+        x1, y1 = min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
+        crop = features[int(roi[0]), :, y0:y1, x0:x1]
+        out[k] = F.adaptive_max_pool2d(crop, output_size)  # quantisation 2: integer bin edges
+    return out
+
+
+class RoIHead(nn.Module):
+    """Second stage: RoIAligned features ``(K, C, P, P)`` -> class logits ``(K, 1 + num_classes)`` (0 = background)."""
+
+    def __init__(self, channels: int, output_size: int = 4, num_classes: int = NUM_CLASSES, hidden: int = 128):
+        super().__init__()
+        self.output_size = output_size
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels * output_size**2, hidden), nn.ReLU(), nn.Linear(hidden, 1 + num_classes))
+
+    def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
+        """Class logits for pooled RoI features."""
+        return self.mlp(roi_features)
+
+
+def jitter_proposals(
+    boxes: list[torch.Tensor], labels: list[torch.Tensor], per_image: int, size: int, seed: int = 0,
+    iou_threshold: float = 0.5, jitter: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training RoIs for the second stage: jittered ground truth and random boxes, labelled by IoU.
+
+    Each image gets ``per_image`` ground-truth boxes moved by Gaussian noise of ``jitter`` times
+    their size, and ``per_image // 2`` uniformly random boxes. Returns ``rois`` ``(K, 5)`` (batch index, x0, y0, x1, y1) and targets ``(K,)``: the class of
+    the ground-truth box with IoU >= ``iou_threshold``, else 0 (background).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rois, targets = [], []
+    for i, (gt, gl) in enumerate(zip(boxes, labels)):
+        src = gt[torch.randint(len(gt), (per_image,), generator=g)]  # (P, 4)
+        wh = (src[:, 2:] - src[:, :2]).repeat(1, 2)
+        jittered = src + jitter * wh * torch.randn(per_image, 4, generator=g)
+        rand = torch.rand(per_image // 2, 4, generator=g) * size
+        rand = torch.cat([rand[:, :2].minimum(rand[:, 2:]), rand[:, :2].maximum(rand[:, 2:]) + 2], 1)
+        cand = torch.cat([jittered, rand]).clamp(0, size)
+        cand = cand[(cand[:, 2:] - cand[:, :2]).min(1).values >= 2]  # drop degenerate boxes
+        best, j = box_iou(cand, gt).max(1)
+        targets.append(torch.where(best >= iou_threshold, gl[j], 0))
+        rois.append(torch.cat([torch.full((len(cand), 1), float(i)), cand], 1))
+    return torch.cat(rois), torch.cat(targets)
+
+
+def draw_detections(ax, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None,
+                    gt_boxes: torch.Tensor | None = None) -> None:
+    """Draw ``image`` ``(C, H, W)`` with predicted boxes (solid, coloured by class) and ground truth (dashed gold)."""
+    import matplotlib.patches as patches
+
+    colours = ("tab:red", "tab:blue", "tab:green", "tab:orange")
+    ax.imshow(image.permute(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1)
+    for b in ([] if gt_boxes is None else gt_boxes.tolist()):
+        ax.add_patch(patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec="gold", ls="--", lw=1))
+    for k, (b, l) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        ax.add_patch(patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec=colours[(l - 1) % 4], lw=1.5))
+        text = CLASSES[l - 1][:3] + ("" if scores is None else f" {scores[k]:.2f}")
+        ax.text(b[0] - 0.5, b[1] - 1, text, color=colours[(l - 1) % 4], fontsize=6)
+    ax.set_axis_off()
+
+
+def iou_matrix_brute_force(a: list[tuple[float, float, float, float]], b: list[tuple[float, float, float, float]]) -> list[list[float]]:
+    """IoU by counting the unit cells of integer boxes (a slow reference for tests and exercises)."""
+    def cells(box):
+        x0, y0, x1, y1 = (int(v) for v in box)
+        return {(x, y) for x in range(x0, x1) for y in range(y0, y1)}
+    return [[len(cells(p) & cells(q)) / max(len(cells(p) | cells(q)), 1) for q in b] for p in a]
+
+
+__all__ = [
+    "CLASSES", "NUM_CLASSES", "detection_set", "box_area", "box_iou", "nms", "batched_nms", "precision_recall", "average_precision",
+    "match_detections", "mean_average_precision", "encode_grid", "decode_grid", "TinyYOLO", "yolo_loss",
+    "yolo_detect", "bilinear_sample", "roi_align", "roi_pool", "RoIHead", "jitter_proposals",
+    "draw_detections", "iou_matrix_brute_force",
+]
