@@ -64,7 +64,8 @@ vendor_mathjax() {
 build_book() {
   log "building the website (executes every notebook) -> _build/html"
   local start=$SECONDS
-  jupyter-book build . --all -W --keep-going
+  # one torch thread per notebook, as under nbval: the site shows the run the tests checked
+  DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
   echo "site build: $((SECONDS - start)) s"
 }
 
