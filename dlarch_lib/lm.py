@@ -9,14 +9,13 @@ mask; the decoder *is* chapter 6's :class:`~dlarch_lib.attention.GPT`. Character
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from dlarch_lib import rnn
 from dlarch_lib.attention import GPT, TransformerBlock
 from dlarch_lib.text import CharCorpus
 
@@ -182,40 +181,20 @@ def train_mlm(
     clip_grad_norm: float = 1.0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``model`` on the MLM objective with AdamW (the MLM twin of :func:`dlarch_lib.rnn.train_char_lm`).
+    """Train ``model`` on the MLM objective with AdamW: :func:`dlarch_lib.rnn.train_char_lm`'s loop with the MLM batch, loss and evaluation.
 
     Returns a dict with ``steps``, ``seconds`` (training time), and the lists ``step``,
     ``train_loss`` (mean since the last record) and ``val_loss`` (:func:`eval_mlm`), in nats per
     selected character.
     """
-    if steps < 1 or batch_size < 1 or context < 1 or eval_every < 1:
-        raise ValueError(f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    history: dict[str, Any] = {"steps": 0, "seconds": 0.0, "step": [], "train_loss": [], "val_loss": []}
-    running, seen, train_time = 0.0, 0, 0.0
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc="MLM", disable=not progress, mininterval=0.5):
-        start = time.perf_counter()
-        x, y = mlm_batch(corpus, "train", batch_size, context, gen)
-        loss = mlm_loss(model(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        opt.step()
-        running, seen = running + loss.item(), seen + 1
-        train_time += time.perf_counter() - start
-        if step % eval_every == 0 or step == steps:
-            history["step"].append(step)
-            history["train_loss"].append(running / seen)
-            history["val_loss"].append(eval_mlm(model, corpus, context=context, windows=eval_windows))
-            running, seen = 0.0, 0
-        history["steps"] = step
-    history["seconds"] = train_time
-    return history
+    return rnn.train_char_lm(
+        model, corpus, steps=steps, batch_size=batch_size, context=context, lr=lr, seed=seed,
+        eval_every=eval_every, eval_windows=eval_windows, clip_grad_norm=clip_grad_norm, progress=progress,
+        batch_fn=lambda split, b, t, gen: mlm_batch(corpus, split, b, t, gen),
+        loss_fn=lambda m, x, y: mlm_loss(m(x), y),
+        eval_fn=lambda m: eval_mlm(m, corpus, context=context, windows=eval_windows),
+        desc="MLM",
+    )
 
 
 # ----------------------------------------------------------------------------- sampling (GPT)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -287,8 +287,17 @@ def train_char_lm(
     eval_windows: int = 128,
     clip_grad_norm: float = 1.0,
     progress: bool = True,
+    batch_fn: Callable[[str, int, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    desc: str = "train",
 ) -> dict[str, Any]:
     """Train a next-character model with AdamW on random windows; stop after ``steps`` or ``max_seconds``.
+
+    The objective can be swapped (chapter 26 trains a masked LM with the same loop): ``batch_fn(split,
+    batch_size, context, generator) -> (x, y)`` draws a batch (default ``corpus.batch``), ``loss_fn(model,
+    x, y)`` scores it (default next-character cross-entropy) and ``eval_fn(model)`` is the validation
+    loss (default :func:`eval_nats` on ``eval_windows`` windows).
 
     Only training steps count against ``max_seconds`` (the periodic evaluations do not), so two
     models given the same budget get the same optimisation time. Every ``eval_every`` steps (and at
@@ -300,18 +309,21 @@ def train_char_lm(
         raise ValueError(f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    batch_fn = batch_fn or corpus.batch
+    loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(_logits(m, x).flatten(0, 1), y.flatten()))
+    eval_fn = eval_fn or (lambda m: eval_nats(m, corpus, context=context, max_windows=eval_windows))
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     history: dict[str, Any] = {"steps": 0, "seconds": 0.0, "step": [], "train_loss": [], "val_loss": []}
     running, seen, train_time = 0.0, 0, 0.0
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not progress, mininterval=0.5)
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=0.5)
     model.train()
     for step in bar:
         start = time.perf_counter()
-        x, y = corpus.batch("train", batch_size, context, gen)  # (B, T), (B, T)
+        x, y = batch_fn("train", batch_size, context, gen)  # (B, T), (B, T)
         x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(_logits(model, x).flatten(0, 1), y.flatten())
+        loss = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
@@ -323,7 +335,7 @@ def train_char_lm(
         train_time += time.perf_counter() - start
         out_of_time = max_seconds is not None and train_time >= max_seconds
         if step % eval_every == 0 or step == steps or out_of_time:
-            val = eval_nats(model, corpus, context=context, max_windows=eval_windows)
+            val = eval_fn(model)
             history["step"].append(step)
             history["train_loss"].append(running / seen)
             history["val_loss"].append(val)
