@@ -2,8 +2,11 @@
 # dlarch developer commands. Needs only Python 3.10+ (and npm for the offline MathJax copy).
 #   bash tools/dev.sh setup   create .venv, install pinned requirements + dlarch_lib, vendor MathJax
 #   bash tools/dev.sh book    setup, then execute every notebook and build the site into _build/html
+#   bash tools/dev.sh assign  setup, course assignments (student + autograder material) -> _assign/,
+#                             and the student edition of the website -> _student/_build/html
 #   bash tools/dev.sh test    setup, library tests + nbval over every notebook (timing table),
-#                             zero-warning site build, checks of the built site
+#                             assignments generated and graded three ways, zero-warning site build,
+#                             student edition, checks of both built sites
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -71,15 +74,30 @@ build_book() {
 
 run_tests() {
   log "library tests, notebook hygiene and nbval over every notebook (2 workers, 1 thread each)"
-  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -rs --ignore=tests/site tests book
+  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -rs \
+    --ignore=tests/site --ignore=tests/test_assignments.py tests book
+  log "course assignments: generate, then grade reference (full marks), stub (zero) and wrong answers"
+  local start=$SECONDS
+  python tools/assign.py generate
+  DLARCH_THREADS=1 DLARCH_ASSIGN_DIR="$ROOT/_assign" python -m pytest -n 2 -q -rs --durations=3 tests/test_assignments.py
+  echo "assignments generated and graded: $((SECONDS - start)) s"
   build_book
-  log "checks of the built site"
+  build_student_site
+  log "checks of the built sites"
   DLARCH_REQUIRE_SITE=1 python -m pytest -q -rs tests/site
+}
+
+build_student_site() {
+  log "building the student edition of the website (solutions hidden) -> _student/_build/html"
+  local start=$SECONDS
+  DLARCH_THREADS=${DLARCH_THREADS:-1} python tools/assign.py site
+  echo "student site build: $((SECONDS - start)) s"
 }
 
 case "${1:-}" in
   setup) setup ;;
   book) setup; build_book ;;
+  assign) setup; python tools/assign.py generate; build_student_site ;;
   test) setup; run_tests ;;
-  *) echo "usage: bash tools/dev.sh {setup|book|test}"; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh {setup|book|assign|test}"; exit 2 ;;
 esac

@@ -2,13 +2,24 @@
 
 - Removes duplicate inline scripts: with Jupyter Book 1, sphinx-thebe registers its config
   script twice, and browsers then report "Identifier 'THEBE_JS_URL' has already been declared".
+- Shows the graded-assignment cells (otter-grader markup, tools/assign.py) per edition: the book
+  drops the ``# BEGIN/END SOLUTION`` marker lines; the student edition (``dlarch_edition =
+  "student"``, set by ``tools/assign.py generate --site``) shows otter's stub instead of the solution,
+  without its outputs.
 - Adds the book's stylesheet, which labels every cell whose output was recorded on a GPU
   machine (cells tagged requires-cuda / requires-2-gpus / requires-tensorrt).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from docutils import nodes
+
+MARKER_LINE = re.compile(r"^\s*#\s*(BEGIN|END) SOLUTION( NO PROMPT)?\s*$")
+SOLUTION_SUFFIX = re.compile(r"\s*#\s*SOLUTION\s*$")
+HAS_SOLUTION = re.compile(r"#\s*BEGIN SOLUTION|#\s*SOLUTION\s*$", re.M)
 
 
 def _dedupe_scripts(app, pagename, templatename, context, doctree):
@@ -25,7 +36,39 @@ def _dedupe_scripts(app, pagename, templatename, context, doctree):
     scripts[:] = unique  # in place: later handlers (MathJax) append to this same list
 
 
+def without_markers(code: str) -> str:
+    """The reference solution as the book shows it: otter's marker comments removed."""
+    lines = [SOLUTION_SUFFIX.sub("", line) for line in code.splitlines() if not MARKER_LINE.match(line)]
+    return "\n".join(lines)
+
+
+def student_stub(code: str) -> str:
+    """What the student's notebook holds for this cell: otter-grader's own stub."""
+    from otter.assign.solutions import replace_solutions  # the function otter assign applies
+
+    return "\n".join(replace_solutions(code.splitlines(), "python"))
+
+
+def _assignment_cells(app, doctree):
+    student = app.config.dlarch_edition == "student"
+    for cell in list(doctree.findall(nodes.container)):
+        if cell.get("nb_element") != "cell_code":
+            continue
+        for block in cell.findall(nodes.literal_block):
+            code = block.astext()
+            if not HAS_SOLUTION.search(code):
+                continue
+            new = student_stub(code) if student else without_markers(code)
+            block.children = [nodes.Text(new)]
+            block.rawsource = new
+            if student:
+                for out in [c for c in cell.children if c.get("nb_element") == "cell_code_output"]:
+                    cell.remove(out)
+
+
 def setup(app):
+    app.add_config_value("dlarch_edition", "book", "env", [str])
+    app.connect("doctree-read", _assignment_cells)
     app.connect("builder-inited", lambda app: app.config.html_static_path.append(str(Path(__file__).parent / "static")))
     app.add_css_file("dlarch.css")
     app.connect("html-page-context", _dedupe_scripts, priority=100)  # early: emit_firstresult stops at the first handler that returns
