@@ -183,6 +183,27 @@ def resolve(chapter: str) -> Path:
 # --------------------------------------------------------------------------- generating
 
 
+ROLE = re.compile(r"\{([a-z:]+)\}`([^`]*)`")
+
+
+def plain_markdown(text: str) -> str:
+    """Markdown without the book's Sphinx roles, which a notebook cannot resolve.
+
+    ``{term}`Stride <stride>``` -> Stride; ``{eq}`eq-x``` / ``{prf:ref}`def-x``` / ``{ref}`sec-x``` ->
+    the label, marked as the chapter's; ``{footcite}`` -> removed."""
+
+    def sub(m: re.Match) -> str:
+        role, body = m.group(1), m.group(2)
+        shown = re.sub(r"\s*<[^>]*>$", "", body)
+        if role == "footcite":
+            return ""
+        if role in ("eq", "prf:ref", "ref", "numref", "doc"):
+            return f"`{shown}` (in the chapter)" if shown == body else shown
+        return shown  # term, math-like and unknown roles: their text
+
+    return re.sub(r" +([.,;:])", r"\1", ROLE.sub(sub, text))
+
+
 def master_notebook(chapter: Path) -> nbformat.NotebookNode:
     """The otter master notebook of a chapter: title, assignment config, setup cells, questions."""
     nb = nbformat.read(chapter, as_version=4)
@@ -213,6 +234,8 @@ def master_notebook(chapter: Path) -> nbformat.NotebookNode:
         raise ValueError(f"{chapter.name}: tag the cells the assignment needs (imports, data) {SETUP_TAG!r}")
     for c in setup + [c for q in questions for c in q.cells]:
         c = copy.deepcopy(c)
+        if c.cell_type == "markdown":
+            c.source = plain_markdown(c.source)
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None
             tags = [t for t in c.metadata.get("tags", []) if t not in (SETUP_TAG, "remove-input")]
