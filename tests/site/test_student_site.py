@@ -1,8 +1,9 @@
 """Checks of the two editions' assignment cells (built by `jupyter-book build` and `tools/assign.py site`).
 
 The book shows each graded assignment's reference solution without otter's marker comments; the
-student edition (_student/_build/html) shows otter's stub instead, hides every exercise solution,
-and neither edition shows a hidden test.
+student edition (_student/_build/html) shows, in its place, exactly the stub of the students'
+notebook (otter's own replacement), hides every exercise solution, and neither edition shows a
+hidden test.
 """
 
 from __future__ import annotations
@@ -28,46 +29,52 @@ if not (STUDENT_HTML.parent / "index.html").exists() or not (BOOK_HTML.parent / 
 CHAPTERS = assign.chapters_with_assignments()
 
 
-def code_on_page(path) -> tuple[str, str]:
-    """(text of every code cell's input, whole page HTML)."""
+sys.path.insert(0, str(ROOT / "tools" / "sphinxext"))
+from dlarch_site import student_stub, without_markers  # noqa: E402
+
+
+def normal(code: str) -> str:
+    return "\n".join(line.rstrip() for line in code.strip().splitlines())
+
+
+def page(path) -> tuple[list[str], str]:
+    """(normalised text of every code cell's input, whole page HTML)."""
     html = path.read_text()
-    soup = BeautifulSoup(html, "html.parser")
-    return "\n".join(div.get_text() for div in soup.select("div.cell_input")), html
+    cells = [normal(div.get_text()) for div in BeautifulSoup(html, "html.parser").select("div.cell_input")]
+    return cells, html
 
 
-def solution_lines(question: assign.Question) -> list[str]:
-    """Lines strictly inside # BEGIN/END SOLUTION of a question (long enough to be distinctive)."""
-    inside, out = False, []
-    for line in question.solution_source.splitlines():
-        s = line.strip()
-        if s.endswith("# END SOLUTION"):
-            inside = False
-        elif inside and len(s) > 15 and not s.startswith("#"):
-            out.append(s)
-        if s.endswith("# BEGIN SOLUTION"):
-            inside = True
+def solution_cells(chapter) -> list[tuple[str, str]]:
+    """(question name, source) of every solution code cell of a chapter's assignment."""
+    out = []
+    for q in assign.read_questions(chapter):
+        inside = False
+        for cell in q.cells:
+            marker = assign._marker(cell)
+            if marker and marker[1] == "SOLUTION":
+                inside = marker[0] == "BEGIN"
+            elif inside and cell.cell_type == "code":
+                out.append((q.name, cell.source))
     return out
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_book_shows_solutions_without_markers(chapter):
-    code, html = code_on_page(BOOK_HTML / f"{chapter.stem}.html")
+    cells, html = page(BOOK_HTML / f"{chapter.stem}.html")
     assert "BEGIN SOLUTION" not in html and "END SOLUTION" not in html
     assert "BEGIN TEST CONFIG" not in html, "a hidden test is visible on the website"
-    for q in assign.read_questions(chapter):
-        for line in solution_lines(q):
-            assert line in code, f"{q.name}: reference line missing from the book: {line}"
+    for name, source in solution_cells(chapter):
+        assert normal(without_markers(source)) in cells, f"{name}: the reference solution is not on the page"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_student_edition_hides_solutions(chapter):
-    code, html = code_on_page(STUDENT_HTML / f"{chapter.stem}.html")
+    cells, html = page(STUDENT_HTML / f"{chapter.stem}.html")
     assert "BEGIN SOLUTION" not in html and "BEGIN TEST CONFIG" not in html
     assert "Solution to" not in html, "exercise solutions are hidden in the student edition"
-    assert "..." in code
-    for q in assign.read_questions(chapter):
-        for line in solution_lines(q):
-            assert line not in code, f"{q.name}: solution line shown in the student edition: {line}"
+    for name, source in solution_cells(chapter):
+        assert normal(student_stub(source)) in cells, f"{name}: the student edition does not show the stub"
+        assert normal(without_markers(source)) not in cells, f"{name}: the student edition shows the solution"
 
 
 def test_student_edition_is_labelled():
