@@ -67,6 +67,10 @@ vendor_mathjax() {
 build_book() {
   log "building the website (executes every notebook) -> _build/html"
   local start=$SECONDS
+  # The notebooks execute into the jupyter-cache _build/.jupyter_cache, which the student edition
+  # reuses. The cache keys on the notebooks' code only, so start it afresh (a changed dlarch_lib
+  # must show on the page) unless DLARCH_KEEP_CACHE=1.
+  [ "${DLARCH_KEEP_CACHE:-0}" = 1 ] || rm -rf _build/.jupyter_cache
   # one torch thread per notebook, as under nbval: the site shows the run the tests checked
   DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
   echo "site build: $((SECONDS - start)) s"
