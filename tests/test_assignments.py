@@ -1,11 +1,13 @@
 """The course assignments (tools/assign.py, otter-grader): markup, generation and three-way grading.
 
 For every chapter's assignment: the reference solution scores full marks, the unmodified student
-stub scores zero, and each plausible wrong answer in tests/assignment_mutants/NN.yml loses points.
+stub scores zero, and each plausible wrong answer in tests/assignment_mutants/NN.yml loses points;
+and the grade command writes the score table.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -141,3 +143,20 @@ def test_markup_errors_are_reported(tmp_path):
         nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
         with pytest.raises(ValueError):
             assign.read_questions(path)
+
+
+def test_grade_command_writes_the_score_table(generated, tmp_path):
+    """`tools/assign.py grade DIR --csv F`: one row per submission, scores as graded."""
+    chapter = CHAPTERS[-1]
+    subs = tmp_path / "submissions"
+    for who, kind in (("alice", "autograder"), ("bob", "student")):
+        (subs / who).mkdir(parents=True)
+        (subs / who / chapter.name).write_bytes((generated / chapter.stem / kind / chapter.name).read_bytes())
+    table = tmp_path / "scores.csv"
+    assign.main(["grade", str(subs), "--csv", str(table), "--assign", str(generated.root), "--jobs", "2"])
+    rows = {Path(r["submission"]).parent.name: r for r in csv.DictReader(table.open())}
+    full = sum(q.points for q in assign.read_questions(chapter))
+    assert set(rows) == {"alice", "bob"}
+    assert rows["alice"]["assignment"] == chapter.stem and float(rows["alice"]["score"]) == full
+    assert float(rows["alice"]["percent"]) == 100.0 and float(rows["bob"]["score"]) == 0.0
+    assert rows["alice"]["error"] == "" and rows["bob"]["error"] == ""
