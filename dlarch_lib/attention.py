@@ -212,14 +212,21 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, T)`` with ``T <= context`` -> next-token logits ``(B, T, V)``."""
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` with ``T <= context`` -> token + position embeddings ``(B, T, d)``.
+
+        Also used by :class:`dlarch_lib.lm.Encoder`, which has the same ``tok``, ``pos``, ``drop``."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         T = idx.shape[1]
         if T > self.context:
             raise ValueError(f"sequence length {T} exceeds the context {self.context}")
-        x = self.drop(self.tok(idx) + self.pos.weight[:T])  # (B, T, d)
+        return self.drop(self.tok(idx) + self.pos.weight[:T])  # (B, T, d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` with ``T <= context`` -> next-token logits ``(B, T, V)``."""
+        x = self.embed_tokens(idx)  # (B, T, d)
+        T = idx.shape[1]
         mask = self.mask[:T, :T]
         for block in self.blocks:
             x = block(x, mask)

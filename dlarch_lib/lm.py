@@ -108,12 +108,7 @@ class Encoder(nn.Module):
         ``pad`` (optional, ``(B, T)`` bool, ``True`` = real token, e.g. from
         :func:`~dlarch_lib.attention.padding_mask`) hides padded keys from attention.
         """
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
-        T = idx.shape[1]
-        if T > self.context:
-            raise ValueError(f"sequence length {T} exceeds the context {self.context}")
-        x = self.drop(self.tok(idx) + self.pos.weight[:T])  # (B, T, d)
+        x = GPT.embed_tokens(self, idx)  # (B, T, d): same checks and embeddings as the GPT
         mask = None if pad is None else pad[:, None, :]  # (B, 1, T_k): no causal mask
         for block in self.blocks:
             x = block(x, mask)
