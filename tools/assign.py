@@ -71,8 +71,8 @@ class Question:
     cells: list = field(default_factory=list)  # nbformat cells, from BEGIN QUESTION to END QUESTION
 
     @property
-    def solution_source(self) -> str:
-        """The code of the question's solution cells (what a student writes)."""
+    def solution_cells(self) -> list[str]:
+        """The sources of the question's solution code cells (what a student writes)."""
         inside, out = False, []
         for cell in self.cells:
             marker = _marker(cell)
@@ -82,7 +82,12 @@ class Question:
                 inside = False
             elif inside and cell.cell_type == "code":
                 out.append(cell.source)
-        return "\n".join(out)
+        return out
+
+    @property
+    def solution_source(self) -> str:
+        """All of the question's solution code, one string."""
+        return "\n".join(self.solution_cells)
 
 
 def _marker(cell) -> tuple[str, str] | None:

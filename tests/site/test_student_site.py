@@ -46,16 +46,7 @@ def page(path) -> tuple[list[str], str]:
 
 def solution_cells(chapter) -> list[tuple[str, str]]:
     """(question name, source) of every solution code cell of a chapter's assignment."""
-    out = []
-    for q in assign.read_questions(chapter):
-        inside = False
-        for cell in q.cells:
-            marker = assign._marker(cell)
-            if marker and marker[1] == "SOLUTION":
-                inside = marker[0] == "BEGIN"
-            elif inside and cell.cell_type == "code":
-                out.append((q.name, cell.source))
-    return out
+    return [(q.name, source) for q in assign.read_questions(chapter) for source in q.solution_cells]
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
