@@ -81,3 +81,18 @@ def test_book_folder_has_no_stray_files():
     allowed = {".ipynb", ".md", ".bib", ".png", ".svg"}
     stray = [p.name for p in BOOK.rglob("*") if p.is_file() and p.suffix not in allowed and "__pycache__" not in p.parts]
     assert not stray, f"unexpected files in book/: {stray}"
+
+
+def test_failed_notebooks_only_reruns_notebooks() -> None:
+    """tools/dev.sh test runs a failed notebook once more, and never masks a failed library test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("failed_notebooks", ROOT / "tools" / "failed_notebooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    nodes = ["book/22_benchmarking.ipynb::Cell 2", "book/22_benchmarking.ipynb::Cell 9",
+             "book/07_cross_sparse_attention.ipynb::Cell 30"]
+    assert module.failed_notebooks(nodes) == ["book/07_cross_sparse_attention.ipynb", "book/22_benchmarking.ipynb"]
+    assert module.failed_notebooks([*nodes, "tests/test_bench.py::test_summarize"]) is None
+    assert module.failed_notebooks([]) is None

@@ -72,14 +72,27 @@ build_book() {
   # must show on the page) unless DLARCH_KEEP_CACHE=1.
   [ "${DLARCH_KEEP_CACHE:-0}" = 1 ] || rm -rf _build/.jupyter_cache
   # one torch thread per notebook, as under nbval: the site shows the run the tests checked
-  DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
+  if ! DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going; then
+    # A failed notebook is not cached, so this second build re-executes only the notebooks that
+    # failed (a timing assert disturbed by a shared machine); any other warning fails it again.
+    log "site build failed: building once more, re-executing only the notebooks that failed"
+    DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
+  fi
   echo "site build: $((SECONDS - start)) s"
 }
 
 run_tests() {
   log "library tests, notebook hygiene and nbval over every notebook (2 workers, 1 thread each)"
-  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -rs \
-    --ignore=tests/site --ignore=tests/test_assignments.py tests book
+  local nbval=(python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -rs)
+  if ! DLARCH_THREADS=1 "${nbval[@]}" --ignore=tests/site --ignore=tests/test_assignments.py tests book; then
+    # Timing asserts on a shared two-core machine can be disturbed. A notebook that failed is run
+    # once more, whole; a failed library test, or a notebook that fails twice, fails the run.
+    local failed
+    failed=$(python tools/failed_notebooks.py) || exit 1
+    log "notebooks that failed, run once more: $failed"
+    # shellcheck disable=SC2086
+    DLARCH_THREADS=1 DLARCH_NB_RERUN=1 "${nbval[@]}" $failed
+  fi
   log "course assignments: generate, then grade reference (full marks), stub (zero) and wrong answers"
   local start=$SECONDS
   python tools/assign.py generate
