@@ -12,6 +12,8 @@ Closed forms, each checked in the tests against what PyTorch actually builds and
   runs the counter.
 - activation memory: :func:`saved_activation_bytes` measures the tensors autograd keeps for
   the backward pass; :func:`mlp_saved_bytes` and :func:`cnn_saved_bytes` predict them.
+- :func:`largest_intermediate` counts the elements of the largest tensor a computation creates
+  (chapter 7's assignment checks with it that local attention never builds the ``T x T`` matrix).
 - arithmetic intensity: :func:`traffic_bytes` (two memory-traffic models) and
   :func:`arithmetic_intensity`; :func:`book_models` gives the book's models at their chapter sizes.
 - scaling: :func:`min_time_ms` (best of repeats, via :mod:`dlarch_lib.bench`) and :func:`loglog_slope`.
@@ -246,6 +248,36 @@ def cnn_saved_bytes(config: CNNConfig, batch: int, dtype_bytes: int = 4) -> int:
         total += dtype_bytes * (c_in + c) * side**2 + 8 * c * (side // 2) ** 2
         side //= 2
     return batch * (total + dtype_bytes * channels[-1] * side**2)
+
+
+class _LargestOutputMode(TorchDispatchMode):
+    """Records the element count of the largest tensor a non-view aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+        return out
+
+
+def largest_intermediate(fn: Callable[[], Any]) -> int:
+    """Elements of the largest tensor that any operation creates while ``fn()`` runs.
+
+    Views (``unfold``, ``transpose``, slicing) allocate nothing and are not counted; tensors made
+    before the call are not counted either. A memory check without allocator statistics: local
+    attention over ``T`` positions stays far below the ``T * T`` elements of a dense score matrix.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
+    mode = _LargestOutputMode()
+    with mode:
+        fn()
+    return mode.numel
 
 
 # --- arithmetic intensity ------------------------------------------------------------------

@@ -137,3 +137,16 @@ def test_scaling_helpers():
 def test_bad_input_is_a_clear_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_largest_intermediate_sees_the_dense_score_matrix_only_in_dense_attention():
+    from dlarch_lib import sparse_attention as sa
+
+    T = 128
+    q, k, v = (torch.randn(1, T, 8) for _ in range(3))
+    assert cx.largest_intermediate(lambda: attention.scaled_dot_product_attention(q, k, v)) >= T * T
+    assert cx.largest_intermediate(lambda: sa.sliding_window_attention(q, k, v, 2)) < T * T // 4
+    assert cx.largest_intermediate(lambda: q.transpose(-2, -1).unfold(-1, 5, 1)) == 0  # views allocate nothing
+    assert cx.largest_intermediate(lambda: q + 1) == T * 8
+    with pytest.raises(TypeError):
+        cx.largest_intermediate(q)
