@@ -142,3 +142,11 @@ def test_zoo_names_and_errors():
         fw.create_model("small_resnt")
     with pytest.raises(TypeError, match="create_model\\('small_resnet'\\)"):
         fw.create_model("small_resnet", no_such_arg=1)
+
+
+def test_pinned_jax_runs_on_the_cpu():
+    """Chapter 29 trains the same MLP in JAX: the pinned JAX must import and differentiate here."""
+    import jax
+    import jax.numpy as jnp
+
+    assert float(jax.grad(lambda x: (x**2).sum())(jnp.arange(3.0))[2]) == 4.0
