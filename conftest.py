@@ -1,5 +1,7 @@
 """pytest wiring for the book: hardware gating of notebook cells and the timing table.
 
+- ``$DLARCH_THREADS`` sets torch's thread count in the test processes too (as ``dl.setup`` does
+  in the notebooks), so that two workers on two cores do not oversubscribe them.
 - Cells tagged ``requires-cuda``, ``requires-2-gpus`` or ``requires-tensorrt`` are skipped,
   with the reason, when that hardware is missing (rules in ``dlarch_lib.hardware``).
 - Every run that executes notebooks ends with a table of wall time per notebook; it is
@@ -19,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dlarch_lib.hardware import apply_cell_gating
+from dlarch_lib.runtime import apply_thread_setting
 
 ROOT = Path(__file__).parent
 TIMINGS_DIR = ROOT / "_build" / "timings"
@@ -28,6 +31,11 @@ _seconds: dict[str, float] = defaultdict(float)
 _failed: set[str] = set()
 _failed_nodes: list[str] = []
 RERUN = os.environ.get("DLARCH_NB_RERUN") == "1"
+
+
+def pytest_configure(config):
+    # the library tests, like the notebooks, use $DLARCH_THREADS threads (1 under tools/dev.sh test)
+    apply_thread_setting()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -80,17 +80,27 @@ class RunConfig:
         )
 
 
-def setup(seed: int = 0, size: str | None = None, device: str | None = None, quiet: bool = False) -> RunConfig:
-    """Prepare a chapter: seed everything, choose device and size, set plot style.
+def apply_thread_setting() -> None:
+    """Set torch's CPU thread count from ``$DLARCH_THREADS`` when it is set (else leave it).
 
-    The number of CPU threads torch uses can be set with ``$DLARCH_THREADS`` (the test
-    suite runs two notebooks at once with one thread each).
+    The test suite runs two notebooks, or two test processes, at once on two cores with one
+    thread each: two threads per process would oversubscribe the cores, and a thread descheduled
+    in the middle of a parallel region stalls the others for milliseconds.
     """
     threads_env = os.environ.get("DLARCH_THREADS")
     if threads_env:
         if not threads_env.isdigit() or int(threads_env) < 1:
             raise ValueError(f"DLARCH_THREADS must be a positive integer, got {threads_env!r}")
         torch.set_num_threads(int(threads_env))
+
+
+def setup(seed: int = 0, size: str | None = None, device: str | None = None, quiet: bool = False) -> RunConfig:
+    """Prepare a chapter: seed everything, choose device and size, set plot style.
+
+    The number of CPU threads torch uses can be set with ``$DLARCH_THREADS``
+    (:func:`apply_thread_setting`).
+    """
+    apply_thread_setting()
     seed_everything(seed)
     from dlarch_lib.viz import set_style
 
