@@ -4,7 +4,7 @@ Reads the node ids of the failed tests, which conftest.py writes to
 ``_build/timings/failed.txt`` at the end of every run that executes notebooks. Exits with
 status 1, printing nothing on stdout, when nothing failed or when a failure is not a notebook
 cell: only notebooks get a second run, since their timing asserts can be disturbed by a shared
-machine, while the library tests are deterministic.
+machine; a library test must pass the first time.
 """
 
 from __future__ import annotations
