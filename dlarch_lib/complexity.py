@@ -250,18 +250,24 @@ def cnn_saved_bytes(config: CNNConfig, batch: int, dtype_bytes: int = 4) -> int:
     return batch * (total + dtype_bytes * channels[-1] * side**2)
 
 
-class _LargestOutputMode(TorchDispatchMode):
-    """Records the element count of the largest tensor a non-view aten op returns."""
+class _OpRecorder(TorchDispatchMode):
+    """Watches every non-view aten op (views allocate and move nothing).
+
+    ``bytes``: the bytes the ops read (tensor inputs) and write (tensor outputs);
+    ``largest_numel``: the element count of the largest tensor an op returned.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.numel = 0
+        self.bytes, self.largest_numel = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
-            sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            self.numel = max([self.numel, *sizes])
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+            outputs = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.largest_numel = max([self.largest_numel, *outputs])
         return out
 
 
@@ -274,28 +280,13 @@ def largest_intermediate(fn: Callable[[], Any]) -> int:
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
-    mode = _LargestOutputMode()
+    mode = _OpRecorder()
     with mode:
         fn()
-    return mode.numel
+    return mode.largest_numel
 
 
 # --- arithmetic intensity ------------------------------------------------------------------
-
-
-class _TrafficMode(TorchDispatchMode):
-    """Sums the bytes every non-view aten op reads (tensor inputs) and writes (tensor outputs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-        return out
 
 
 def traffic_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -306,7 +297,7 @@ def traffic_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     writes its output from memory (what eager PyTorch does when tensors exceed the cache).
     """
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    mode = _TrafficMode()
+    mode = _OpRecorder()
     with torch.no_grad(), mode:
         out = model(x)
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
