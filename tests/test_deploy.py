@@ -148,7 +148,9 @@ def test_sessions_levels_and_parity(model, onnx_path, tmp_path):
     levels = deploy.available_opt_levels()
     assert levels[:3] == ["disabled", "basic", "extended"] and levels[-1] == "all"
     counts = [deploy.optimized_graph(onnx_path, level, tmp_path / f"{level}.onnx").nodes for level in levels]
-    assert all(a >= b for a, b in zip(counts, counts[1:])) and counts[0] > counts[-1]
+    # basic and extended only remove or fuse nodes; the layout level may add reorder nodes (NCHWc
+    # on CPUs with AVX-512 inserts them), so "all" is compared with "disabled" only
+    assert counts[0] >= counts[1] >= counts[2] and counts[0] > counts[-1], dict(zip(levels, counts))
     assert counts[0] == deploy.graph_summary(onnx_path).nodes  # "disabled" runs the file as it is
     batches = [torch.rand(b, 1, 8, 8) for b in (1, 5, 33)]
     for level in ("disabled", "all"):

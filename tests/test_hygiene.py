@@ -82,15 +82,3 @@ def test_book_folder_has_no_stray_files():
     allowed = {".ipynb", ".md", ".bib", ".png", ".svg"}
     stray = [p.name for p in BOOK.rglob("*") if p.is_file() and p.suffix not in allowed and "__pycache__" not in p.parts]
     assert not stray, f"unexpected files in book/: {stray}"
-
-
-def test_failed_notebooks_only_reruns_notebooks() -> None:
-    """tools/dev.sh test runs a failed notebook once more, and never masks a failed library test."""
-    sys.path.insert(0, str(ROOT / "tools"))  # as tests/test_assignments.py imports tools/assign.py
-    from failed_notebooks import failed_notebooks
-
-    nodes = ["book/22_benchmarking.ipynb::Cell 2", "book/22_benchmarking.ipynb::Cell 9",
-             "book/07_cross_sparse_attention.ipynb::Cell 30"]
-    assert failed_notebooks(nodes) == ["book/07_cross_sparse_attention.ipynb", "book/22_benchmarking.ipynb"]
-    assert failed_notebooks([*nodes, "tests/test_bench.py::test_summarize"]) is None
-    assert failed_notebooks([]) is None

@@ -4,9 +4,10 @@
 #   bash tools/dev.sh book    setup, then execute every notebook and build the site into _build/html
 #   bash tools/dev.sh assign  setup, course assignments (student + autograder material) -> _assign/,
 #                             and the student edition of the website -> _student/_build/html
-#   bash tools/dev.sh test    setup, library tests + nbval over every notebook (timing table),
-#                             assignments generated and graded three ways, zero-warning site build,
-#                             student edition, checks of both built sites
+#   bash tools/dev.sh test    setup, library tests, nbval over every notebook (executed once: the
+#                             websites render that execution; timing table), assignments generated
+#                             and graded three ways, zero-warning site build, student edition,
+#                             checks of both built sites; ends with the table of its phases
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -64,57 +65,92 @@ vendor_mathjax() {
   test -f "$dst/tex-mml-chtml.js"
 }
 
+# Each phase of the test command is timed; the table is printed at the end (also when a phase
+# fails) and written to _build/timings/phases.csv. Every phase also has an overall time limit
+# (`timeout`): the tests and cells inside it have their own, shorter ones (pyproject.toml, nbval).
+PHASES=()
+phase() {  # phase NAME LIMIT_S COMMAND...: run COMMAND as one timed phase of at most LIMIT_S seconds
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS rc=0
+  log "$name"
+  timeout --kill-after=30 "$limit" "$@" || rc=$?
+  PHASES+=("$name|$((SECONDS - start))|$([ $rc = 0 ] && echo ok || { [ $rc = 124 ] && echo "TIMED OUT after $limit s" || echo "failed (exit $rc)"; })")
+  # written after every phase: the website (built in a later phase) shows the phases before it
+  mkdir -p _build/timings
+  { echo "phase,seconds,status"; for row in "${PHASES[@]}"; do echo "${row//|/,}"; done; } > _build/timings/phases.csv
+  return $rc
+}
+
+phase_table() {
+  [ ${#PHASES[@]} -gt 0 ] || return 0
+  local total=0 row name secs status
+  printf '\n==> phases of the test command (seconds)\n'
+  total=0
+  for row in "${PHASES[@]}"; do
+    IFS='|' read -r name secs status <<< "$row"; total=$((total + secs))
+    printf '  %-16s %6s s  %s\n' "$name" "$secs" "$status"
+  done
+  printf '  %-16s %6s s  (budget 1800 s)\n' "total" "$total"
+}
+
 build_book() {
-  log "building the website (executes every notebook) -> _build/html"
-  local start=$SECONDS
   # The notebooks execute into the jupyter-cache _build/.jupyter_cache, which the student edition
   # reuses. The cache keys on the notebooks' code only, so start it afresh (a changed dlarch_lib
   # must show on the page) unless DLARCH_KEEP_CACHE=1.
   [ "${DLARCH_KEEP_CACHE:-0}" = 1 ] || rm -rf _build/.jupyter_cache
   # one torch thread per notebook, as under nbval: the site shows the run the tests checked
-  if ! DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going; then
-    # A failed notebook is not cached, so this second build re-executes only the notebooks that
-    # failed (a timing assert disturbed by a shared machine); any other warning fails it again.
-    log "site build failed: building once more, re-executing only the notebooks that failed"
-    DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
-  fi
-  echo "site build: $((SECONDS - start)) s"
+  DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
+}
+
+run_notebooks() {
+  # nbval executes every notebook once (tests/nbrun.py keeps the outputs in _build/executed and
+  # writes the timing table); the executed notebooks then go into the website's cache.
+  rm -rf _build/executed _build/.jupyter_cache
+  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -q -rs book
+  python tools/nb.py cache-executed
+}
+
+run_assignments() {
+  python tools/assign.py generate
+  DLARCH_THREADS=1 DLARCH_ASSIGN_DIR="$ROOT/_assign" python -m pytest -n 2 -q -rs --durations=3 tests/test_assignments.py
+}
+
+build_site_from_cache() {
+  # renders the executed notebooks from the cache (a chapter missing there would be executed,
+  # which check-cached reports as an error)
+  DLARCH_THREADS=1 jupyter-book build . --all -W --keep-going
+  python tools/nb.py check-cached
+}
+
+run_library_tests() {
+  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile -q -rs \
+    --ignore=tests/site --ignore=tests/test_assignments.py tests
 }
 
 run_tests() {
-  log "library tests, notebook hygiene and nbval over every notebook (2 workers, 1 thread each)"
-  local nbval=(python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -rs)
-  if ! DLARCH_THREADS=1 "${nbval[@]}" --ignore=tests/site --ignore=tests/test_assignments.py tests book; then
-    # Timing asserts on a shared two-core machine can be disturbed. A notebook that failed is run
-    # once more, whole; a failed library test, or a notebook that fails twice, fails the run.
-    local failed
-    failed=$(python tools/failed_notebooks.py) || exit 1
-    log "notebooks that failed, run once more: $failed"
-    # shellcheck disable=SC2086
-    DLARCH_THREADS=1 DLARCH_NB_RERUN=1 "${nbval[@]}" $failed
-  fi
-  log "course assignments: generate, then grade reference (full marks), stub (zero) and wrong answers"
-  local start=$SECONDS
-  python tools/assign.py generate
-  DLARCH_THREADS=1 DLARCH_ASSIGN_DIR="$ROOT/_assign" python -m pytest -n 2 -q -rs --durations=3 tests/test_assignments.py
-  echo "assignments generated and graded: $((SECONDS - start)) s"
-  build_book
-  build_student_site
-  log "checks of the built sites"
-  DLARCH_REQUIRE_SITE=1 python -m pytest -q -rs tests/site
-}
-
-build_student_site() {
-  log "building the student edition of the website (solutions hidden) -> _student/_build/html"
-  local start=$SECONDS
-  DLARCH_THREADS=${DLARCH_THREADS:-1} python tools/assign.py site
-  echo "student site build: $((SECONDS - start)) s"
+  # each phase is this script again (a subcommand below), so that `timeout` can bound it
+  trap phase_table EXIT
+  local me=$ROOT/tools/dev.sh
+  phase "install" 900 bash "$me" setup
+  phase "library tests" 900 bash "$me" library-tests
+  phase "notebooks" 1200 bash "$me" notebooks
+  phase "assignments" 1200 bash "$me" assignments
+  phase "site" 900 bash "$me" site
+  phase "student site" 600 bash "$me" student-site
+  phase "site checks" 600 bash "$me" site-checks
 }
 
 case "${1:-}" in
   setup) setup ;;
   book) setup; build_book ;;
-  assign) setup; python tools/assign.py generate; build_student_site ;;
-  test) setup; run_tests ;;
-  *) echo "usage: bash tools/dev.sh {setup|book|assign|test}"; exit 2 ;;
+  assign) setup; python tools/assign.py generate; python tools/assign.py site ;;
+  test) run_tests ;;
+  # the phases of `test`, one by one (each expects the previous ones to have run)
+  library-tests) setup; run_library_tests ;;
+  notebooks) setup; run_notebooks ;;
+  assignments) setup; run_assignments ;;
+  site) setup; build_site_from_cache ;;
+  student-site) setup; DLARCH_THREADS=1 python tools/assign.py site ;;
+  site-checks) setup; DLARCH_REQUIRE_SITE=1 python -m pytest -q -rs tests/site ;;
+  *) echo "usage: bash tools/dev.sh {setup|book|assign|test|library-tests|notebooks|assignments|site|student-site|site-checks}"; exit 2 ;;
 esac

@@ -104,6 +104,15 @@ def test_other_pages_load_cleanly(browser, server, path):
         if path == "index.html":
             SHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SHOTS / "index.png"))
+        if path.endswith("execution_times.html") and (ROOT / "_build" / "timings" / "notebooks.csv").exists():
+            # the test run's timing table is drawn as a table: one row per chapter, cells in columns
+            table = page.locator("main table", has_text="Wall time per notebook")
+            assert table.count() == 1, "the timing table is not a table on the page"
+            cells = table.locator("tbody tr").first.locator("td")
+            assert table.locator("tbody tr").count() == len(CHAPTERS) and cells.count() == 3
+            assert cells.nth(0).bounding_box()["x"] < cells.nth(1).bounding_box()["x"], "columns side by side"
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "execution_times.png"), full_page=True)
     finally:
         page.close()
 

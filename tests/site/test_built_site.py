@@ -55,6 +55,19 @@ def test_mathjax_is_served_by_the_site():
         assert "mathjax/tex-mml-chtml.js" in chapter_page(nb), f"{nb.stem}: MathJax not loaded from the site"
 
 
-def test_execution_statistics_page_shows_timing_table():
+def test_execution_statistics_page_shows_timing_tables():
+    """The test run's tables are HTML tables on the page (not Markdown pipes in a paragraph)."""
     page = (HTML / "book" / "execution_times.html").read_text()
-    assert "notebook" in page and ("total" in page or "No timing table yet" in page)
+    assert "|---|" not in page and "| notebook |" not in page, "a table rendered as raw pipes"
+    timings = ROOT / "_build" / "timings" / "notebooks.csv"
+    if not timings.exists():
+        assert "No timing table yet" in page
+        return
+    tables = re.findall(r"<table.*?</table>", page, flags=re.S)
+    notebooks = next((t for t in tables if "Wall time per notebook" in t), None)
+    assert notebooks, "no timing table on the statistics page"
+    rows = re.findall(r"<tr>(.*?)</tr>", notebooks, flags=re.S)
+    for nb in CHAPTERS:
+        assert any(f"book/{nb.name}" in r for r in rows), f"{nb.name} has no row in the timing table"
+    if (ROOT / "_build" / "timings" / "phases.csv").exists():
+        assert any("Phases of the test command" in t and ">notebooks<" in t for t in tables)
