@@ -10,6 +10,7 @@
   ONNX Runtime (:mod:`dlarch_lib.quant` re-exports them for chapter 13);
   :func:`optimized_graph` saves and summarises the graph ORT runs at each optimisation level;
   :func:`parity` checks ONNX Runtime against PyTorch at several batch sizes.
+- :func:`eager_latency_ms` times a PyTorch forward pass on either clock of :mod:`dlarch_lib.bench`.
 - :func:`latency_sweep` times PyTorch eager against ONNX Runtime over batch sizes and
   :func:`fit_latency` fits the overhead-plus-throughput model ``t(B) = alpha + beta B``.
 - :func:`available_providers` lists ORT execution providers present here, in preference order.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
 
-from dlarch_lib import hardware
+from dlarch_lib import bench, hardware
 from dlarch_lib.bench import median_ms
 from dlarch_lib.modular import latency_ms
 
@@ -269,10 +270,30 @@ def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
 
 
-def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing)."""
+def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall") -> float:
+    """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing).
+
+    ``clock`` is one of :data:`dlarch_lib.bench.CLOCKS`: ``"wall"`` (the default), or ``"cpu"``
+    for the process's CPU time, which other programs on a shared machine cannot inflate directly
+    (right for one intra-op thread; see :func:`dlarch_lib.bench.steady_clock`).
+    """
     feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
-    return median_ms(lambda: session.run(None, feed), repeats, warmup)
+    if clock == "wall":
+        return median_ms(lambda: session.run(None, feed), repeats, warmup)
+    return float(np.median(bench.timings_ms(lambda: session.run(None, feed), repeats, warmup, clock=clock)))
+
+
+def eager_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall") -> float:
+    """Median latency (ms) of a PyTorch forward pass of ``model`` on ``x`` (eval mode, no grad).
+
+    With ``clock="wall"`` this is :func:`dlarch_lib.modular.latency_ms`; any other clock of
+    :data:`dlarch_lib.bench.CLOCKS` times the calls with :func:`dlarch_lib.bench.timings_ms`.
+    """
+    if clock == "wall":
+        return latency_ms(model, x, repeats=repeats, warmup=warmup)
+    model.eval()
+    with torch.no_grad():
+        return float(np.median(bench.timings_ms(lambda: model(x), repeats, warmup, device=x.device, clock=clock)))
 
 
 def optimized_graph(path: str | os.PathLike, level: str, out: str | os.PathLike, threads: int = 1) -> GraphSummary:
@@ -305,7 +326,7 @@ def parity(
 
 def latency_sweep(
     model: nn.Module, session: Any, pool: torch.Tensor, batch_sizes: Sequence[int],
-    budget: int = 2000, rounds: int = 3, progress: bool = True,
+    budget: int = 2000, rounds: int = 3, progress: bool = True, clock: str = "wall",
 ) -> list[dict[str, float]]:
     """Median latency of PyTorch eager and ONNX Runtime on batches of ``pool`` ``(N, ...)``.
 
@@ -313,7 +334,8 @@ def latency_sweep(
     (eager / ORT). The two engines are timed alternately in ``rounds`` rounds, so that a burst
     of load on a shared machine hits both; each round warms up and repeats
     ``max(4, budget // (rounds (B + 9)))`` calls, so small batches get many repeats and large
-    ones few. Each engine's latency is the median over all its rounds' medians.
+    ones few. Each engine's latency is the median over all its rounds' medians. ``clock`` as in
+    :func:`ort_latency_ms` (the default ``"wall"``; ``"cpu"`` where one thread does the work).
     """
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch_sizes must be positive, got {batch_sizes!r}")
@@ -321,13 +343,15 @@ def latency_sweep(
         raise ValueError(f"the pool has {len(pool)} inputs, fewer than the largest batch {max(batch_sizes)}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if clock not in bench.CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(bench.CLOCKS)}, got {clock!r}")
     rows = []
     for b in tqdm(batch_sizes, desc="latency sweep", disable=not progress):
         x, repeats = pool[:b].contiguous(), max(4, budget // (rounds * (b + 9)))
         eager, onnx_rt = [], []
         for _ in range(rounds):
-            eager.append(latency_ms(model, x, repeats=repeats, warmup=2))
-            onnx_rt.append(ort_latency_ms(session, x, repeats=repeats, warmup=2))
+            eager.append(eager_latency_ms(model, x, repeats=repeats, warmup=2, clock=clock))
+            onnx_rt.append(ort_latency_ms(session, x, repeats=repeats, warmup=2, clock=clock))
         e, o = float(np.median(eager)), float(np.median(onnx_rt))
         rows.append({"batch": b, "eager_ms": e, "ort_ms": o, "speedup": e / o})
     return rows

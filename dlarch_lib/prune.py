@@ -21,12 +21,14 @@
 from __future__ import annotations
 
 import copy
+import statistics
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from dlarch_lib import bench
 from dlarch_lib.modular import Chain, latency_ms
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
@@ -346,19 +348,31 @@ def prune_channels(model: nn.Module, amount: float) -> nn.Module:
 
 
 def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5,
-                           repeats: int = 5) -> dict[str, float]:
+                           repeats: int = 5, clock: str = "wall") -> dict[str, float]:
     """Latency (ms) of each model on ``x``: the best of ``rounds`` medians, the models taking turns.
 
     Taking turns spreads slow phases of a shared machine over all variants instead of
     penalising whichever was timed at the wrong moment; the minimum over rounds is the
-    least disturbed estimate. Each round is :func:`~dlarch_lib.modular.latency_ms`.
+    least disturbed estimate. With the default ``clock="wall"`` each round is
+    :func:`~dlarch_lib.modular.latency_ms`. Any other clock of :data:`dlarch_lib.bench.CLOCKS`
+    (``"cpu"``: the process's CPU time, which other programs cannot inflate directly; see
+    :func:`dlarch_lib.bench.steady_clock`) times each round's forward passes (eval mode, no grad,
+    one warm-up call) with :func:`dlarch_lib.bench.timings_ms`, keeping the median.
     """
     if not models:
         raise ValueError("interleaved_latency_ms needs at least one model")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if clock not in bench.CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(bench.CLOCKS)}, got {clock!r}")
     best = {name: float("inf") for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            best[name] = min(best[name], latency_ms(model, x, repeats=repeats, warmup=1))
+            if clock == "wall":
+                ms = latency_ms(model, x, repeats=repeats, warmup=1)
+            else:
+                model.eval()
+                with torch.no_grad():
+                    ms = statistics.median(bench.timings_ms(lambda: model(x), repeats, 1, device=x.device, clock=clock))
+            best[name] = min(best[name], ms)
     return best

@@ -180,12 +180,31 @@ def test_latency_sweep_and_fit(model, onnx_path):
     assert [r["batch"] for r in rows] == [1, 8]
     assert all(r["eager_ms"] > 0 and r["ort_ms"] > 0 and r["speedup"] == r["eager_ms"] / r["ort_ms"] for r in rows)
     assert deploy.ort_latency_ms(session, torch.rand(2, 1, 8, 8), repeats=2, warmup=0) > 0
+    assert deploy.ort_latency_ms(session, torch.rand(2, 1, 8, 8), repeats=2, warmup=0, clock="cpu") >= 0
+    cpu_rows = deploy.latency_sweep(model, session, torch.rand(8, 1, 8, 8), [1, 8], budget=20, rounds=2, progress=False,
+                                    clock="cpu")
+    assert [r["batch"] for r in cpu_rows] == [1, 8] and all(r["eager_ms"] > 0 and r["ort_ms"] > 0 for r in cpu_rows)
     with pytest.raises(ValueError, match="pool"):
         deploy.latency_sweep(model, session, torch.rand(4, 1, 8, 8), [8])
     with pytest.raises(ValueError, match="positive"):
         deploy.latency_sweep(model, session, torch.rand(4, 1, 8, 8), [0])
     with pytest.raises(ValueError, match="rounds"):
         deploy.latency_sweep(model, session, torch.rand(4, 1, 8, 8), [1], rounds=0)
+    with pytest.raises(ValueError, match="clock"):
+        deploy.latency_sweep(model, session, torch.rand(4, 1, 8, 8), [1], clock="sundial")
+
+
+def test_eager_latency_ms_on_both_clocks():
+    small = nn.Sequential(nn.Linear(256, 8))
+    big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)]).train()
+    x = torch.randn(64, 256)
+    for clock in ("wall", "cpu"):
+        t_small = deploy.eager_latency_ms(small, x, repeats=5, warmup=1, clock=clock)
+        t_big = deploy.eager_latency_ms(big, x, repeats=5, warmup=1, clock=clock)
+        assert 0 <= t_small < t_big, clock  # eight 256x256 layers against one 256x8
+    assert not big.training  # timed in eval mode
+    with pytest.raises(ValueError, match="clock"):
+        deploy.eager_latency_ms(small, x, clock="sundial")
 
 
 def test_fit_latency_recovers_a_line():

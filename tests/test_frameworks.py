@@ -33,6 +33,14 @@ def test_compile_report_matches_eager_outputs():
     assert report.speedup == pytest.approx(report.eager_ms / report.compiled_ms)
 
 
+def test_compile_report_rounds_keep_each_versions_best_round(monkeypatch):
+    model, (x, _) = small_mlp(), batch(8)
+    medians = iter([5.0, 1.0, 3.0, 4.0, 7.0, 2.0])  # eager, compiled, eager, compiled, ... (one time per round)
+    monkeypatch.setattr(fw.bench, "timings_ms", lambda fn, repeats, warmup, **kw: [next(medians)])
+    report = fw.compile_report(model, x, backend="eager", repeats=1, warmup=0, rounds=3)
+    assert (report.eager_ms, report.compiled_ms) == (3.0, 1.0)  # the lowest median of each, over its rounds
+
+
 def test_compile_report_break_even():
     r = fw.CompileReport("x", compile_wall_s=1.0, compile_cpu_s=1.0, eager_ms=2.0, compiled_ms=1.0, max_abs_diff=0.0)
     assert r.speedup == 2.0 and r.break_even_calls == pytest.approx(1000.0)
@@ -47,6 +55,8 @@ def test_compile_report_bad_input():
         fw.compile_report(small_mlp(), [1.0])
     with pytest.raises(ValueError, match="backend"):
         fw.compile_report(small_mlp(), torch.zeros(1, 64), backend="no_such_backend")
+    with pytest.raises(ValueError, match="rounds"):
+        fw.compile_report(small_mlp(), torch.zeros(1, 1, 8, 8), backend="eager", rounds=0)
 
 
 def test_per_example_grads_match_loop():

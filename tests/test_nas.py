@@ -148,6 +148,7 @@ def test_table_is_computed_cached_and_reloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(nas, "train_and_evaluate", lambda *a, **k: pytest.fail("recomputed a cached table"))
     again = nas.load_table(TINY, FAST, cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.val_acc, table.val_acc)
+    assert table.cpu_seconds > 0 and again.cpu_seconds == table.cpu_seconds  # the cost of computing it, stored with it
     # the cache directory follows $DLARCH_CACHE_DIR
     monkeypatch.setenv("DLARCH_CACHE_DIR", str(tmp_path))
     assert nas.default_cache_dir() == tmp_path

@@ -258,3 +258,15 @@ def test_interleaved_latency_ms():
         prune.interleaved_latency_ms({}, torch.randn(1, 8))
     with pytest.raises(ValueError, match="rounds"):
         prune.interleaved_latency_ms({"small": small}, torch.randn(1, 8), rounds=0)
+    with pytest.raises(ValueError, match="clock"):
+        prune.interleaved_latency_ms({"small": small}, torch.randn(1, 256), clock="sundial")
+
+
+def test_interleaved_latency_ms_cpu_clock():
+    small = nn.Sequential(nn.Linear(256, 8))
+    big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+    times = prune.interleaved_latency_ms({"small": small, "big": big}, torch.randn(64, 256), rounds=3, repeats=3,
+                                         clock="cpu")
+    assert set(times) == {"small", "big"} and all(t >= 0 for t in times.values())
+    assert times["big"] > times["small"]  # CPU time of eight 256x256 layers against one 256x8
+    assert not big.training  # timed in eval mode
