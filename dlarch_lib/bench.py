@@ -4,6 +4,8 @@
   two clock reads, each read preceded by a device synchronisation, and returns every time in
   milliseconds. :func:`median_ms` is their median, the one number most chapters quote: one
   preemption by the operating system adds a long outlier that would drag a mean.
+- :func:`interleaved_timings_ms` times several variants taking turns, and :func:`best_ms` keeps
+  each variant's fastest call: the comparison to use on a shared, busy machine.
 - :class:`Stats` (from :func:`summarize` or :func:`benchmark`) holds median, p95, min and IQR.
 - :func:`cuda_timings_ms` times with CUDA events instead of the host clock.
 - :func:`throughput_sweep` measures items per second against batch size, inputs pre-staged.
@@ -23,7 +25,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,14 +33,15 @@ from torch import nn
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 """``"wall"``: elapsed time (what a user waits). ``"cpu"``: CPU time of this process, all threads
-(what the computation cost; unaffected by other programs sharing the cores, blind to device work)."""
+(what the computation cost; largely unaffected by other programs sharing the cores, blind to device work)."""
 
 
 def steady_clock(device: torch.device | str | None = None) -> str:
     """The clock least disturbed by other programs for work on ``device`` (default: the CPU).
 
     ``"cpu"`` when the work runs on a CPU with one torch thread: then the process's CPU time is
-    the work's time, and other programs sharing the cores cannot inflate it. ``"wall"`` otherwise
+    the work's time, and other programs sharing the cores cannot add their own time to it (they
+    can still slow it down somewhat, by evicting its data from the caches). ``"wall"`` otherwise
     (several threads, or a GPU, where the CPU mostly waits).
     """
     on_cpu = device is None or torch.device(device).type == "cpu"
@@ -104,6 +107,60 @@ def timings_ms(
 def median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup`` untimed calls."""
     return statistics.median(timings_ms(fn, repeats, warmup))
+
+
+def interleaved_timings_ms(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int = 5,
+    warmup: int = 1,
+    *,
+    repeats: int = 1,
+    device: torch.device | str | None = None,
+    clock: str = "wall",
+) -> dict[str, list[float]]:
+    """Times in milliseconds of each callable in ``fns``, the callables taking turns.
+
+    Every callable first gets ``warmup`` untimed calls. Then each of ``rounds`` rounds times
+    ``repeats`` consecutive calls of every callable, in the order of ``fns`` (with ``repeats > 1``
+    the later calls of a turn find the caches warm from the earlier ones). Taking turns spreads a busy phase of a shared
+    machine over all variants instead of penalising whichever was timed at the wrong moment; the
+    minimum of each list (:func:`best_ms`) is then the least disturbed estimate, because
+    interference only ever adds time. ``device`` and ``clock`` as in :func:`timings_ms`; pass
+    ``clock=steady_clock(device)`` for the clock least affected by other programs.
+    Returns ``{name: [ms of each call, rounds * repeats of them, in order]}``.
+    """
+    if not fns:
+        raise ValueError("interleaved_timings_ms needs at least one callable")
+    for name, fn in fns.items():
+        if not callable(fn):
+            raise TypeError(f"fns[{name!r}] must be callable, got {type(fn).__name__}")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+    _check_counts(repeats, warmup)
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += timings_ms(fn, repeats, 0, device=device, clock=clock)
+    return times
+
+
+def best_ms(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int = 5,
+    warmup: int = 1,
+    *,
+    repeats: int = 1,
+    device: torch.device | str | None = None,
+    clock: str = "wall",
+) -> dict[str, float]:
+    """Fastest time in milliseconds of each callable over its :func:`interleaved_timings_ms` calls."""
+    times = interleaved_timings_ms(fns, rounds, warmup, repeats=repeats, device=device, clock=clock)
+    return {name: min(t) for name, t in times.items()}
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@
 - :func:`input_gradient_norms` measures how much the last output depends on each input,
   the quantity that vanishes in a plain RNN (Bengio et al., 1994).
 - :class:`CharLSTM`, :func:`train_char_lm` and :func:`eval_nats` make a character-level
-  language model trained under a wall-clock budget (chapter 06 reuses the last two
-  for a Transformer at the same budget).
+  language model trained for a fixed number of steps (chapter 06 reuses the last two
+  for a Transformer at the same compute budget).
 
 Shapes: B batch, T time, I input size, H hidden size, L layers, V vocabulary.
 """
@@ -281,7 +281,6 @@ def train_char_lm(
     batch_size: int,
     context: int,
     lr: float,
-    max_seconds: float | None = None,
     seed: int = 0,
     eval_every: int = 100,
     eval_windows: int = 128,
@@ -292,18 +291,20 @@ def train_char_lm(
     eval_fn: Callable[[nn.Module], float] | None = None,
     desc: str = "train",
 ) -> dict[str, Any]:
-    """Train a next-character model with AdamW on random windows; stop after ``steps`` or ``max_seconds``.
+    """Train a next-character model with AdamW on random windows for exactly ``steps`` steps.
 
     The objective can be swapped (chapter 26 trains a masked LM with the same loop): ``batch_fn(split,
     batch_size, context, generator) -> (x, y)`` draws a batch (default ``corpus.batch``), ``loss_fn(model,
     x, y)`` scores it (default next-character cross-entropy) and ``eval_fn(model)`` is the validation
     loss (default :func:`eval_nats` on ``eval_windows`` windows).
 
-    Only training steps count against ``max_seconds`` (the periodic evaluations do not), so two
-    models given the same budget get the same optimisation time. Every ``eval_every`` steps (and at
-    the end) it records the mean training loss since the last record and :func:`eval_nats` on the
-    ``eval_windows`` validation windows spread over the split. Returns a dict with ``steps`` (done), ``seconds``
-    (training time), ``step``, ``train_loss`` and ``val_loss`` (lists, nats/char).
+    The run stops on its step count, never on a clock, so its result does not depend on the speed of
+    the machine or on what else runs on it: a chapter that compares models at equal cost converts the
+    cost into a number of steps first. Every ``eval_every`` steps (and at the end) it records the mean
+    training loss since the last record and :func:`eval_nats` on the ``eval_windows`` validation
+    windows spread over the split. Returns a dict with ``steps`` (done), ``seconds`` (wall time of
+    the training steps, evaluations excluded; for information only), ``step``, ``train_loss`` and
+    ``val_loss`` (lists, nats/char).
     """
     if steps < 1 or batch_size < 1 or context < 1 or eval_every < 1:
         raise ValueError(f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}")
@@ -333,8 +334,7 @@ def train_char_lm(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - start
-        out_of_time = max_seconds is not None and train_time >= max_seconds
-        if step % eval_every == 0 or step == steps or out_of_time:
+        if step % eval_every == 0 or step == steps:
             val = eval_fn(model)
             history["step"].append(step)
             history["train_loss"].append(running / seen)
@@ -342,8 +342,6 @@ def train_char_lm(
             running, seen = 0.0, 0
             bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{val:.3f}")
         history["steps"] = step
-        if out_of_time:
-            break
     bar.close()
     history["seconds"] = train_time
     return history

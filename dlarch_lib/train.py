@@ -1,7 +1,8 @@
 """A small, readable training loop for classifiers (and anything with a loss).
 
-``fit`` trains for a number of epochs (or until a wall-clock budget runs out), shows a
-tqdm progress bar and returns a :class:`History` of per-epoch losses and accuracies.
+``fit`` trains for a number of epochs, shows a tqdm progress bar and returns a :class:`History`
+of per-epoch losses and accuracies. Training stops on its epoch count, never on a clock, so a
+result does not depend on the speed of the machine or on what else runs on it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole run, for information only
     steps: int = 0
 
     @property
@@ -83,7 +84,6 @@ def fit(
     loss_fn: LossFn = F.cross_entropy,
     val_loader: DataLoader | None = None,
     device: torch.device | str = "cpu",
-    max_seconds: float | None = None,
     clip_grad_norm: float | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -91,7 +91,6 @@ def fit(
     """Train ``model`` with ``loss_fn(model(x), y)`` and return its :class:`History`.
 
     ``optimizer`` is a name for :func:`make_optimizer` or a ready optimizer.
-    ``max_seconds`` stops training (at the end of a step) once the budget is spent.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -114,8 +113,6 @@ def fit(
             running += loss.item() * len(y)
             seen += len(y)
             history.steps += 1
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                break
         history.train_loss.append(running / max(seen, 1))
         if val_loader is not None:
             metrics = evaluate(model, val_loader, loss_fn, device)
@@ -125,7 +122,5 @@ def fit(
         else:
             history.val_acc.append(float("nan"))
             bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}")
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
     history.seconds = time.perf_counter() - start
     return history

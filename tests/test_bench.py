@@ -148,3 +148,33 @@ def test_steady_clock_is_cpu_time_only_for_single_threaded_cpu_work():
         assert bench.steady_clock() == "wall"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_interleaved_timings_take_turns_and_best_is_the_minimum():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = bench.interleaved_timings_ms(fns, rounds=3, warmup=2)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups first, then the variants alternate
+    assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    order.clear()
+    times = bench.interleaved_timings_ms(fns, rounds=2, warmup=0, repeats=2)
+    assert order == ["a", "a", "b", "b"] * 2 and all(len(t) == 4 for t in times.values())  # a turn is `repeats` calls
+    best = bench.best_ms({"sleep": lambda: time.sleep(0.005), "spin": lambda: sum(range(50_000))}, rounds=3, warmup=0)
+    assert best["sleep"] >= 4.5 and best["spin"] > 0
+    cpu = bench.best_ms({"sleep": lambda: time.sleep(0.005)}, rounds=3, warmup=0, clock="cpu")
+    assert cpu["sleep"] < 3.0  # CPU time does not count sleeping
+
+
+def test_interleaved_timings_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        bench.interleaved_timings_ms({})
+    with pytest.raises(TypeError, match="callable"):
+        bench.interleaved_timings_ms({"x": 3})
+    with pytest.raises(ValueError, match="rounds"):
+        bench.interleaved_timings_ms({"x": lambda: None}, rounds=0)
+    with pytest.raises(ValueError, match="warmup"):
+        bench.interleaved_timings_ms({"x": lambda: None}, warmup=-1)
+    with pytest.raises(ValueError, match="repeats"):
+        bench.interleaved_timings_ms({"x": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="clock"):
+        bench.best_ms({"x": lambda: None}, clock="sundial")

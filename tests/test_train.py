@@ -27,10 +27,12 @@ def test_fit_learns_digits_with_a_linear_model():
     assert evaluate(model, test)["acc"] > 0.9
 
 
-def test_fit_respects_time_budget():
+def test_fit_stops_on_its_epoch_count_not_a_clock():
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
-    history = fit(nn.Linear(4, 2), DataLoader(data, 8), epochs=1000, max_seconds=0.0, progress=False)
-    assert history.epochs == 1 and history.steps == 1
+    history = fit(nn.Linear(4, 2), DataLoader(data, 8), epochs=3, progress=False)
+    assert history.epochs == 3 and history.steps == 3 * 8 and history.seconds >= 0
+    with pytest.raises(TypeError, match="max_seconds"):  # no wall-clock budget: results must not depend on load
+        fit(nn.Linear(4, 2), DataLoader(data, 8), epochs=1, max_seconds=1.0, progress=False)
 
 
 def test_bad_arguments():
