@@ -3,14 +3,26 @@
 For every chapter's assignment: the reference solution scores full marks, the unmodified student
 stub scores zero, and each plausible wrong answer in tests/assignment_mutants/NN.yml loses points;
 and the grade command writes the score table.
+
+The reference is graded by ``otter run`` end to end (a new process and kernel per notebook: the
+real autograder zip works). The stub and the wrong answers, about seven notebooks a chapter, are
+graded by tools/grade_variants.py: it runs a chapter's shared setup cells once and forks a process
+per notebook, and otter-grader's own code grades them with the tests of the same zip. That grader
+is held to ``otter run`` on every chapter: it must give the reference exactly the scores
+``otter run`` gives it, graded before and again after all the other notebooks of the chapter.
+``DLARCH_ASSIGN_STUB_OTTER=1`` also grades every stub with ``otter run`` (30 more runs, about
+3 minutes on the 2-core CI machine) and requires the same scores.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -20,17 +32,20 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import assign  # noqa: E402
+import grade_variants  # noqa: E402
 
 CHAPTERS = assign.chapters_with_assignments()
 MUTANTS_DIR = Path(__file__).parent / "assignment_mutants"
+IDS = [c.stem for c in CHAPTERS]
+
+# time limits (pytest-timeout) of the tests that grade; a test may compute what another one shares
+OTTER_TEST_TIMEOUT_S = assign.GRADE_TIMEOUT_S + 60
+SHARED_TEST_TIMEOUT_S = 2 * assign.GRADE_TIMEOUT_S + grade_variants.ASSIGNMENT_TIMEOUT_S + 180
 
 
 def mutants_of(chapter: Path) -> list[dict]:
     path = MUTANTS_DIR / f"{chapter.name[:2]}.yml"
     return yaml.safe_load(path.read_text()) if path.exists() else []
-
-
-MUTANTS = [(c, i, m) for c in CHAPTERS for i, m in enumerate(mutants_of(c))]
 
 
 class Generated:
@@ -53,6 +68,118 @@ def generated(tmp_path_factory) -> Generated:
     if pre:
         return Generated(Path(pre), pregenerated=True)
     return Generated(tmp_path_factory.mktemp("assign"), pregenerated=False)
+
+
+def _session_folder(tmp_path_factory, name: str) -> Path:
+    """A folder that all xdist workers of this test session share."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _once(folder: Path, key: str, compute) -> dict:
+    """``compute()`` (a JSON-able dict) once per test session and key, whichever worker asks first;
+    the others wait for it (the lock-file pattern of pytest-xdist's documentation)."""
+    path = folder / f"{key}.json"
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            path.write_text(json.dumps(compute()))
+    return json.loads(path.read_text())
+
+
+def _as_grade(row: dict) -> assign.Grade:
+    grade = assign.Grade(**row)
+    grade.questions = {q: tuple(v) for q, v in grade.questions.items()}
+    return grade
+
+
+@pytest.fixture(scope="session")
+def otter_grades(tmp_path_factory):
+    """``otter run`` (assign.grade_one) of a notebook, once per test session."""
+    folder = _session_folder(tmp_path_factory, "otter_grades")
+
+    def grade(nb_path: Path, generated: Generated) -> assign.Grade:
+        name = assign.assignment_of(nb_path)
+        zip_path = generated / name / "autograder" / f"{name}-autograder.zip"
+        key = f"{name}-" + hashlib.sha256(nb_path.read_bytes() + zip_path.read_bytes()).hexdigest()[:32]
+        return _as_grade(_once(folder, key, lambda: vars(assign.grade_one(nb_path, generated.root))))
+
+    return grade
+
+
+@pytest.fixture(scope="session")
+def grading_server(tmp_path_factory):
+    """tools/grade_variants.py's server, one per xdist worker."""
+    server = grade_variants.Server(tmp_path_factory.mktemp("grading_server") / "server.log")
+    yield server
+    server.close()
+
+
+@dataclass
+class ChapterGrades:
+    """A chapter's notebooks graded by tools/grade_variants.py in one request."""
+
+    report: dict  # the grader's report, less the rows
+    reference_first: assign.Grade  # the reference, graded first
+    stub: assign.Grade
+    wrong: list[assign.Grade | str]  # per wrong answer on file: its grade, or why it was not graded
+    reference_last: assign.Grade  # the reference again, after all the others
+
+
+@pytest.fixture(scope="session")
+def chapter_grades(tmp_path_factory, grading_server):
+    """A chapter's ChapterGrades, once per test session."""
+    folder = _session_folder(tmp_path_factory, "chapter_grades")
+
+    def compute(chapter: Path, generated: Generated) -> dict:
+        reference = generated / chapter.stem / "autograder" / chapter.name
+        student = generated / chapter.stem / "student" / chapter.name
+        zip_path = generated / chapter.stem / "autograder" / f"{chapter.stem}-autograder.zip"
+        wrong = wrong_answer_notebooks(chapter, reference, folder / chapter.stem)
+        notebooks = [reference, student, *(w for w in wrong if isinstance(w, Path)), reference]
+        report = grading_server.grade(zip_path, reference, notebooks)
+        rows = iter(vars(assign.grade_from_results(r["submission"], chapter.stem, r["tests"], r["seconds"],
+                                                   r["error"] and f"{r['error']}\n{r['log']}"))
+                    for r in report.pop("results"))
+        return {"report": report, "reference_first": next(rows), "stub": next(rows),
+                "wrong": [next(rows) if isinstance(w, Path) else w for w in wrong], "reference_last": next(rows)}
+
+    def grades(chapter: Path, generated: Generated) -> ChapterGrades:
+        done = _once(folder, chapter.stem, lambda: compute(chapter, generated))
+        return ChapterGrades(done["report"], _as_grade(done["reference_first"]), _as_grade(done["stub"]),
+                             [_as_grade(w) if isinstance(w, dict) else w for w in done["wrong"]],
+                             _as_grade(done["reference_last"]))
+
+    return grades
+
+
+def wrong_answer_notebooks(chapter: Path, reference: Path, folder: Path) -> list[Path | str]:
+    """The reference notebook with each wrong answer of tests/assignment_mutants/NN.yml put into
+    its solution cells, a notebook per wrong answer; or why a wrong answer cannot be made (each
+    replacement must be in the solution of its question and change a solution cell)."""
+    questions = {q.name: q for q in assign.read_questions(chapter)}
+    out: list[Path | str] = []
+    for index, mutant in enumerate(mutants_of(chapter)):
+        nb = nbformat.read(reference, as_version=4)
+        solutions = [c for c in nb.cells if "otter_assign_solution_cell" in c.metadata.get("tags", [])]
+        target = questions[mutant["question"]].solution_source if mutant["question"] in questions else ""
+        before = [c.source for c in solutions]
+        missing = [old for old, _ in mutant["replace"] if old not in target]
+        for old, new in mutant["replace"]:
+            for cell in solutions:
+                cell.source = cell.source.replace(old, new)
+        if missing:
+            out.append(f"{mutant['wrong']!r}: {missing} not in the solution of {mutant['question']}")
+        elif [c.source for c in solutions] == before:
+            out.append(f"{mutant['wrong']!r} changes no solution cell")
+        else:
+            path = folder / f"{index:02d}-{mutant['question']}" / chapter.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, path)
+            out.append(path)
+    return out
 
 
 def test_every_chapter_has_an_assignment():
@@ -88,42 +215,66 @@ def test_student_notebook_hides_solutions_and_hidden_tests(generated, chapter):
         assert cases and not any(c["hidden"] for c in cases), "the hand-out carries public tests only"
 
 
-def _grade(nb_path: Path, generated: Generated) -> assign.Grade:
-    grade = assign.grade_one(nb_path, generated.root)
+@pytest.mark.timeout(OTTER_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_reference_solution_scores_full_marks(generated, otter_grades, chapter):
+    grade = otter_grades(generated / chapter.stem / "autograder" / chapter.name, generated)
     assert not grade.error, grade.error
-    return grade
-
-
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_reference_solution_scores_full_marks(generated, chapter):
-    grade = _grade(generated / chapter.stem / "autograder" / chapter.name, generated)
     expected = sum(q.points for q in assign.read_questions(chapter))
     assert grade.max_score == expected
     assert grade.score == grade.max_score, grade.questions
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_student_stub_scores_zero(generated, chapter):
-    grade = _grade(generated / chapter.stem / "student" / chapter.name, generated)
-    assert grade.max_score > 0 and grade.score == 0, grade.questions
+@pytest.mark.timeout(SHARED_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_student_stub_scores_zero(generated, chapter_grades, otter_grades, chapter):
+    stub = chapter_grades(chapter, generated).stub
+    assert not stub.error, stub.error
+    assert stub.max_score > 0 and stub.score == 0, stub.questions
+    if os.environ.get("DLARCH_ASSIGN_STUB_OTTER") == "1":
+        by_otter = otter_grades(generated / chapter.stem / "student" / chapter.name, generated)
+        assert not by_otter.error, by_otter.error
+        assert stub.questions == by_otter.questions, ("graded here", stub.questions, "by otter run", by_otter.questions)
 
 
-@pytest.mark.parametrize("chapter,index,mutant", MUTANTS,
-                         ids=[f"{c.stem}-{m['question']}-{i}" for c, i, m in MUTANTS])
-def test_wrong_answer_loses_points(generated, tmp_path, chapter, index, mutant):
-    reference = generated / chapter.stem / "autograder" / chapter.name
-    nb = nbformat.read(reference, as_version=4)
-    solutions = [c for c in nb.cells if "otter_assign_solution_cell" in c.metadata.get("tags", [])]
-    target = next(q for q in assign.read_questions(chapter) if q.name == mutant["question"]).solution_source
-    for old, new in mutant["replace"]:
-        assert old in target, f"{mutant['wrong']!r}: {old!r} is not in the solution of {mutant['question']}"
-        for cell in solutions:
-            cell.source = cell.source.replace(old, new)
-    wrong = tmp_path / chapter.name
-    nbformat.write(nb, wrong)
-    grade = _grade(wrong, generated)
-    lost, full = grade.questions[mutant["question"]]
-    assert lost < full, f"wrong answer {mutant['wrong']!r} still scores {lost}/{full}"
+@pytest.mark.timeout(SHARED_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_wrong_answers_lose_points(generated, chapter_grades, chapter):
+    """Each wrong answer of tests/assignment_mutants/NN.yml loses points on its question."""
+    wrong = chapter_grades(chapter, generated).wrong
+    mutants = mutants_of(chapter)
+    assert len(wrong) == len(mutants)
+    failures = []
+    for index, (mutant, grade) in enumerate(zip(mutants, wrong)):
+        name = f"{chapter.stem}-{mutant['question']}-{index}"
+        if isinstance(grade, str):
+            failures.append(f"{name}: {grade}")
+            continue
+        if grade.error:
+            failures.append(f"{name}: {mutant['wrong']!r} was not graded: {grade.error}")
+            continue
+        lost, full = grade.questions[mutant["question"]]
+        if not lost < full:
+            failures.append(f"{name}: wrong answer {mutant['wrong']!r} still scores {lost}/{full}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.timeout(SHARED_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_grader_of_variants_agrees_with_otter_run(generated, chapter_grades, otter_grades, chapter):
+    """tools/grade_variants.py grades the reference as otter run does, before and after all the
+    chapter's other notebooks (each is graded in a fresh copy of the shared state)."""
+    graded = chapter_grades(chapter, generated)
+    first, last = graded.reference_first, graded.reference_last
+    by_otter = otter_grades(generated / chapter.stem / "autograder" / chapter.name, generated)
+    assert not (first.error or last.error or by_otter.error), (first.error, last.error, by_otter.error)
+    assert by_otter.score == by_otter.max_score > 0, by_otter.questions
+    assert first.questions == by_otter.questions, ("graded here", first.questions, "by otter run", by_otter.questions)
+    assert last.questions == by_otter.questions, ("graded after the wrong answers", last.questions)
+    # torch single-threaded and no other thread alive at a fork (fork-safety)
+    report = graded.report
+    assert report["torch_threads"] == 1, report
+    assert report["threads_at_fork"] == 1 and report["server_threads_at_fork"] == 1, report
 
 
 def test_markup_errors_are_reported(tmp_path):
@@ -145,6 +296,7 @@ def test_markup_errors_are_reported(tmp_path):
             assign.read_questions(path)
 
 
+@pytest.mark.timeout(OTTER_TEST_TIMEOUT_S + 120)  # two otter runs at once
 def test_grade_command_writes_the_score_table(generated, tmp_path):
     """`tools/assign.py grade DIR --csv F`: one row per submission, scores as graded."""
     chapter = CHAPTERS[-1]
