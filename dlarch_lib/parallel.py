@@ -7,31 +7,42 @@ every replica takes the same optimiser step. This module has:
 - the theory in one process: :func:`shard`, :func:`replica_gradients` (average of per-shard
   gradients) against :func:`batch_gradients`, :func:`shard_indices` (what
   ``DistributedSampler`` does) and :func:`ring_allreduce` (the algorithm, simulated);
-- real DDP with ``torch.distributed``: :func:`init_distributed`, the spawn worker
-  :func:`train_worker` and its launcher :func:`spawn_ddp`, the single-process reference
-  :func:`train_reference`, and :func:`main`, a ``torchrun`` entry point that times all-reduce
+- real DDP with ``torch.distributed``: :func:`init_distributed` and :func:`shutdown_distributed`
+  (join and leave a process group, with a timeout), :func:`launch` (start ranks with the
+  ``spawn`` method, join them with a deadline), the worker :func:`train_worker` and its launcher
+  :func:`spawn_ddp`, the single-process reference :func:`train_reference`, and :func:`main`, a
+  ``torchrun`` entry point that times all-reduce
   (``python -m torch.distributed.run --standalone --nproc_per_node=2 -m dlarch_lib.parallel``);
 - the alpha-beta cost model: :func:`allreduce_seconds`, :func:`fit_alpha_beta`,
   :func:`scaling_efficiency`.
 
 Workers run in child processes, so they live here (children cannot unpickle notebook code).
+
+No distributed run here can wait forever: ranks are started with ``spawn`` (never ``fork``: a
+forked copy of a process in which torch already runs threads can block for good on a lock one of
+those threads held), every process group has a timeout, every launch a deadline after which the
+ranks are killed, and each rank releases its DDP module before it destroys its process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +54,10 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 JSON_MARKER = "ALLREDUCE_JSON "
 """Prefix of the line :func:`main` prints on rank 0 (parsed by :func:`run_torchrun`)."""
+PG_TIMEOUT_S = 60.0
+"""Default seconds a rank waits for its peers (rendezvous, collectives) before it raises."""
+DEADLINE_S = 300.0
+"""Default seconds a launcher waits for all ranks of a job before it kills them and raises."""
 
 
 # --------------------------------------------------------------------------- theory, one process
@@ -200,35 +215,146 @@ def scaling_efficiency(compute_s: float, comm_s: float, overlap: float = 0.0) ->
 # --------------------------------------------------------------------------- real processes
 
 
+def _check_seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS picks it when we bind to port 0)."""
+    """A TCP port on 127.0.0.1 that is free right now (the OS picks it when we bind to port 0).
+
+    Racy: another process may take the port before we use it. :func:`launch` therefore meets in
+    a file instead; this is for ``MASTER_PORT`` in a one-process world.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def init_distributed(backend: str = "gloo", rank: int | None = None, world_size: int | None = None,
-                     port: int | None = None) -> torch.device:
+                     init_method: str | None = None, timeout_s: float = PG_TIMEOUT_S) -> torch.device:
     """Join the process group and return this rank's device (``cuda:local_rank`` for NCCL, else CPU).
 
-    With ``rank``/``world_size``/``port`` given (``mp.spawn``), rendezvous at ``127.0.0.1:port``.
-    Without them (``torchrun``), read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` from the environment: this is where the seed's undefined ``local_rank`` comes from.
+    With ``rank``/``world_size``/``init_method`` given (:func:`launch` passes them), meet the other
+    ranks at ``init_method`` (``file://...`` or ``tcp://host:port``). Without them (``torchrun``), read
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the environment:
+    this is where the seed's undefined ``local_rank`` comes from. A peer that does not arrive within
+    ``timeout_s`` seconds, here or later in a collective, makes this rank raise instead of waiting.
     """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    timeout = datetime.timedelta(seconds=_check_seconds("timeout_s", timeout_s))
     if rank is None:
+        if "LOCAL_RANK" not in os.environ:
+            raise ValueError("no rank given and LOCAL_RANK is not set: launch with torchrun or pass rank, "
+                             "world_size and init_method")
         local_rank = int(os.environ["LOCAL_RANK"])  # set by torchrun for each process on a node
-        dist.init_process_group(backend, init_method="env://")
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
-        if world_size is None or port is None:
-            raise ValueError("with an explicit rank, give world_size and port too")
+        if world_size is None or init_method is None:
+            raise ValueError("with an explicit rank, give world_size and init_method too")
+        if not init_method.startswith(("file://", "tcp://")):
+            raise ValueError(f"init_method must start with 'file://' or 'tcp://', got {init_method!r}")
         local_rank = rank  # one machine: local rank == global rank
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+        except RuntimeError as exc:  # gloo says only "Wait timeout" when a peer never came
+            raise RuntimeError(f"rank {rank} of {world_size} could not join the process group at {init_method} "
+                               f"within {timeout_s:g} s: did every rank start? ({exc})") from exc
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group: first free what still holds it, then destroy it. Call it in ``finally``.
+
+    A DDP module's ``Reducer`` (and a pipeline stage) holds the process group; delete them before
+    calling this. When a rank is failing, the frames of the exception's traceback still hold their
+    local variables, DDP modules among them: those frames are cleared (the traceback text stays).
+    Does nothing when no process group exists.
+    """
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+    gc.collect()  # DDP's Python objects hold reference cycles
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_rank(rank: int, worker: Callable[..., Any], world_size: int, init_method: str, out_dir: str,
+              args: tuple) -> None:
+    """What :func:`launch` runs in each child: call the worker, save what it returns for the parent."""
+    result = worker(rank, world_size, init_method, *args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _stop(processes: Sequence[Any], grace_s: float) -> None:
+    """SIGTERM the processes still alive, give them ``grace_s`` seconds, then SIGKILL; reap them all."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    end = time.monotonic() + grace_s
+    for proc in processes:
+        proc.join(max(0.0, end - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()  # SIGTERM is not enough for a process stuck in C++ with the signal blocked
+        proc.join()
+
+
+def launch(worker: Callable[..., Any], args: Sequence[Any] = (), world_size: int = 2, *,
+           deadline_s: float = DEADLINE_S, name: str | None = None, grace_s: float = 2.0) -> list[Any]:
+    """Run ``worker(rank, world_size, init_method, *args)`` in ``world_size`` new processes; return each rank's result.
+
+    - The ranks are started with the ``spawn`` method, as ``mp.spawn`` does: each is a new
+      interpreter that imports ``worker`` by name, so it must be a module-level function of an
+      importable module (not a lambda, not a notebook cell). ``args`` are pickled.
+    - ``init_method`` is a ``file://`` rendezvous in a fresh temporary directory: no TCP port to
+      pick, so concurrent jobs (say, two pytest-xdist workers) cannot take each other's.
+    - If a rank raises, the others are terminated and ``RuntimeError`` carries its traceback.
+    - If the ranks have not all finished ``deadline_s`` seconds after the start, they are
+      terminated (SIGKILL after ``grace_s`` more seconds) and ``TimeoutError`` is raised.
+
+    Returns the list of the ranks' return values (index = rank). They travel through
+    ``torch.save``/``torch.load(weights_only=True)``: tensors, numbers, strings, ``None`` and
+    lists, tuples and dicts of these.
+    """
+    _check_world_size(world_size)
+    deadline_s, grace_s = _check_seconds("deadline_s", deadline_s), float(grace_s)
+    if grace_s < 0:
+        raise ValueError(f"grace_s must be >= 0, got {grace_s}")
+    qualname = getattr(worker, "__qualname__", "")
+    if not callable(worker) or "<" in qualname or getattr(worker, "__module__", None) is None:
+        raise ValueError(f"worker must be a module-level function (spawned ranks import it by name), got {worker!r}")
+    if worker.__module__ == "__main__" and not hasattr(sys.modules["__main__"], "__file__"):
+        raise ValueError(f"worker {qualname} is defined in a notebook or REPL, which spawned ranks cannot import: "
+                         "move it into a module")
+    name = name or qualname
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="dlarch-launch-") as tmp:
+        init_method = "file://" + str(Path(tmp) / "rendezvous")
+        start = time.monotonic()
+        context = mp.start_processes(_run_rank, args=(worker, world_size, init_method, tmp, tuple(args)),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        try:
+            while not context.join(timeout=max(0.0, start + deadline_s - time.monotonic()), grace_period=grace_s):
+                if time.monotonic() >= start + deadline_s:
+                    running = [rank for rank, proc in enumerate(context.processes) if proc.is_alive()]
+                    raise TimeoutError(f"{name}: rank(s) {running} of {world_size} still running after the deadline "
+                                       f"of {deadline_s:g} s; all ranks were terminated")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            raise RuntimeError(f"{name}: rank {exc.error_index} of {world_size} failed, the others were "
+                               f"terminated. {exc}") from exc
+        finally:
+            _stop(context.processes, grace_s)  # nothing left to do when every rank has exited
+            for path in context.error_files:  # torch's tracebacks of failed ranks, in the system temp dir
+                Path(path).unlink(missing_ok=True)
+        return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 
 def make_mlp(hidden: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64,
@@ -258,6 +384,7 @@ class DDPJob:
     backend: str = "gloo"
     bucket_cap_mb: float = 25.0
     threads: int = 1
+    timeout_s: float = PG_TIMEOUT_S  # how long a rank waits for a missing peer before it raises
 
     def per_rank_batch(self, world_size: int) -> int:
         """Examples per rank and step; the global batch must split evenly."""
@@ -278,16 +405,18 @@ def _recording_allreduce_hook(bucket_numels, bucket):  # no annotations: DDP che
     return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def train_worker(rank: int, world_size: int, port: int, job: DDPJob, x: torch.Tensor, y: torch.Tensor,
-                 out_path: str) -> None:
-    """One DDP rank (the target of ``mp.spawn``): train ``make_mlp`` with SGD on its shards.
+def train_worker(rank: int, world_size: int, init_method: str, job: DDPJob, x: torch.Tensor,
+                 y: torch.Tensor) -> dict | None:
+    """One DDP rank (the worker of :func:`launch`): train ``make_mlp`` with SGD on its shards.
 
     The seed's sketch, corrected: the rank and device come from the launcher, the sampler is a
     ``DistributedSampler`` (disjoint shards) with ``set_epoch`` each epoch, and the loss is computed
-    from the model's output. Rank 0 saves the final weights and what was measured to ``out_path``.
+    from the model's output. Rank 0 returns the final weights and what was measured; the others
+    return ``None``. Whatever happens, the DDP module goes before the process group does.
     """
     torch.set_num_threads(job.threads)
-    device = init_distributed(job.backend, rank, world_size, port)
+    device = init_distributed(job.backend, rank, world_size, init_method, timeout_s=job.timeout_s)
+    ddp = None
     try:
         model = make_mlp(job.hidden, job.seed, job.dtype).to(device)
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -315,37 +444,34 @@ def train_worker(rank: int, world_size: int, port: int, job: DDPJob, x: torch.Te
         dist.all_gather(replicas, flat)  # every rank's weights, to check that they agree
         shards: list[list[int] | None] = [None] * world_size
         dist.all_gather_object(shards, epoch0)
-        if rank == 0:
-            torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                        "replica_max_diff": max(float((r - flat).abs().max()) for r in replicas),
-                        "bucket_numels": list(bucket_numels), "step_seconds": step_seconds,
-                        "epoch0_indices": shards}, out_path)
+        if rank != 0:
+            return None
+        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "replica_max_diff": max(float((r - flat).abs().max()) for r in replicas),
+                "bucket_numels": list(bucket_numels), "step_seconds": step_seconds, "epoch0_indices": shards}
     finally:
-        dist.destroy_process_group()
+        del ddp  # its Reducer holds the process group: release it first
+        shutdown_distributed()
 
 
-def spawn_ddp(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, start_method: str = "spawn") -> dict:
-    """Run :func:`train_worker` in ``world_size`` fresh processes and return rank 0's results.
+def spawn_ddp(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2,
+              deadline_s: float = DEADLINE_S) -> dict:
+    """Run :func:`train_worker` on ``world_size`` spawned processes (:func:`launch`); return rank 0's results.
 
-    ``start_method="spawn"`` (what ``mp.spawn`` does) starts clean interpreters, safe with CUDA;
-    ``"fork"`` (Linux, CPU only: never after CUDA is initialised) copies this process and skips
-    the seconds of re-importing torch, which the tests use.
+    Each rank is a fresh interpreter (the ``spawn`` start method), which costs a ``torch`` import
+    per rank but is safe with threads and CUDA. A rank that waits ``job.timeout_s`` seconds for a
+    missing peer raises; a job not done after ``deadline_s`` seconds is killed (``TimeoutError``).
 
     Keys: ``state_dict``, ``replica_max_diff``, ``bucket_numels`` (sizes of the gradient buckets
     of the last step, in elements), ``step_seconds``, ``epoch0_indices`` (each rank's shard).
     """
     job.per_rank_batch(world_size)  # fail early on a bad batch size
-    if start_method not in ("spawn", "fork", "forkserver"):
-        raise ValueError(f"start_method must be 'spawn', 'fork' or 'forkserver', got {start_method!r}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the number of examples: {x.shape[0]} vs {y.shape[0]}")
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = str(Path(tmp) / "rank0.pt")
-        mp.start_processes(train_worker, args=(world_size, free_port(), job, x, y, out_path), nprocs=world_size,
-                           join=True, start_method=start_method)
-        return torch.load(out_path, weights_only=True)
+    _check_seconds("job.timeout_s", job.timeout_s)
+    results = launch(train_worker, (job, x, y), world_size, deadline_s=deadline_s,
+                     name=f"spawn_ddp ({world_size} ranks, {job.backend})")
+    return results[0]
 
 
 def train_reference(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2,
@@ -412,8 +538,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--numels", default="1024,16384,131072,524288,2097152",
                         help="comma-separated tensor sizes (float32 elements)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=PG_TIMEOUT_S,
+                        help="seconds a rank waits for a missing peer before it fails")
     args = parser.parse_args(argv)
-    device = init_distributed(args.backend)  # rank, world size, local rank: from torchrun's environment
+    device = init_distributed(args.backend, timeout_s=args.timeout)  # rank, world size, local rank: from torchrun
     try:
         numels = [int(n) for n in args.numels.split(",")]
         seconds = time_allreduce(numels, repeats=args.repeats, device=device)
@@ -421,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(JSON_MARKER + json.dumps({"backend": args.backend, "world_size": dist.get_world_size(),
                                             "nbytes": [4 * n for n in numels], "seconds": seconds}), flush=True)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def torchrun_command(nproc: int, args: Sequence[str] = ()) -> list[str]:
@@ -432,12 +560,29 @@ def torchrun_command(nproc: int, args: Sequence[str] = ()) -> list[str]:
 
 
 def run_torchrun(nproc: int = 2, args: Sequence[str] = (), timeout: float = 120.0) -> dict:
-    """Run :func:`torchrun_command` as a subprocess and return the JSON that rank 0 printed."""
+    """Run :func:`torchrun_command` as a subprocess and return the JSON that rank 0 printed.
+
+    torchrun and its ranks run in a session of their own; if they are not done after ``timeout``
+    seconds, the whole session is killed and ``TimeoutError`` is raised.
+    """
+    timeout = _check_seconds("timeout", timeout)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(torchrun_command(nproc, args), capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(JSON_MARKER)]
+    proc = subprocess.Popen(torchrun_command(nproc, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+        stdout, stderr = proc.communicate()
+        raise TimeoutError(f"torchrun ({nproc} ranks) still running after the deadline of {timeout:g} s; killed it "
+                           f"and its ranks:\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): leave no ranks behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [line for line in stdout.splitlines() if line.startswith(JSON_MARKER)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return json.loads(lines[-1][len(JSON_MARKER):])
 
 

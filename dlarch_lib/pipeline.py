@@ -15,16 +15,15 @@ the model itself is too big for one device, we split *the model* instead:
   :func:`column_parallel_linear`, :func:`row_parallel_linear`, :func:`tp_comm_elements`.
 
 Spawned workers must be importable, so :func:`pipeline_worker` lives here, not in a notebook.
+Its processes are started, and joined with a deadline, by :func:`dlarch_lib.parallel.launch`;
+each rank joins and leaves its process group with :func:`~dlarch_lib.parallel.init_distributed`
+(with a timeout) and :func:`~dlarch_lib.parallel.shutdown_distributed`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -32,6 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from dlarch_lib.parallel import (DEADLINE_S, PG_TIMEOUT_S, _check_seconds, init_distributed, launch,
+                                  shutdown_distributed)
 
 # --------------------------------------------------------------------------- model parallelism
 
@@ -304,13 +306,6 @@ def _intervals(log: list[tuple[str, float]], stage: int) -> list[Task]:
     return tasks
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to port 0 and let the OS choose)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.device) -> dict[str, float]:
     """Column- and row-parallel ``Linear(16, 8)`` across ranks with all_gather / all_reduce."""
     torch.manual_seed(seed)
@@ -327,24 +322,22 @@ def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.devic
     return {"column_err": (col - full).abs().max().item(), "row_err": (row - full).abs().max().item()}
 
 
-def pipeline_worker(rank: int, world: int, port: int, config: dict, out_dir: str) -> None:
+def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> dict:
     """One rank of :func:`run_pipeline`: GPipe training steps with ``ScheduleGPipe`` (gloo or NCCL).
 
     For each micro-batch count ``m`` in ``config["microbatches"]`` it runs one warm-up step and
     ``config["repeats"]`` timed steps on a batch of ``m * config["micro_batch"]`` rows, logs the
     start/end of every forward and backward, checks the stage's gradients against the unsplit
-    model (rank-local reference), and saves everything to ``out_dir/rank{rank}.pt``.
-    ``config["device"]`` is ``"cpu"`` (gloo) or ``"cuda"`` (rank r on ``cuda:r``, NCCL).
+    model (rank-local reference), and returns all of it.
+    ``config["device"]`` is ``"cpu"`` (gloo) or ``"cuda"`` (rank r on ``cuda:r``, NCCL);
+    ``config["timeout_s"]`` is how long a rank waits for a missing peer before it raises.
     """
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = config["device"] == "cuda"
-    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = init_distributed("nccl" if cuda else "gloo", rank, world, init_method, timeout_s=config["timeout_s"])
+    stage = schedule = None
     try:
         result = {"tp": _tensor_parallel_check(rank, world, config["seed"], device), "runs": {}, "grad_err": {}}
         width, b = config["width"], config["micro_batch"]
@@ -376,9 +369,10 @@ def pipeline_worker(rank: int, world: int, port: int, config: dict, out_dir: str
             ref_stage = split_stages(reference, world)[rank]
             result["grad_err"][m] = max((pa.grad - pr.grad).abs().max().item()
                                         for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters()))
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        return result
     finally:
-        dist.destroy_process_group()
+        del stage, schedule  # they hold the process group: release them before destroying it
+        shutdown_distributed()
 
 
 @dataclass
@@ -398,11 +392,13 @@ class PipelineRun:
 
 def run_pipeline(world: int = 2, microbatches: Sequence[int] = (1, 2, 4, 8), micro_batch: int = 32,
                  width: int = 256, depth: int = 8, repeats: int = 3, seed: int = 0,
-                 device: str = "cpu") -> PipelineRun:
-    """Spawn ``world`` processes running :func:`pipeline_worker` and collect the results.
+                 device: str = "cpu", timeout_s: float = PG_TIMEOUT_S, deadline_s: float = DEADLINE_S) -> PipelineRun:
+    """Run :func:`pipeline_worker` on ``world`` spawned processes (:func:`~dlarch_lib.parallel.launch`).
 
     ``device="cpu"``: gloo processes on the CPU; ``device="cuda"``: one GPU per rank, NCCL.
     Each micro-batch has ``micro_batch`` rows, so the per-task work is the same for every ``m``.
+    A rank waits at most ``timeout_s`` seconds for a missing peer; the whole run is killed with a
+    ``TimeoutError`` if it is not done after ``deadline_s`` seconds.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -412,12 +408,14 @@ def run_pipeline(world: int = 2, microbatches: Sequence[int] = (1, 2, 4, 8), mic
         raise ValueError(f"a pipeline needs world >= 2 processes, got {world}")
     if depth % world:
         raise ValueError(f"depth={depth} layers cannot be split into {world} equal stages")
+    if not microbatches or min(microbatches) < 1 or repeats < 1:
+        raise ValueError(f"need micro-batch counts >= 1 and repeats >= 1, got {tuple(microbatches)}, {repeats}")
+    _check_seconds("timeout_s", timeout_s)
     config = dict(microbatches=list(microbatches), micro_batch=micro_batch, width=width, depth=depth,
-                  repeats=repeats, seed=seed, device=device)
+                  repeats=repeats, seed=seed, device=device, timeout_s=timeout_s)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.spawn(pipeline_worker, args=(world, free_port(), config, out_dir), nprocs=world)
-        results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    results = launch(pipeline_worker, (config,), world, deadline_s=deadline_s,
+                     name=f"run_pipeline ({world} ranks, {device})")
     seconds = time.perf_counter() - start
     runs = {m: [[Task(*row) for res in results for row in res["runs"][m][k]] for k in range(repeats)] for m in microbatches}
     grad_err = {m: max(res["grad_err"][m] for res in results) for m in microbatches}

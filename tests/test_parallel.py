@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,32 @@ from torch.utils.data import DistributedSampler
 
 from dlarch_lib import parallel
 from dlarch_lib.modular import count_parameters
+
+
+def _spawned_ranks() -> list[int]:
+    """Pids of this process's children that are ranks started by ``parallel.launch`` and still alive."""
+    pids = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:  # exited while we looked
+            pass
+    return pids
+
+
+def _sleeping_worker(rank: int, world_size: int, init_method: str, seconds: float) -> None:
+    """A rank that hangs (a worker for ``parallel.launch``: spawned ranks import it from this module)."""
+    time.sleep(seconds)
+
+
+def _lonely_rank_worker(rank: int, world_size: int, init_method: str) -> None:
+    """Rank 0 waits for rank 1 in the rendezvous; rank 1 never comes."""
+    if rank == 0:
+        parallel.init_distributed("gloo", rank, world_size, init_method, timeout_s=1.0)
+        parallel.shutdown_distributed()
+    else:
+        time.sleep(600)
 
 
 def _data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,20 +181,30 @@ def test_make_mlp_and_job_checks():
         parallel.DDPJob(batch_size=10).per_rank_batch(3)
 
 
-def test_free_port_and_init_errors():
+def test_free_port_and_init_errors(monkeypatch):
     port = parallel.free_port()
     assert 0 < port < 65536
     with pytest.raises(ValueError, match="backend"):
-        parallel.init_distributed("mpi", 0, 1, port)
-    with pytest.raises(ValueError, match="port"):
+        parallel.init_distributed("mpi", 0, 1, f"tcp://127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="init_method"):
         parallel.init_distributed("gloo", 0, 1, None)
+    with pytest.raises(ValueError, match="init_method"):
+        parallel.init_distributed("gloo", 0, 1, f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="timeout_s"):
+        parallel.init_distributed("gloo", 0, 1, f"tcp://127.0.0.1:{port}", timeout_s=0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        parallel.init_distributed("gloo")
+    assert not dist.is_initialized()
+    parallel.shutdown_distributed()  # no group: nothing to do
 
 
+@pytest.mark.timeout(120)
 def test_ddp_two_ranks_match_single_process():
     x, y = _data(n=101)  # odd: DistributedSampler pads
     job = parallel.DDPJob(epochs=2, batch_size=16, lr=0.1, hidden=16, bucket_cap_mb=0.001)
-    reference = parallel.train_reference(job, x, y, world_size=2)  # also pays torch's lazy imports before forking
-    result = parallel.spawn_ddp(job, x, y, world_size=2, start_method="fork")
+    reference = parallel.train_reference(job, x, y, world_size=2)
+    result = parallel.spawn_ddp(job, x, y, world_size=2, deadline_s=100)
     model = parallel.make_mlp(job.hidden, seed=1)
     model.load_state_dict(result["state_dict"])
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
@@ -183,8 +221,44 @@ def test_spawn_ddp_errors():
         parallel.spawn_ddp(parallel.DDPJob(batch_size=4), x, y[:5])
     with pytest.raises(ValueError, match="split evenly"):
         parallel.spawn_ddp(parallel.DDPJob(batch_size=5), x, y)
-    with pytest.raises(ValueError, match="start_method"):
-        parallel.spawn_ddp(parallel.DDPJob(batch_size=4), x, y, start_method="thread")
+    with pytest.raises(ValueError, match="deadline_s"):
+        parallel.spawn_ddp(parallel.DDPJob(batch_size=4), x, y, deadline_s=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        parallel.spawn_ddp(parallel.DDPJob(batch_size=4, timeout_s=-1.0), x, y)
+
+
+def test_launch_rejects_bad_input():
+    with pytest.raises(ValueError, match="module-level"):
+        parallel.launch(lambda rank, world_size, init_method: None)
+    with pytest.raises(ValueError, match="world_size"):
+        parallel.launch(_sleeping_worker, (0.0,), world_size=0)
+    with pytest.raises(ValueError, match="deadline_s"):
+        parallel.launch(_sleeping_worker, (0.0,), deadline_s=float("inf"))
+    with pytest.raises(ValueError, match="grace_s"):
+        parallel.launch(_sleeping_worker, (0.0,), grace_s=-1.0)
+    assert not _spawned_ranks()  # nothing was started
+
+
+@pytest.mark.timeout(60)
+def test_launch_kills_hung_ranks_at_the_deadline():
+    start = time.monotonic()
+    # one rank is enough here (each costs a torch import); the next test has a peer terminated
+    with pytest.raises(TimeoutError, match=r"hung job: rank\(s\) \[0\] of 1 still running after the deadline of 3 s"):
+        parallel.launch(_sleeping_worker, (600.0,), world_size=1, deadline_s=3, name="hung job", grace_s=1)
+    assert time.monotonic() - start < 3 + 1 + 10  # the deadline, the grace period, slack for a busy machine
+    assert not _spawned_ranks()  # terminated and reaped
+
+
+@pytest.mark.timeout(60)
+def test_launch_fails_fast_when_a_rank_never_joins():
+    # rank 0's process-group timeout (1 s) fires long before the launcher's deadline (50 s)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="lonely: rank 0 of 2 failed") as info:
+        parallel.launch(_lonely_rank_worker, world_size=2, deadline_s=50, name="lonely", grace_s=1)
+    assert time.monotonic() - start < 30
+    assert "rank 0 of 2 could not join the process group" in str(info.value)  # the rank's error comes along
+    assert "init_distributed" in str(info.value)  # with its traceback
+    assert not _spawned_ranks()  # rank 1, asleep, was terminated
 
 
 def test_main_in_process_world_of_one(monkeypatch, capsys):
@@ -206,6 +280,15 @@ def test_time_allreduce_rejects_bad_repeats():
         parallel.time_allreduce([8], repeats=0)
     with pytest.raises(ValueError, match="stat"):
         parallel.time_allreduce([8], stat="mean")
+
+
+def test_run_torchrun_kills_torchrun_at_the_deadline():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="deadline of 0.5 s"):
+        parallel.run_torchrun(2, ["--repeats", "1"], timeout=0.5)  # torchrun cannot even start in 0.5 s
+    assert time.monotonic() - start < 10
+    with pytest.raises(ValueError, match="timeout"):
+        parallel.run_torchrun(2, timeout=0)
 
 
 def test_torchrun_command():
