@@ -64,6 +64,7 @@ import traceback
 import zipfile
 from glob import glob
 from pathlib import Path
+from typing import Callable
 
 SOLUTION_TAG = "otter_assign_solution_cell"  # otter assign's tag of the cells a student writes
 CELL_TIMEOUT_S = 120
@@ -117,6 +118,28 @@ def _redirect_output(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1), os.dup2(fd, 2)
     os.close(fd)
+
+
+def _fork(work: Callable[[], None]) -> int:
+    """Run ``work()`` in a forked child that dies with this process; the child's pid.
+
+    The child leaves with ``os._exit`` (0, or 3 after printing the traceback of an exception),
+    without the interpreter's cleanup, which belongs to the parent."""
+    sys.stdout.flush(), sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _die_with_parent(parent)
+            work()
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    return pid
 
 
 def _wait(pid: int, deadline: float) -> int | None:
@@ -264,26 +287,16 @@ class Grader:
         if [c.source for c in cells[:len(self.shared)]] != self.shared:
             row["error"] = "its cells before the first solution cell differ from the base notebook's: grade it with otter run"
             return row
-        sys.stdout.flush(), sys.stderr.flush()
         self.threads_at_fork = max(self.threads_at_fork, threading.active_count())
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child: the rest of this notebook, then leave without any cleanup
-            code = 0
-            try:
-                _die_with_parent(parent)
-                _redirect_output(log)
-                before = set(sys.modules)
-                errors = self.run_cells([c.source for c in cells[len(self.shared):]])
-                print(f"[grade_variants] errors in cells (allowed, as under otter run): {errors}")
-                listing.write_text("\n".join(m for m in list(sys.modules) if m not in before))
-            except BaseException:
-                traceback.print_exc()
-                code = 3
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os._exit(code)
-        code = _wait(pid, start + timeout)
+
+        def rest_of_notebook() -> None:
+            _redirect_output(log)
+            before = set(sys.modules)
+            errors = self.run_cells([c.source for c in cells[len(self.shared):]])
+            print(f"[grade_variants] errors in cells (allowed, as under otter run): {errors}")
+            listing.write_text("\n".join(m for m in list(sys.modules) if m not in before))
+
+        code = _wait(_fork(rest_of_notebook), start + timeout)
         row["seconds"] = time.perf_counter() - start
         if code is None:
             row["error"] = f"ran over its time limit of {timeout:g} s"
@@ -356,27 +369,17 @@ def serve() -> None:
         out, logs = Path(request["out"]), Path(request["logs"])
         logs.mkdir(parents=True, exist_ok=True)
         start, threads = time.perf_counter(), threading.active_count()
-        sys.stdout.flush(), sys.stderr.flush()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _die_with_parent(parent)
-                answers.close()
-                _redirect_output(logs / "assignment.log")
-                report = grade_assignment(Path(request["zip"]), Path(request["base"]),
-                                          [Path(n) for n in request["notebooks"]], logs,
-                                          request["cell_timeout"], request["notebook_timeout"])
-                report["server_threads_at_fork"] = threads
-                out.write_text(json.dumps(report, indent=1))
-            except BaseException:
-                traceback.print_exc()
-                code = 3
-            finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os._exit(code)
-        code = _wait(pid, start + request["timeout"])
+
+        def one_assignment() -> None:
+            answers.close()
+            _redirect_output(logs / "assignment.log")
+            report = grade_assignment(Path(request["zip"]), Path(request["base"]),
+                                      [Path(n) for n in request["notebooks"]], logs,
+                                      request["cell_timeout"], request["notebook_timeout"])
+            report["server_threads_at_fork"] = threads
+            out.write_text(json.dumps(report, indent=1))
+
+        code = _wait(_fork(one_assignment), start + request["timeout"])
         log = logs / "assignment.log"
         error = ("" if code == 0 and out.exists() else
                  f"ran over its time limit of {request['timeout']:g} s" if code is None else
