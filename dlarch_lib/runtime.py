@@ -2,7 +2,7 @@
 
 Each chapter runs at one of two sizes:
 
-- ``"ci"``: small enough to finish in under a minute on a 2-core CPU (the test machine);
+- ``"ci"``: small enough to finish in at most 45 seconds on a 2-core CPU (the test machine);
 - ``"full"``: larger models and longer training for a GPU (Colab, a workstation).
 
 The size defaults to ``"full"`` when CUDA is available and ``"ci"`` otherwise; the

@@ -11,7 +11,9 @@ exception, including a failed ``assert``). This plugin keeps what nbval saw:
   into the jupyter-cache the website builds read, so neither website executes a chapter again.
 - **The timing table.** Every run that executes notebooks ends with a table of wall time per
   notebook (kernel start included), also written to ``_build/timings/notebooks.{csv,md}`` for the
-  website's statistics page. Over ``DLARCH_NB_BUDGET_S`` (45 s, the book's budget) the run fails.
+  website's statistics page. A notebook over ``DLARCH_NB_BUDGET_S`` (45 s, the book's budget) is
+  flagged; over ``DLARCH_NB_FAIL_S`` (60 s: wall time is the one measurement here that load can
+  stretch, and a landing must not fail on a burst of it) the run fails.
 
 It works with pytest-xdist (``--dist loadfile``: each notebook runs whole on one worker, which
 writes it; the controller, which sees every report, writes the table).
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXECUTED_DIR = Path(os.environ.get("DLARCH_EXECUTED_DIR", ROOT / "_build" / "executed"))
 TIMINGS_DIR = Path(os.environ.get("DLARCH_TIMINGS_DIR", ROOT / "_build" / "timings"))
 BUDGET_S = float(os.environ.get("DLARCH_NB_BUDGET_S", "45"))
+FAIL_S = float(os.environ.get("DLARCH_NB_FAIL_S", "60"))
 
 
 def _is_cell(item) -> bool:
@@ -153,7 +156,7 @@ def pytest_sessionfinish(session, exitstatus):
     (TIMINGS_DIR / "notebooks.json").write_text(json.dumps(
         {"budget_s": BUDGET_S, "rows": [{"notebook": p, "seconds": round(s, 1), "status": st} for p, s, st in rows]},
         indent=1))
-    if any(s > BUDGET_S for _, s, _ in rows) and session.exitstatus == 0:
+    if any(s > FAIL_S for _, s, _ in rows) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -162,11 +165,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     rows = _rows()
     tr = terminalreporter
-    tr.section(f"notebook wall time (budget {BUDGET_S:.0f} s each; over it fails the run)")
+    tr.section(f"notebook wall time (budget {BUDGET_S:.0f} s each; over {FAIL_S:.0f} s fails the run)")
     width = max(len(p) for p, _, _ in rows)
     for path, seconds, status in rows:
         tr.write_line(f"{path:<{width}}  {seconds:7.1f} s  {status}")
     tr.write_line(f"{'total':<{width}}  {sum(s for _, s, _ in rows):7.1f} s  ({len(rows)} notebooks)")
     over = [p for p, s, _ in rows if s > BUDGET_S]
     if over:
-        tr.write_line(f"FAIL: over the {BUDGET_S:.0f} s budget: {', '.join(over)}", red=True)
+        fail = any(s > FAIL_S for _, s, _ in rows)
+        tr.write_line(f"{'FAIL' if fail else 'WARNING'}: over the {BUDGET_S:.0f} s budget: {', '.join(over)}", red=True)
