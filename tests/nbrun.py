@@ -10,7 +10,7 @@ exception, including a failed ``assert``). This plugin keeps what nbval saw:
   keep their recorded outputs. ``tools/nb.py cache-executed`` then puts the notebooks that passed
   into the jupyter-cache the website builds read, so neither website executes a chapter again.
 - **The timing table.** Every run that executes notebooks ends with a table of wall time per
-  notebook (kernel start included), also written to ``_build/timings/notebooks.{csv,md}`` for the
+  notebook (kernel start included), also written to ``_build/timings/notebooks.csv`` for the
   website's statistics page. A notebook over ``DLARCH_NB_BUDGET_S`` (45 s, the book's budget) is
   flagged; over ``DLARCH_NB_FAIL_S`` (60 s: wall time is the one measurement here that load can
   stretch, and a landing must not fail on a burst of it) the run fails.
@@ -21,7 +21,6 @@ writes it; the controller, which sees every report, writes the table).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import defaultdict
@@ -136,14 +135,6 @@ def _rows() -> list[tuple[str, float, str]]:
     return rows
 
 
-def timing_table_markdown(rows: list[tuple[str, float, str]]) -> str:
-    """The timing table as a Markdown table (the statistics page renders the CSV itself)."""
-    lines = ["| notebook | seconds | status |", "|---|---:|---|"]
-    lines += [f"| {p} | {s:.1f} | {st} |" for p, s, st in rows]
-    lines.append(f"| **total** | **{sum(s for _, s, _ in rows):.1f}** | |")
-    return "\n".join(lines) + "\n"
-
-
 def pytest_sessionfinish(session, exitstatus):
     if not _seconds or not _is_controller(session.config):
         return
@@ -152,10 +143,6 @@ def pytest_sessionfinish(session, exitstatus):
     with open(TIMINGS_DIR / "notebooks.csv", "w") as f:
         f.write("notebook,seconds,status\n")
         f.writelines(f"{p},{s:.1f},{st}\n" for p, s, st in rows)
-    (TIMINGS_DIR / "notebooks.md").write_text(timing_table_markdown(rows))
-    (TIMINGS_DIR / "notebooks.json").write_text(json.dumps(
-        {"budget_s": BUDGET_S, "rows": [{"notebook": p, "seconds": round(s, 1), "status": st} for p, s, st in rows]},
-        indent=1))
     if any(s > FAIL_S for _, s, _ in rows) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
