@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -63,7 +63,9 @@ def five_tuple(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     return FiveTuple(layers, activations, weights, biases, opt)
 
 
-def interpolating_relu_net(f: Callable[[torch.Tensor], torch.Tensor], n_pieces: int, lo: float = 0.0, hi: float = 1.0) -> nn.Sequential:
+def interpolating_relu_net(
+    f: Callable[[torch.Tensor], torch.Tensor], n_pieces: int, lo: float = 0.0, hi: float = 1.0
+) -> nn.Sequential:
     """A one-hidden-layer ReLU network equal to the piecewise-linear interpolant of ``f``.
 
     With knots ``t_0 < ... < t_n`` (uniform on ``[lo, hi]``) and slopes ``s_j`` of the
@@ -96,7 +98,9 @@ def one_hidden_layer(width: int, activation: type[nn.Module] = nn.ReLU) -> nn.Se
     return nn.Sequential(nn.Linear(1, width), activation(), nn.Linear(width, 1))
 
 
-def sup_error(f: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, lo: float = 0.0, hi: float = 1.0, n: int = 10_001) -> float:
+def sup_error(
+    f: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, lo: float = 0.0, hi: float = 1.0, n: int = 10_001
+) -> float:
     """Sup-norm error ``max |f(x) - model(x)|`` estimated on a fine uniform grid of ``n`` points."""
     x = torch.linspace(lo, hi, n, dtype=torch.float64)[:, None]  # (n, 1)
     param = next(model.parameters(), None)

@@ -28,7 +28,9 @@ def scaled_dot_product_attention(
     Returns ``out (..., T_q, d_v)`` and ``weights (..., T_q, T_k)``.
     """
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
-        raise ValueError(f"q, k, v need at least 2 dims (..., T, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v need at least 2 dims (..., T, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share the last dim d_k; got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
@@ -42,7 +44,9 @@ def scaled_dot_product_attention(
         try:
             torch.broadcast_shapes(mask.shape, scores.shape)
         except RuntimeError as err:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(scores.shape)}") from err
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(scores.shape)}"
+            ) from err
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)  # (..., T_q, T_k); rows of -inf give nan ...
     if mask is not None:
@@ -122,7 +126,7 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if return_weights else out
 
     @torch.no_grad()
-    def load_from_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
+    def load_from_torch(self, mha: nn.MultiheadAttention) -> MultiHeadAttention:
         """Copy the weights of a ``nn.MultiheadAttention`` with the same size (returns ``self``)."""
         if mha.embed_dim != self.d_model or mha.num_heads != self.n_heads:
             raise ValueError(
@@ -187,7 +191,9 @@ class GPT(nn.Module):
     and an output layer tied to the token embedding. ``forward(idx (B, T)) -> logits (B, T, V)``.
     """
 
-    def __init__(self, vocab_size: int, context: int, d_model: int, n_heads: int, n_layers: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, vocab_size: int, context: int, d_model: int, n_heads: int, n_layers: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if vocab_size < 1 or context < 1 or n_layers < 1:
             raise ValueError(f"vocab_size, context and n_layers must be >= 1; got {vocab_size}, {context}, {n_layers}")

@@ -12,14 +12,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlarch_lib.data import Split, load_digits_split
-from dlarch_lib.train import History, evaluate, fit
+from dlarch_lib.core.data import Split, load_digits_split
+from dlarch_lib.core.train import History, evaluate, fit
 
 IntOrPair = int | tuple[int, int]
 
@@ -82,7 +82,11 @@ def conv2d(
         raise ValueError(f"weight expects {c_per_group * groups} input channels (groups={groups}), x has {c}")
     if bias is not None and tuple(bias.shape) != (o,):
         raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    (sh, sw), (ph, pw), (dh, dw) = (
+        _pair(stride, "stride", 1),
+        _pair(padding, "padding", 0),
+        _pair(dilation, "dilation", 1),
+    )
     ho = conv_output_size(h, kh, sh, ph, dh)
     wo = conv_output_size(w, kw, sw, pw, dw)
 
@@ -166,7 +170,9 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or stride < 1:
-            raise ValueError(f"need in_channels, out_channels, stride >= 1; got {in_channels}, {out_channels}, {stride}")
+            raise ValueError(
+                f"need in_channels, out_channels, stride >= 1; got {in_channels}, {out_channels}, {stride}"
+            )
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
@@ -195,13 +201,19 @@ class SmallResNet(nn.Module):
     global average pool -> :meth:`features` ``(N, 2 width)``; linear -> logits ``(N, num_classes)``.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32, blocks: tuple[int, int] = (1, 1), in_channels: int = 1) -> None:
+    def __init__(
+        self, num_classes: int = 10, width: int = 32, blocks: tuple[int, int] = (1, 1), in_channels: int = 1
+    ) -> None:
         super().__init__()
         if num_classes < 2 or width < 1 or in_channels < 1:
-            raise ValueError(f"need num_classes >= 2, width >= 1, in_channels >= 1; got {num_classes}, {width}, {in_channels}")
+            raise ValueError(
+                f"need num_classes >= 2, width >= 1, in_channels >= 1; got {num_classes}, {width}, {in_channels}"
+            )
         if len(blocks) != 2 or min(blocks) < 1:
             raise ValueError(f"blocks must be two positive counts (stage 1, stage 2), got {blocks!r}")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         stage1 = [ResBlock(width, width) for _ in range(blocks[0])]
         stage2 = [ResBlock(width, 2 * width, stride=2)] + [ResBlock(2 * width, 2 * width) for _ in range(blocks[1] - 1)]
         self.stages = nn.Sequential(*stage1, *stage2)
@@ -236,8 +248,18 @@ def fit_digits_classifier(
     """
     torch.manual_seed(seed)
     train, val, test = split.loaders(batch_size=batch_size, seed=seed)
-    history = fit(model, train, epochs=epochs, lr=lr, optimizer="adamw", weight_decay=5e-4,
-                  val_loader=val, device=device, progress=progress, desc="SmallResNet")
+    history = fit(
+        model,
+        train,
+        epochs=epochs,
+        lr=lr,
+        optimizer="adamw",
+        weight_decay=5e-4,
+        val_loader=val,
+        device=device,
+        progress=progress,
+        desc="SmallResNet",
+    )
     return history, evaluate(model, test, device=device)["acc"]
 
 

@@ -8,7 +8,7 @@ Closed forms, each checked in the tests against what PyTorch actually builds and
 - FLOPs of one forward pass: :func:`linear_flops`, :func:`conv2d_flops`, :func:`mha_flops`,
   :func:`lstm_flops`, :func:`gpt_flops`. The convention is ``torch.utils.flop_counter``'s:
   a multiply-add is 2 FLOPs and only matrix products and convolutions are counted (bias adds,
-  activations, softmax and normalisation are not). :func:`dlarch_lib.modular.forward_flops`
+  activations, softmax and normalisation are not). :func:`dlarch_lib.measure.forward_flops`
   runs the counter.
 - activation memory: :func:`saved_activation_bytes` measures the tensors autograd keeps for
   the backward pass; :func:`mlp_saved_bytes` and :func:`cnn_saved_bytes` predict them.
@@ -21,7 +21,8 @@ Closed forms, each checked in the tests against what PyTorch actually builds and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +30,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dlarch_lib import bench
 from dlarch_lib.cnn import _pair, conv_output_size
-from dlarch_lib.modular import CNNConfig, forward_flops
+from dlarch_lib.core import measure
+from dlarch_lib.core.measure import forward_flops
+from dlarch_lib.modular import CNNConfig
 
 IntOrPair = int | tuple[int, int]
 
@@ -98,7 +100,7 @@ def lstm_params(d_in: int, hidden: int, layers: int = 1, biases: int = 2) -> int
     _positive(d_in=d_in, hidden=hidden, layers=layers)
     if biases not in (0, 1, 2):
         raise ValueError(f"biases must be 0, 1 or 2 bias vectors per gate, got {biases!r}")
-    per_layer = lambda d: 4 * (hidden * (d + hidden) + biases * hidden)  # noqa: E731
+    per_layer = lambda d: 4 * (hidden * (d + hidden) + biases * hidden)
     return per_layer(d_in) + (layers - 1) * per_layer(hidden)
 
 
@@ -143,7 +145,11 @@ def conv2d_flops(
     conv2d_params(c_in, c_out, kernel, groups)  # validates channels, groups, kernel
     _positive(batch=batch)
     (h, w), (kh, kw) = _pair(size, "size", 1), _pair(kernel, "kernel", 1)
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    (sh, sw), (ph, pw), (dh, dw) = (
+        _pair(stride, "stride", 1),
+        _pair(padding, "padding", 0),
+        _pair(dilation, "dilation", 1),
+    )
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     return 2 * batch * c_out * ho * wo * (c_in // groups) * kh * kw
 
@@ -174,11 +180,13 @@ def lstm_flops(d_in: int, hidden: int, T: int, batch: int = 1, layers: int = 1) 
     The gate non-linearities and the cell update (``O(B T h)`` elementwise work) are not counted.
     """
     _positive(d_in=d_in, hidden=hidden, T=T, batch=batch, layers=layers)
-    per_layer = lambda d: 2 * batch * T * 4 * hidden * (d + hidden)  # noqa: E731
+    per_layer = lambda d: 2 * batch * T * 4 * hidden * (d + hidden)
     return per_layer(d_in) + (layers - 1) * per_layer(hidden)
 
 
-def gpt_flops(T: int, vocab_size: int, d_model: int, n_heads: int, n_layers: int, mlp_ratio: int = 4, batch: int = 1) -> int:
+def gpt_flops(
+    T: int, vocab_size: int, d_model: int, n_heads: int, n_layers: int, mlp_ratio: int = 4, batch: int = 1
+) -> int:
     """Forward FLOPs of :class:`dlarch_lib.attention.GPT` on ``(batch, T)`` tokens.
 
     Per block: attention :func:`mha_flops` plus the MLP ``2 * linear_flops(d, r d, T)``; then the
@@ -261,7 +269,7 @@ class _OpRecorder(TorchDispatchMode):
         super().__init__()
         self.bytes, self.largest_numel = 0, 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
@@ -309,8 +317,11 @@ def arithmetic_intensity(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """FLOPs of ``model(x)`` (flop counter), both traffic models, and FLOPs per byte for each."""
     flops = forward_flops(model, x)
     traffic = traffic_bytes(model, x)
-    return {"flops": flops, **{f"{k}_bytes": v for k, v in traffic.items()},
-            **{f"{k}_intensity": flops / v for k, v in traffic.items()}}
+    return {
+        "flops": flops,
+        **{f"{k}_bytes": v for k, v in traffic.items()},
+        **{f"{k}_intensity": flops / v for k, v in traffic.items()},
+    }
 
 
 def book_models(vocab_size: int, batch: int = 1) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -342,20 +353,22 @@ def book_models(vocab_size: int, batch: int = 1) -> dict[str, tuple[nn.Module, t
 
 
 def min_time_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, clock: str | None = None) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn()`` (:func:`dlarch_lib.bench.timings_ms`), in ms.
+    """The fastest of ``repeats`` timed calls of ``fn()`` (:func:`dlarch_lib.measure.timings_ms`), in ms.
 
     For a scaling law the minimum is the right statistic: other programs on a loaded machine can
     only make a run slower, so the fastest run is the least disturbed one. ``clock`` defaults to
-    :func:`dlarch_lib.bench.steady_clock` (CPU time for single-threaded CPU work, else wall time).
+    :func:`dlarch_lib.measure.steady_clock` (CPU time for single-threaded CPU work, else wall time).
     """
-    return min(bench.timings_ms(fn, repeats, warmup, clock=clock or bench.steady_clock()))
+    return min(measure.timings_ms(fn, repeats, warmup, clock=clock or measure.steady_clock()))
 
 
 def loglog_slope(sizes: Sequence[float], times: Sequence[float]) -> float:
     """Least-squares slope of ``log(times)`` against ``log(sizes)``: the exponent ``p`` in ``time ~ size^p``."""
     sizes, times = np.asarray(sizes, dtype=float), np.asarray(times, dtype=float)
     if sizes.shape != times.shape or sizes.ndim != 1 or len(sizes) < 2:
-        raise ValueError(f"need two equal-length 1-D sequences of at least 2 points, got {sizes.shape} and {times.shape}")
+        raise ValueError(
+            f"need two equal-length 1-D sequences of at least 2 points, got {sizes.shape} and {times.shape}"
+        )
     if (sizes <= 0).any() or (times <= 0).any():
         raise ValueError("sizes and times must be positive to take logarithms")
     return float(np.polyfit(np.log(sizes), np.log(times), 1)[0])

@@ -26,27 +26,33 @@ from __future__ import annotations
 import collections
 import os
 import re
+import statistics
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
+from tqdm import tqdm  # plain text bars, as in dlarch_lib.core.train
 
-from dlarch_lib import bench, hardware
-from dlarch_lib.bench import median_ms
-from dlarch_lib.modular import latency_ms
+from dlarch_lib.core import hardware, measure
 
 # --- export and inspection -----------------------------------------------------------------
 
 
 def export_onnx(
-    model: nn.Module, path: str | os.PathLike, example: torch.Tensor, *, opset: int = 17,
-    dynamic_batch: bool = True, input_name: str = "x", output_name: str = "logits",
+    model: nn.Module,
+    path: str | os.PathLike,
+    example: torch.Tensor,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    input_name: str = "x",
+    output_name: str = "logits",
 ) -> str:
     """Export ``model`` (put in eval mode) to ONNX at ``path``; returns ``path`` as a string.
 
@@ -69,11 +75,20 @@ def export_onnx(
     axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
         warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[input_name], output_names=[output_name], dynamic_axes=axes,
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes=axes,
         )
     return str(path)
 
@@ -135,7 +150,9 @@ def graph_summary(model: Any) -> GraphSummary:
     graph = model.graph
     weights = {init.name for init in graph.initializer}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    ops = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in graph.node)
+    ops = collections.Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in graph.node
+    )
     return GraphSummary(
         opset=opset,
         ops=ops,
@@ -159,10 +176,21 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         raise ValueError(f"BatchNorm has {bn.num_features} channels, the convolution {conv.out_channels}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    )
     with torch.no_grad():
-        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        gain = (
+            bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        )
         shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.weight.copy_(conv.weight * gain.view(-1, 1, 1, 1))  # (O, C/g, kh, kw)
@@ -175,7 +203,7 @@ class DigitsPipeline(nn.Module):
 
     Input: raw digit images ``(N, 8, 8)``, grey levels 0..16 as float (``load_digits().images``).
     Pre-processing: divide by 16 and add the channel axis -> ``(N, 1, 8, 8)`` in [0, 1], as in
-    :func:`dlarch_lib.data.digits_arrays`. Post-processing: softmax -> probabilities ``(N, classes)``.
+    :func:`dlarch_lib.core.data.digits_arrays`. Post-processing: softmax -> probabilities ``(N, classes)``.
     """
 
     def __init__(self, model: nn.Module, max_level: float = 16.0) -> None:
@@ -238,8 +266,11 @@ def available_opt_levels() -> list[str]:
 
 
 def ort_session(
-    path: str | os.PathLike, threads: int | None = None, level: str = "all",
-    optimized_path: str | os.PathLike | None = None, providers: Sequence[Any] | None = None,
+    path: str | os.PathLike,
+    threads: int | None = None,
+    level: str = "all",
+    optimized_path: str | os.PathLike | None = None,
+    providers: Sequence[Any] | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` for the ONNX file ``path``.
 
@@ -273,27 +304,29 @@ def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
 def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall") -> float:
     """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing).
 
-    ``clock`` is one of :data:`dlarch_lib.bench.CLOCKS`: ``"wall"`` (the default), or ``"cpu"``
+    ``clock`` is one of :data:`dlarch_lib.measure.CLOCKS`: ``"wall"`` (the default), or ``"cpu"``
     for the process's CPU time, which other programs on a shared machine cannot inflate directly
-    (right for one intra-op thread; see :func:`dlarch_lib.bench.steady_clock`).
+    (right for one intra-op thread; see :func:`dlarch_lib.measure.steady_clock`).
     """
     feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
     if clock == "wall":
-        return median_ms(lambda: session.run(None, feed), repeats, warmup)
-    return float(np.median(bench.timings_ms(lambda: session.run(None, feed), repeats, warmup, clock=clock)))
+        return statistics.median(measure.timings_ms(lambda: session.run(None, feed), repeats, warmup))
+    return float(np.median(measure.timings_ms(lambda: session.run(None, feed), repeats, warmup, clock=clock)))
 
 
-def eager_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall") -> float:
+def eager_latency_ms(
+    model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall"
+) -> float:
     """Median latency (ms) of a PyTorch forward pass of ``model`` on ``x`` (eval mode, no grad).
 
     With ``clock="wall"`` this is :func:`dlarch_lib.modular.latency_ms`; any other clock of
-    :data:`dlarch_lib.bench.CLOCKS` times the calls with :func:`dlarch_lib.bench.timings_ms`.
+    :data:`dlarch_lib.measure.CLOCKS` times the calls with :func:`dlarch_lib.measure.timings_ms`.
     """
     if clock == "wall":
-        return latency_ms(model, x, repeats=repeats, warmup=warmup)
+        return statistics.median(measure.timings_ms(measure.inference_call(model, x), repeats, warmup, device=x.device))
     model.eval()
     with torch.no_grad():
-        return float(np.median(bench.timings_ms(lambda: model(x), repeats, warmup, device=x.device, clock=clock)))
+        return float(np.median(measure.timings_ms(lambda: model(x), repeats, warmup, device=x.device, clock=clock)))
 
 
 def optimized_graph(path: str | os.PathLike, level: str, out: str | os.PathLike, threads: int = 1) -> GraphSummary:
@@ -325,8 +358,14 @@ def parity(
 
 
 def latency_sweep(
-    model: nn.Module, session: Any, pool: torch.Tensor, batch_sizes: Sequence[int],
-    budget: int = 2000, rounds: int = 3, progress: bool = True, clock: str = "wall",
+    model: nn.Module,
+    session: Any,
+    pool: torch.Tensor,
+    batch_sizes: Sequence[int],
+    budget: int = 2000,
+    rounds: int = 3,
+    progress: bool = True,
+    clock: str = "wall",
 ) -> list[dict[str, float]]:
     """Median latency of PyTorch eager and ONNX Runtime on batches of ``pool`` ``(N, ...)``.
 
@@ -343,8 +382,8 @@ def latency_sweep(
         raise ValueError(f"the pool has {len(pool)} inputs, fewer than the largest batch {max(batch_sizes)}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if clock not in bench.CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(bench.CLOCKS)}, got {clock!r}")
+    if clock not in measure.CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(measure.CLOCKS)}, got {clock!r}")
     rows = []
     for b in tqdm(batch_sizes, desc="latency sweep", disable=not progress):
         x, repeats = pool[:b].contiguous(), max(4, budget // (rounds * (b + 9)))
@@ -374,8 +413,9 @@ def fit_latency(batch: Sequence[float], ms: Sequence[float]) -> tuple[float, flo
     return float(alpha), float(beta)
 
 
-def available_providers(wanted: Sequence[str] = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
-                                                 "CPUExecutionProvider")) -> list[str]:
+def available_providers(
+    wanted: Sequence[str] = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+) -> list[str]:
     """The execution providers of ``wanted`` that this ``onnxruntime`` build offers, in ``wanted``'s order.
 
     The CPU build (``pip install onnxruntime``) has only the CPU provider;
@@ -417,7 +457,11 @@ def removed_trt_apis(source: str) -> dict[str, str]:
 
 
 def build_trt_engine(
-    onnx_path: str | os.PathLike, *, fp16: bool = True, int8: bool = False, workspace_bytes: int = 1 << 30,
+    onnx_path: str | os.PathLike,
+    *,
+    fp16: bool = True,
+    int8: bool = False,
+    workspace_bytes: int = 1 << 30,
     batch: tuple[int, int, int] = (1, 64, 256),
 ) -> bytes:
     """Build a serialized TensorRT engine (a "plan") for an ONNX file with a dynamic batch axis.
@@ -451,8 +495,10 @@ def build_trt_engine(
     for wanted, flag in ((fp16, "FP16"), (int8, "INT8")):
         if wanted:
             if not hasattr(trt.BuilderFlag, flag):
-                raise RuntimeError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in 11): "
-                                   "export the model in the precision you want and build with the flag off")
+                raise RuntimeError(
+                    f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in 11): "
+                    "export the model in the precision you want and build with the flag off"
+                )
             config.set_flag(getattr(trt.BuilderFlag, flag))
     tensor = network.get_input(0)
     profile = builder.create_optimization_profile()
@@ -498,7 +544,9 @@ class TensorRTRunner:
         x = x.to("cuda", self._dtype(self.input)).contiguous()
         if not self.context.set_input_shape(self.input, tuple(x.shape)):
             raise ValueError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile")
-        y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda", dtype=self._dtype(self.output))
+        y = torch.empty(
+            tuple(self.context.get_tensor_shape(self.output)), device="cuda", dtype=self._dtype(self.output)
+        )
         self.context.set_tensor_address(self.input, x.data_ptr())
         self.context.set_tensor_address(self.output, y.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):

@@ -81,12 +81,17 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5, s
     return torch.tensor(keep, dtype=torch.long)
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float = 0.5
+) -> torch.Tensor:
     """NMS run separately per class: boxes of different ``labels`` never suppress each other."""
     _check_boxes(boxes)
     if labels.shape != scores.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must match")
-    keep = [torch.nonzero(labels == c).flatten()[nms(boxes[labels == c], scores[labels == c], iou_threshold)] for c in labels.unique()]
+    keep = [
+        torch.nonzero(labels == c).flatten()[nms(boxes[labels == c], scores[labels == c], iou_threshold)]
+        for c in labels.unique()
+    ]
     keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
     return keep[scores[keep].argsort(descending=True, stable=True)]
 
@@ -94,7 +99,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
 def precision_recall(tp: torch.Tensor, scores: torch.Tensor, num_gt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recall and precision ``(K + 1,)`` after each of the ``K`` detections ranked by ``scores`` (rank 0: R = 0, P = 1)."""
     if tp.shape != scores.shape or tp.ndim != 1:
-        raise ValueError(f"tp and scores must be 1-D and of equal shape, got {tuple(tp.shape)} and {tuple(scores.shape)}")
+        raise ValueError(
+            f"tp and scores must be 1-D and of equal shape, got {tuple(tp.shape)} and {tuple(scores.shape)}"
+        )
     if num_gt < 1:
         raise ValueError(f"num_gt must be >= 1, got {num_gt}")
     hits = tp[scores.argsort(descending=True, stable=True)].double().cumsum(0)  # TP_k
@@ -182,20 +189,29 @@ def encode_grid(boxes: torch.Tensor, labels: torch.Tensor, size: int, grid: int,
     wh = boxes[:, 2:] - boxes[:, :2]  # (K, 2) in pixels
     for k in (wh.prod(1)).argsort().tolist():  # small to large: larger boxes overwrite
         col, row = centre[k].floor().long().clamp(0, grid - 1).tolist()
-        target[:, row, col] = torch.cat([
-            torch.ones(1), centre[k] - torch.tensor([col, row]), torch.log(wh[k] / anchor), (labels[k] - 1).float().view(1)
-        ])
+        target[:, row, col] = torch.cat(
+            [
+                torch.ones(1),
+                centre[k] - torch.tensor([col, row]),
+                torch.log(wh[k] / anchor),
+                (labels[k] - 1).float().view(1),
+            ]
+        )
     return target
 
 
-def decode_grid(obj: torch.Tensor, offsets: torch.Tensor, log_wh: torch.Tensor, size: int, anchor: float) -> torch.Tensor:
+def decode_grid(
+    obj: torch.Tensor, offsets: torch.Tensor, log_wh: torch.Tensor, size: int, anchor: float
+) -> torch.Tensor:
     """Boxes ``(N, S, S, 4)`` from cell offsets ``(N, 2, S, S)`` in [0, 1] and ``log(w/a)`` ``(N, 2, S, S)``.
 
     ``obj`` ``(N, S, S)`` is only checked for shape; every cell gets a box.
     """
     n, _, grid, _ = offsets.shape
     if obj.shape != (n, grid, grid) or log_wh.shape != offsets.shape:
-        raise ValueError(f"obj {tuple(obj.shape)}, offsets {tuple(offsets.shape)}, log_wh {tuple(log_wh.shape)} disagree")
+        raise ValueError(
+            f"obj {tuple(obj.shape)}, offsets {tuple(offsets.shape)}, log_wh {tuple(log_wh.shape)} disagree"
+        )
     cell = size / grid
     cols = torch.arange(grid, dtype=offsets.dtype).view(1, 1, grid)
     rows = torch.arange(grid, dtype=offsets.dtype).view(1, grid, 1)
@@ -214,14 +230,19 @@ class TinyYOLO(nn.Module):
     Output ``(N, 5 + C, S, S)``: objectness logit, offset logits (x, y), log(w/a), log(h/a), class logits.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16, size: int = 32, anchor: float = 8.0):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16, size: int = 32, anchor: float = 8.0
+    ):
         super().__init__()
         if size % 4:
             raise ValueError(f"size must be divisible by 4 (stride of the backbone), got {size}")
         self.size, self.grid, self.anchor, self.num_classes = size, size // 4, anchor, num_classes
         self.backbone = nn.Sequential(  # (N, C_in, H, W) -> (N, 4w, H/4, W/4)
-            _conv(in_channels, width, 2), _conv(width, 2 * width), _conv(2 * width, 2 * width, 2),
-            _conv(2 * width, 4 * width), _conv(4 * width, 4 * width),
+            _conv(in_channels, width, 2),
+            _conv(width, 2 * width),
+            _conv(2 * width, 2 * width, 2),
+            _conv(2 * width, 4 * width),
+            _conv(4 * width, 4 * width),
         )
         self.head = nn.Conv2d(4 * width, 5 + num_classes, 1)
 
@@ -239,19 +260,27 @@ def yolo_loss(pred: torch.Tensor, target: torch.Tensor, coord_weight: float = 5.
     obj = target[:, 0] > 0.5  # (N, S, S)
     loss = F.binary_cross_entropy_with_logits(pred[:, 0], target[:, 0], reduction="sum")
     p, t = pred.permute(0, 2, 3, 1)[obj], target.permute(0, 2, 3, 1)[obj]  # (K, 5 + C), (K, 6)
-    box = F.mse_loss(p[:, 1:3].sigmoid(), t[:, 1:3], reduction="sum") + F.mse_loss(p[:, 3:5], t[:, 3:5], reduction="sum")
+    box = F.mse_loss(p[:, 1:3].sigmoid(), t[:, 1:3], reduction="sum") + F.mse_loss(
+        p[:, 3:5], t[:, 3:5], reduction="sum"
+    )
     cls = F.cross_entropy(p[:, 5:], t[:, 5].long(), reduction="sum")
     return (loss + coord_weight * box + cls) / pred.shape[0]
 
 
 @torch.no_grad()
 def yolo_detect(
-    model: TinyYOLO, images: torch.Tensor, score_threshold: float = 0.05, iou_threshold: float = 0.5, use_nms: bool = True
+    model: TinyYOLO,
+    images: torch.Tensor,
+    score_threshold: float = 0.05,
+    iou_threshold: float = 0.5,
+    use_nms: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Boxes, scores (objectness x class probability) and labels (1..C) per image, after per-class NMS."""
     model.eval()
     pred = model(images)  # (N, 5 + C, S, S)
-    boxes = decode_grid(pred[:, 0], pred[:, 1:3].sigmoid(), pred[:, 3:5], model.size, model.anchor).flatten(1, 2)  # (N, S*S, 4)
+    boxes = decode_grid(pred[:, 0], pred[:, 1:3].sigmoid(), pred[:, 3:5], model.size, model.anchor).flatten(
+        1, 2
+    )  # (N, S*S, 4)
     cls_prob, cls = pred[:, 5:].softmax(1).max(1)  # (N, S, S)
     scores = (pred[:, 0].sigmoid() * cls_prob).flatten(1)  # (N, S*S)
     labels = (cls + 1).flatten(1)
@@ -279,7 +308,7 @@ def _bilinear(features: torch.Tensor, batch: torch.Tensor, x: torch.Tensor, y: t
     j0, i0 = u.floor().long().clamp(max=max(w - 2, 0)), v.floor().long().clamp(max=max(h - 2, 0))
     j1, i1 = (j0 + 1).clamp(max=w - 1), (i0 + 1).clamp(max=h - 1)
     a, b = (u - j0)[..., None], (v - i0)[..., None]  # fractional parts in [0, 1]
-    f = lambda i, j: features[batch, :, i, j]  # noqa: E731  advanced indexing -> (*x.shape, C)
+    f = lambda i, j: features[batch, :, i, j]
     out = (1 - a) * (1 - b) * f(i0, j0) + a * (1 - b) * f(i0, j1) + (1 - a) * b * f(i1, j0) + a * b * f(i1, j1)
     return out.masked_fill(outside[..., None], 0.0)
 
@@ -292,7 +321,9 @@ def bilinear_sample(feature: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> 
     Returns ``(C, *x.shape)``.
     """
     if feature.ndim != 3 or x.shape != y.shape:
-        raise ValueError(f"need feature (C, H, W) and x, y of equal shape, got {tuple(feature.shape)}, {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"need feature (C, H, W) and x, y of equal shape, got {tuple(feature.shape)}, {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     return _bilinear(feature[None], torch.zeros((), dtype=torch.long), x, y).movedim(-1, 0)
 
 
@@ -315,14 +346,18 @@ def roi_align(
     if output_size < 1 or sampling_ratio < 1:
         raise ValueError(f"output_size and sampling_ratio must be >= 1, got {output_size}, {sampling_ratio}")
     if len(rois) > 4096:  # bound the memory of the sample tensors: K x C x (P s)^2 each
-        return torch.cat([roi_align(features, chunk, output_size, spatial_scale, sampling_ratio) for chunk in rois.split(4096)])
+        return torch.cat(
+            [roi_align(features, chunk, output_size, spatial_scale, sampling_ratio) for chunk in rois.split(4096)]
+        )
     p, s = output_size, sampling_ratio
     steps = (torch.arange(p * s, dtype=features.dtype) + 0.5) / (p * s)  # (Q,) with Q = P*s, fractions in (0, 1)
     box = rois[:, 1:].to(features.dtype) * spatial_scale  # (K, 4) in feature-map pixels, not rounded
     xs = box[:, 0:1] + (box[:, 2:3] - box[:, 0:1]) * steps  # (K, Q)
     ys = box[:, 1:2] + (box[:, 3:4] - box[:, 1:2]) * steps
     q = p * s
-    samples = _bilinear(features, rois[:, 0].long().view(-1, 1, 1), xs[:, None, :].expand(-1, q, -1), ys[:, :, None].expand(-1, -1, q))
+    samples = _bilinear(
+        features, rois[:, 0].long().view(-1, 1, 1), xs[:, None, :].expand(-1, q, -1), ys[:, :, None].expand(-1, -1, q)
+    )
     return F.avg_pool2d(samples.permute(0, 3, 1, 2), s)  # (K, C, P, P): mean of s x s samples per bin
 
 
@@ -346,7 +381,9 @@ class RoIHead(nn.Module):
     def __init__(self, channels: int, output_size: int = 4, num_classes: int = NUM_CLASSES, hidden: int = 128):
         super().__init__()
         self.output_size = output_size
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels * output_size**2, hidden), nn.ReLU(), nn.Linear(hidden, 1 + num_classes))
+        self.mlp = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * output_size**2, hidden), nn.ReLU(), nn.Linear(hidden, 1 + num_classes)
+        )
 
     def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
         """Class logits for pooled RoI features."""
@@ -354,8 +391,13 @@ class RoIHead(nn.Module):
 
 
 def jitter_proposals(
-    boxes: list[torch.Tensor], labels: list[torch.Tensor], per_image: int, size: int, seed: int = 0,
-    iou_threshold: float = 0.5, jitter: float = 0.3,
+    boxes: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    per_image: int,
+    size: int,
+    seed: int = 0,
+    iou_threshold: float = 0.5,
+    jitter: float = 0.3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training RoIs for the second stage: jittered ground truth and random boxes, labelled by IoU.
 
@@ -379,33 +421,68 @@ def jitter_proposals(
     return torch.cat(rois), torch.cat(targets)
 
 
-def draw_detections(ax, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None,
-                    gt_boxes: torch.Tensor | None = None) -> None:
+def draw_detections(
+    ax,
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    gt_boxes: torch.Tensor | None = None,
+) -> None:
     """Draw ``image`` ``(C, H, W)`` with predicted boxes (solid, coloured by class) and ground truth (dashed gold)."""
     import matplotlib.patches as patches
 
     colours = ("tab:red", "tab:blue", "tab:green", "tab:orange")
     ax.imshow(image.permute(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1)
-    for b in ([] if gt_boxes is None else gt_boxes.tolist()):
-        ax.add_patch(patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec="gold", ls="--", lw=1))
+    for b in [] if gt_boxes is None else gt_boxes.tolist():
+        ax.add_patch(
+            patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec="gold", ls="--", lw=1)
+        )
     for k, (b, l) in enumerate(zip(boxes.tolist(), labels.tolist())):
-        ax.add_patch(patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec=colours[(l - 1) % 4], lw=1.5))
+        ax.add_patch(
+            patches.Rectangle(
+                (b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec=colours[(l - 1) % 4], lw=1.5
+            )
+        )
         text = CLASSES[l - 1][:3] + ("" if scores is None else f" {scores[k]:.2f}")
         ax.text(b[0] - 0.5, b[1] - 1, text, color=colours[(l - 1) % 4], fontsize=6)
     ax.set_axis_off()
 
 
-def iou_matrix_brute_force(a: list[tuple[float, float, float, float]], b: list[tuple[float, float, float, float]]) -> list[list[float]]:
+def iou_matrix_brute_force(
+    a: list[tuple[float, float, float, float]], b: list[tuple[float, float, float, float]]
+) -> list[list[float]]:
     """IoU by counting the unit cells of integer boxes (a slow reference for tests and exercises)."""
+
     def cells(box):
         x0, y0, x1, y1 = (int(v) for v in box)
         return {(x, y) for x in range(x0, x1) for y in range(y0, y1)}
+
     return [[len(cells(p) & cells(q)) / max(len(cells(p) | cells(q)), 1) for q in b] for p in a]
 
 
 __all__ = [
-    "CLASSES", "NUM_CLASSES", "detection_set", "box_area", "box_iou", "nms", "batched_nms", "precision_recall", "average_precision",
-    "match_detections", "mean_average_precision", "encode_grid", "decode_grid", "TinyYOLO", "yolo_loss",
-    "yolo_detect", "bilinear_sample", "roi_align", "roi_pool", "RoIHead", "jitter_proposals",
-    "draw_detections", "iou_matrix_brute_force",
+    "CLASSES",
+    "NUM_CLASSES",
+    "detection_set",
+    "box_area",
+    "box_iou",
+    "nms",
+    "batched_nms",
+    "precision_recall",
+    "average_precision",
+    "match_detections",
+    "mean_average_precision",
+    "encode_grid",
+    "decode_grid",
+    "TinyYOLO",
+    "yolo_loss",
+    "yolo_detect",
+    "bilinear_sample",
+    "roi_align",
+    "roi_pool",
+    "RoIHead",
+    "jitter_proposals",
+    "draw_detections",
+    "iou_matrix_brute_force",
 ]

@@ -14,14 +14,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from dlarch_lib.train import History, fit
+from dlarch_lib.core.train import History, fit
 
 IGNORE = -100  # label of an unlabelled (transfer-set) example; the value F.cross_entropy ignores by default
 
@@ -85,7 +85,9 @@ def distillation_loss(
     if labels is None or alpha == 0.0:
         return (1 - alpha) * soft
     if labels.shape != student_logits.shape[:1] or labels.dtype != torch.long:
-        raise ValueError(f"labels must be int64 of shape ({student_logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be int64 of shape ({student_logits.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+        )
     labelled = labels != IGNORE  # (B,) bool
     if not labelled.any():
         return (1 - alpha) * soft
@@ -105,7 +107,7 @@ def soft_target_grad(
     _check_logits(student_logits, teacher_logits)
     _check_temperature(T)
     if limit:
-        centre = lambda z: z - z.mean(dim=1, keepdim=True)  # noqa: E731
+        centre = lambda z: z - z.mean(dim=1, keepdim=True)
         return (centre(student_logits) - centre(teacher_logits)) / (student_logits.shape[1] * T**2)
     return (softmax_t(student_logits, T) - softmax_t(teacher_logits, T)) / T
 
@@ -141,7 +143,9 @@ class KDLoss:
     def __call__(self, student_logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """Loss of logits ``(B, C)`` against targets packed by :func:`pack_targets` ``(B, C + 1)``."""
         if packed.ndim != 2 or packed.shape[1] != student_logits.shape[1] + 1:
-            raise ValueError(f"packed targets must be (B, C + 1) = (B, {student_logits.shape[1] + 1}), got {tuple(packed.shape)}")
+            raise ValueError(
+                f"packed targets must be (B, C + 1) = (B, {student_logits.shape[1] + 1}), got {tuple(packed.shape)}"
+            )
         teacher, labels = packed[:, :-1], packed[:, -1].round().long()  # (B, C), (B,)
         if self.hard_only:
             labelled = labels != IGNORE  # (B,) bool
@@ -161,7 +165,9 @@ class StudentMLP(nn.Module):
     def __init__(self, hidden: int = 32, num_classes: int = 10, in_features: int = 64) -> None:
         super().__init__()
         if hidden < 1 or num_classes < 2 or in_features < 1:
-            raise ValueError(f"need hidden >= 1, num_classes >= 2, in_features >= 1; got {hidden}, {num_classes}, {in_features}")
+            raise ValueError(
+                f"need hidden >= 1, num_classes >= 2, in_features >= 1; got {hidden}, {num_classes}, {in_features}"
+            )
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())  # (B, hidden)
         self.head = nn.Linear(hidden, num_classes)
         self.in_features = in_features
@@ -196,7 +202,9 @@ class HintRegressor(nn.Module):
         """``(B, d_s) -> (B, d_t)``, or ``(B, c_s, H, W) -> (B, c_t, H, W)`` when spatial."""
         want = 4 if self.spatial else 2
         if h.ndim != want:
-            raise ValueError(f"HintRegressor(spatial={self.spatial}) expects a {want}-d input, got shape {tuple(h.shape)}")
+            raise ValueError(
+                f"HintRegressor(spatial={self.spatial}) expects a {want}-d input, got shape {tuple(h.shape)}"
+            )
         return self.proj(h)
 
 
@@ -208,7 +216,9 @@ def hint_loss(student_hint: torch.Tensor, teacher_hint: torch.Tensor, regressor:
     """
     guess = regressor(student_hint)
     if guess.shape != teacher_hint.shape:
-        raise ValueError(f"regressed student hint {tuple(guess.shape)} does not match the teacher hint {tuple(teacher_hint.shape)}")
+        raise ValueError(
+            f"regressed student hint {tuple(guess.shape)} does not match the teacher hint {tuple(teacher_hint.shape)}"
+        )
     return F.mse_loss(guess, teacher_hint.detach())
 
 
@@ -225,7 +235,9 @@ def labelled_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> tupl
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().flatten()  # (n_c,)
         if per_class < 1 or per_class > len(members):
-            raise ValueError(f"per_class must be in 1..{len(members)} (class {c} has {len(members)} examples), got {per_class}")
+            raise ValueError(
+                f"per_class must be in 1..{len(members)} (class {c} has {len(members)} examples), got {per_class}"
+            )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     labelled = torch.cat(chosen).sort().values
     mask = torch.ones(len(labels), dtype=torch.bool)
@@ -273,5 +285,14 @@ def train_student(
     # the same shuffled batches as ``DataLoader(..., shuffle=True)``, without collating row by row.
     sampler = BatchSampler(RandomSampler(range(len(x)), generator=generator), batch_size, drop_last=False)
     loader = DataLoader(TensorDataset(x, targets), sampler=sampler, batch_size=None)
-    return fit(student, loader, epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay,
-               loss_fn=loss_fn, progress=progress, desc=desc)
+    return fit(
+        student,
+        loader,
+        epochs=epochs,
+        lr=lr,
+        optimizer="adamw",
+        weight_decay=weight_decay,
+        loss_fn=loss_fn,
+        progress=progress,
+        desc=desc,
+    )

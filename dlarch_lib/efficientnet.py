@@ -59,11 +59,21 @@ class MBConv(nn.Module):
     (no activation: a linear bottleneck) -> ``+ x`` when ``stride == 1`` and ``in == out``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, expand: int = 4, stride: int = 1,
-                 kernel: int = 3, se_ratio: float = 0.25, bn_momentum: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expand: int = 4,
+        stride: int = 1,
+        kernel: int = 3,
+        se_ratio: float = 0.25,
+        bn_momentum: float = 0.1,
+    ) -> None:
         super().__init__()
         if min(in_channels, out_channels, expand, stride) < 1:
-            raise ValueError(f"need in, out, expand, stride >= 1; got {in_channels}, {out_channels}, {expand}, {stride}")
+            raise ValueError(
+                f"need in, out, expand, stride >= 1; got {in_channels}, {out_channels}, {expand}, {stride}"
+            )
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd int, got {kernel}")
         if not 0.0 < se_ratio <= 1.0:
@@ -71,13 +81,20 @@ class MBConv(nn.Module):
         if not 0.0 < bn_momentum <= 1.0:
             raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         hidden = in_channels * expand
-        bn = lambda c: nn.BatchNorm2d(c, momentum=bn_momentum)  # noqa: E731
-        self.expand_conv: nn.Module = nn.Identity() if expand == 1 else nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1, bias=False), bn(hidden), nn.SiLU())
+        bn = lambda c: nn.BatchNorm2d(c, momentum=bn_momentum)
+        self.expand_conv: nn.Module = (
+            nn.Identity()
+            if expand == 1
+            else nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), bn(hidden), nn.SiLU())
+        )
         self.depthwise = nn.Sequential(
             nn.Conv2d(hidden, hidden, kernel, stride, padding=kernel // 2, groups=hidden, bias=False),
-            bn(hidden), nn.SiLU())
-        self.se = SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)))  # reduced from the block input, as in EfficientNet
+            bn(hidden),
+            nn.SiLU(),
+        )
+        self.se = SqueezeExcite(
+            hidden, max(1, int(in_channels * se_ratio))
+        )  # reduced from the block input, as in EfficientNet
         self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), bn(out_channels))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.use_residual = stride == 1 and in_channels == out_channels
@@ -99,13 +116,16 @@ def conv_cost(c_in: int, c_out: int, kernel: int, height: int, width: int, separ
     weights and ``2 H W (k^2 C_in + C_in C_out)`` FLOPs.
     """
     if min(c_in, c_out, kernel, height, width) < 1:
-        raise ValueError(f"all sizes must be >= 1, got c_in={c_in}, c_out={c_out}, kernel={kernel}, "
-                         f"height={height}, width={width}")
+        raise ValueError(
+            f"all sizes must be >= 1, got c_in={c_in}, c_out={c_out}, kernel={kernel}, height={height}, width={width}"
+        )
     params = kernel * kernel * c_in + c_in * c_out if separable else kernel * kernel * c_in * c_out
     return params, 2 * height * width * params
 
 
-def compound_multipliers(phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15) -> tuple[float, float, float]:
+def compound_multipliers(
+    phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15
+) -> tuple[float, float, float]:
     """(depth, width, resolution) multipliers ``(alpha^phi, beta^phi, gamma^phi)``.
 
     The defaults are EfficientNet's grid-searched values; ``alpha beta^2 gamma^2 = 1.92``, so each
@@ -133,8 +153,10 @@ class EffNetConfig:
 
     def __post_init__(self) -> None:
         if not (len(self.widths) == len(self.depths) == len(self.strides)) or not self.widths:
-            raise ValueError(f"widths, depths and strides need the same non-zero length, got "
-                             f"{self.widths}, {self.depths}, {self.strides}")
+            raise ValueError(
+                f"widths, depths and strides need the same non-zero length, got "
+                f"{self.widths}, {self.depths}, {self.strides}"
+            )
         if min(self.widths + self.depths + self.strides) < 1 or min(self.stem, self.resolution, self.expand) < 1:
             raise ValueError(f"every size must be >= 1, got {self}")
         if not 0.0 < self.bn_momentum <= 1.0:
@@ -149,7 +171,9 @@ def _round_width(channels: float, divisor: int = 2) -> int:
     return rounded + divisor if rounded < 0.9 * channels else rounded
 
 
-def scaled_config(base: EffNetConfig, phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15) -> EffNetConfig:
+def scaled_config(
+    base: EffNetConfig, phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: float = 1.15
+) -> EffNetConfig:
     """``base`` compound-scaled by ``phi``: depths ``ceil(d alpha^phi)``, widths ``~w beta^phi``
     (multiples of 2), resolution ``round(r gamma^phi)``."""
     d, w, r = compound_multipliers(phi, alpha, beta, gamma)
@@ -174,13 +198,19 @@ class TinyEfficientNet(nn.Module):
         super().__init__()
         self.config = config
         self.in_channels = in_channels
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, config.stem, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(config.stem, momentum=config.bn_momentum), nn.SiLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, config.stem, 3, padding=1, bias=False),
+            nn.BatchNorm2d(config.stem, momentum=config.bn_momentum),
+            nn.SiLU(),
+        )
         blocks, c = [], config.stem
         for width, depth, stride in zip(config.widths, config.depths, config.strides):
             for i in range(depth):
-                blocks.append(MBConv(c, width, expand=config.expand, stride=stride if i == 0 else 1,
-                                     bn_momentum=config.bn_momentum))
+                blocks.append(
+                    MBConv(
+                        c, width, expand=config.expand, stride=stride if i == 0 else 1, bn_momentum=config.bn_momentum
+                    )
+                )
                 c = width
         self.blocks = nn.Sequential(*blocks)
         self.num_features = c
@@ -240,7 +270,7 @@ def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.cat([model.features(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    out = torch.cat([model.features(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
 
@@ -251,6 +281,9 @@ def pareto_front(costs: list[float] | np.ndarray, scores: list[float] | np.ndarr
     costs, scores = np.asarray(costs, dtype=float), np.asarray(scores, dtype=float)
     if costs.shape != scores.shape or costs.ndim != 1:
         raise ValueError(f"costs and scores must be 1-D of the same length, got {costs.shape} and {scores.shape}")
-    keep = [i for i in range(len(costs))
-            if not np.any(((costs <= costs[i]) & (scores > scores[i])) | ((costs < costs[i]) & (scores >= scores[i])))]
+    keep = [
+        i
+        for i in range(len(costs))
+        if not np.any(((costs <= costs[i]) & (scores > scores[i])) | ((costs < costs[i]) & (scores >= scores[i])))
+    ]
     return np.array(keep, dtype=int)

@@ -18,15 +18,17 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dlarch_lib import bench, cnn, efficientnet, modular
+from dlarch_lib import cnn, efficientnet, modular
+from dlarch_lib.core import measure
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,7 +78,7 @@ def compile_report(
     """Compile ``model`` with ``backend``, time it against eager mode (inference, no grad).
 
     The compile time is the first call of the compiled model; the latencies are medians of
-    :func:`dlarch_lib.bench.timings_ms` after warm-up, with ``clock`` (``"wall"`` or ``"cpu"``).
+    :func:`dlarch_lib.measure.timings_ms` after warm-up, with ``clock`` (``"wall"`` or ``"cpu"``).
     With ``rounds > 1`` the two versions take turns, ``rounds`` times ``repeats`` calls each, and
     each keeps the lowest of its rounds' medians: a burst of load from other programs then hits
     both versions instead of deciding the comparison.
@@ -101,10 +103,10 @@ def compile_report(
         out_eager = model(x)
         eager_ms = compiled_ms = float("inf")
         for _ in range(rounds):  # the two versions take turns; each keeps its best round
-            eager = bench.timings_ms(lambda: model(x), repeats, warmup, device=x.device, clock=clock)
-            fast = bench.timings_ms(lambda: compiled(x), repeats, warmup, device=x.device, clock=clock)
-            eager_ms = min(eager_ms, bench.summarize(eager).median)
-            compiled_ms = min(compiled_ms, bench.summarize(fast).median)
+            eager = measure.timings_ms(lambda: model(x), repeats, warmup, device=x.device, clock=clock)
+            fast = measure.timings_ms(lambda: compiled(x), repeats, warmup, device=x.device, clock=clock)
+            eager_ms = min(eager_ms, measure.summarize(eager).median)
+            compiled_ms = min(compiled_ms, measure.summarize(fast).median)
     diff = (out_eager - out_compiled).abs().max().item()
     return CompileReport(backend, compile_wall, compile_cpu, eager_ms, compiled_ms, diff)
 
@@ -119,10 +121,14 @@ def params_of(model: nn.Module) -> Params:
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"need x (B, ...) and labels y (B,) with the same B, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"need x (B, ...) and labels y (B,) with the same B, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
-def functional_loss(model: nn.Module, loss_fn: LossFn = F.cross_entropy) -> Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]:
+def functional_loss(
+    model: nn.Module, loss_fn: LossFn = F.cross_entropy
+) -> Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A pure function ``loss(params, x, y)``: ``model`` run with ``params`` by ``functional_call``.
 
     Buffers (BatchNorm statistics) are read from ``model``; use models in eval mode, or ones
@@ -151,7 +157,9 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_f
     return vmap(grad(one), in_dims=(None, 0, 0))(params_of(model), x, y)
 
 
-def per_example_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy) -> Params:
+def per_example_grads_loop(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy
+) -> Params:
     """The reference for :func:`per_example_grads`: one ``backward`` per example, stacked."""
     _check_batch(x, y)
     names = [n for n, _ in model.named_parameters()]

@@ -12,7 +12,7 @@
   :class:`ModulatedConv2d` (modulation, demodulation, the grouped-convolution trick),
   :class:`NoiseInjection`, :func:`mix_styles` and a tiny :class:`StyleGenerator`.
 
-Images on the outside are ``(N, 1, 8, 8)`` in [0, 1] (as :mod:`dlarch_lib.data` gives them);
+Images on the outside are ``(N, 1, 8, 8)`` in [0, 1] (as :mod:`dlarch_lib.core.data` gives them);
 inside the GAN they live in [-1, 1] (tanh output), see :func:`to_signed` / :func:`to_unit`.
 """
 
@@ -118,7 +118,9 @@ class DCGANGenerator(nn.Module):
         if z_dim < 1 or width < 1:
             raise ValueError(f"z_dim and width must be >= 1, got {z_dim}, {width}")
         self.z_dim, self.width = z_dim, width
-        self.project = nn.Sequential(nn.Linear(z_dim, 2 * width * 16, bias=False), nn.BatchNorm1d(2 * width * 16), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(z_dim, 2 * width * 16, bias=False), nn.BatchNorm1d(2 * width * 16), nn.ReLU()
+        )
         self.body = nn.Sequential(
             nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),  # 4x4 -> 8x8
             nn.BatchNorm2d(width),
@@ -324,13 +326,17 @@ def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def frechet_distance_gaussians(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+def frechet_distance_gaussians(
+    mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor
+) -> float:
     """Squared Fréchet (2-Wasserstein) distance between ``N(mu_a, cov_a)`` and ``N(mu_b, cov_b)``.
 
     ``|mu_a - mu_b|^2 + tr(cov_a + cov_b - 2 (cov_a^{1/2} cov_b cov_a^{1/2})^{1/2})``.
     """
     if mu_a.ndim != 1 or mu_a.shape != mu_b.shape or cov_a.shape != (len(mu_a),) * 2 or cov_b.shape != cov_a.shape:
-        raise ValueError(f"shapes do not match: mu {tuple(mu_a.shape)}, {tuple(mu_b.shape)}; cov {tuple(cov_a.shape)}, {tuple(cov_b.shape)}")
+        raise ValueError(
+            f"shapes do not match: mu {tuple(mu_a.shape)}, {tuple(mu_b.shape)}; cov {tuple(cov_a.shape)}, {tuple(cov_b.shape)}"
+        )
     mu_a, mu_b, cov_a, cov_b = (t.double() for t in (mu_a, mu_b, cov_a, cov_b))
     root_a = _sqrtm_psd(cov_a)
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)  # (cov_a cov_b)^{1/2} has the same trace
@@ -343,11 +349,15 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     With Inception features this is the FID; the book uses a digits classifier's features.
     """
     if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
-        raise ValueError(f"expected features (N_a, F) and (N_b, F), got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+        raise ValueError(
+            f"expected features (N_a, F) and (N_b, F), got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}"
+        )
     if len(feats_a) < 2 or len(feats_b) < 2:
         raise ValueError("need at least 2 samples in each set to estimate a covariance")
     a, b = feats_a.double(), feats_b.double()
-    return frechet_distance_gaussians(a.mean(0), torch.cov(a.T).reshape(a.shape[1], -1), b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1))
+    return frechet_distance_gaussians(
+        a.mean(0), torch.cov(a.T).reshape(a.shape[1], -1), b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1)
+    )
 
 
 # ----------------------------------------------------------------------------- StyleGAN2 pieces
@@ -376,7 +386,9 @@ class MappingNetwork(nn.Module):
         return self.net(z)
 
 
-def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def modulated_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """StyleGAN2's modulated convolution, one weight per sample, as a single grouped convolution.
 
     ``x (B, I, H, W)``, ``weight (O, I, k, k)``, ``styles (B, I)`` -> ``(B, O, H, W)`` ('same' padding).
@@ -384,16 +396,22 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     ``sqrt(sum_{i,k} w'^2 + eps)`` so unit-variance inputs give unit-variance outputs.
     """
     if x.ndim != 4 or weight.ndim != 4 or styles.ndim != 2:
-        raise ValueError(f"expected x (B, I, H, W), weight (O, I, k, k), styles (B, I); got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(styles.shape)}")
+        raise ValueError(
+            f"expected x (B, I, H, W), weight (O, I, k, k), styles (B, I); got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(styles.shape)}"
+        )
     b, i = x.shape[:2]
     o, _, k, k2 = weight.shape
     if weight.shape[1] != i or styles.shape != (b, i) or k != k2 or k % 2 == 0:
-        raise ValueError(f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} (odd square kernel), styles {tuple(styles.shape)}")
+        raise ValueError(
+            f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} (odd square kernel), styles {tuple(styles.shape)}"
+        )
     w = weight[None] * styles[:, None, :, None, None]  # (B, O, I, k, k)
     if demodulate:
         w = w * torch.rsqrt(w.pow(2).sum(dim=(2, 3, 4), keepdim=True) + eps)
     # grouped-conv trick: the batch becomes B groups of one big (B*I)-channel image
-    out = F.conv2d(rearrange(x, "b i h w -> 1 (b i) h w"), rearrange(w, "b o i k l -> (b o) i k l"), padding=k // 2, groups=b)
+    out = F.conv2d(
+        rearrange(x, "b i h w -> 1 (b i) h w"), rearrange(w, "b o i k l -> (b o) i k l"), padding=k // 2, groups=b
+    )
     return rearrange(out, "1 (b o) h w -> b o h w", b=b)
 
 
@@ -404,7 +422,9 @@ class ModulatedConv2d(nn.Module):
     scaled by ``1/sqrt(fan_in)`` at run time (equalised learning rate).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, w_dim: int, demodulate: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, w_dim: int, demodulate: bool = True
+    ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
@@ -455,7 +475,9 @@ class StyleGenerator(nn.Module):
     convolution without demodulation. Layer ``l`` reads style ``ws[:, l]``; ``num_ws = layers + 1``.
     """
 
-    def __init__(self, z_dim: int = 32, w_dim: int = 32, channels: int = 32, layers: int = 3, mapping_depth: int = 4) -> None:
+    def __init__(
+        self, z_dim: int = 32, w_dim: int = 32, channels: int = 32, layers: int = 3, mapping_depth: int = 4
+    ) -> None:
         super().__init__()
         if layers < 2:
             raise ValueError(f"layers must be >= 2 (one at 4x4, one at 8x8), got {layers}")

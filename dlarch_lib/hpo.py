@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,8 @@ from scipy.stats import norm
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from dlarch_lib.data import Split
-from dlarch_lib.train import accuracy, fit
+from dlarch_lib.core.data import Split
+from dlarch_lib.core.train import accuracy, fit
 
 Config = dict[str, Any]
 Objective = Callable[[Config], float]
@@ -245,7 +246,7 @@ class GaussianProcess:
         self.lengthscale, self.variance, self.noise, self.normalize = lengthscale, variance, noise, normalize
         self.x: np.ndarray | None = None
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> "GaussianProcess":
+    def fit(self, x: np.ndarray, y: np.ndarray) -> GaussianProcess:
         """Condition on observations x ``(n, d)``, y ``(n,)``: ``L L^T = K + noise I``, ``alpha = (K + noise I)^-1 y``."""
         x, y = np.atleast_2d(np.asarray(x, float)), np.asarray(y, float)
         if y.ndim != 1 or len(y) != len(x) or len(y) == 0:
@@ -392,8 +393,10 @@ class CMAES:
         """Update mean, paths, covariance and step size from evaluated points x ``(lambda, d)``."""
         x, values = np.asarray(x, float), np.asarray(values, float)
         if x.shape != (self.popsize, self.dim) or values.shape != (self.popsize,):
-            raise ValueError(f"expected x ({self.popsize}, {self.dim}) and values ({self.popsize},), "
-                             f"got {x.shape} and {values.shape}")
+            raise ValueError(
+                f"expected x ({self.popsize}, {self.dim}) and values ({self.popsize},), "
+                f"got {x.shape} and {values.shape}"
+            )
         n, old = self.dim, self.mean
         elite = x[np.argsort(values)[: self.mu]]  # (mu, d), best first
         self.mean = self.weights @ elite
@@ -407,14 +410,21 @@ class CMAES:
         steps = (elite - old) / self.sigma  # (mu, d)
         rank_mu = (steps * self.weights[:, None]).T @ steps
         delta = (1 - hsig) * self.cc * (2 - self.cc)
-        self.C = (1 - self.c1 - self.cmu) * self.C + self.c1 * (np.outer(self.pc, self.pc) + delta * self.C) \
+        self.C = (
+            (1 - self.c1 - self.cmu) * self.C
+            + self.c1 * (np.outer(self.pc, self.pc) + delta * self.C)
             + self.cmu * rank_mu
+        )
         self.C = (self.C + self.C.T) / 2
         self.sigma *= math.exp((self.cs / self.damps) * (np.linalg.norm(self.ps) / self.chi_n - 1))
 
 
 def cma_es_search(
-    objective: Objective, space: SearchSpace, budget: int, seed: int = 0, sigma0: float = 0.3,
+    objective: Objective,
+    space: SearchSpace,
+    budget: int,
+    seed: int = 0,
+    sigma0: float = 0.3,
     popsize: int | None = None,
 ) -> SearchResult:
     """CMA-ES from the centre of the unit cube; out-of-cube samples are redrawn (up to 20 times), then clipped.
@@ -511,11 +521,19 @@ class DigitsObjective:
         model = digits_mlp(config["width"], config["dropout"])
         data = TensorDataset(self.split.x_train, self.split.y_train)
         # Batches by index lists: one tensor gather per batch instead of per-sample collation.
-        sampler = BatchSampler(RandomSampler(data, generator=torch.Generator().manual_seed(self.seed)),
-                               self.batch_size, drop_last=False)
+        sampler = BatchSampler(
+            RandomSampler(data, generator=torch.Generator().manual_seed(self.seed)), self.batch_size, drop_last=False
+        )
         loader = DataLoader(data, batch_size=None, sampler=sampler)
-        fit(model, loader, epochs=self.epochs, lr=config["lr"], optimizer="adamw",
-            weight_decay=config["weight_decay"], progress=False)
+        fit(
+            model,
+            loader,
+            epochs=self.epochs,
+            lr=config["lr"],
+            optimizer="adamw",
+            weight_decay=config["weight_decay"],
+            progress=False,
+        )
         return model.eval()
 
     @torch.no_grad()

@@ -3,7 +3,7 @@ GPT-style causal language modelling with a decoder, and sampling with temperatur
 
 The encoder reuses chapter 6's :class:`~dlarch_lib.attention.TransformerBlock` without the causal
 mask; the decoder *is* chapter 6's :class:`~dlarch_lib.attention.GPT`. Character-level data comes from
-:mod:`dlarch_lib.text` (the Python reference manual in ``pydoc_data.topics``).
+:mod:`dlarch_lib.core.text` (the Python reference manual in ``pydoc_data.topics``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from dlarch_lib import rnn
 from dlarch_lib.attention import GPT, TransformerBlock
-from dlarch_lib.text import CharCorpus
+from dlarch_lib.core.text import CharCorpus
 
 IGNORE = -100  # target value of positions that carry no loss (F.cross_entropy's default ignore_index)
 
@@ -69,7 +69,9 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ``logits`` ``(B, T, V)``, ``targets`` ``(B, T)``. Raises if no position is selected.
     """
     if logits.ndim != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(f"need logits (B, T, V) and targets (B, T); got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"need logits (B, T, V) and targets (B, T); got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if not bool((targets != IGNORE).any()):
         raise ValueError("no selected position: the MLM loss is undefined")
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -85,7 +87,9 @@ class Encoder(nn.Module):
     vocab_size``, for ``[MASK]``. ``forward(idx (B, T)) -> logits (B, T, vocab_size + 1)``.
     """
 
-    def __init__(self, vocab_size: int, context: int, d_model: int, n_heads: int, n_layers: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, vocab_size: int, context: int, d_model: int, n_heads: int, n_layers: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if vocab_size < 1 or context < 1 or n_layers < 1:
             raise ValueError(f"vocab_size, context and n_layers must be >= 1; got {vocab_size}, {context}, {n_layers}")
@@ -142,7 +146,12 @@ class Encoder(nn.Module):
 
 
 def mlm_batch(
-    corpus: CharCorpus, split: str, batch_size: int, context: int, generator: torch.Generator | None = None, **mask_args: Any
+    corpus: CharCorpus,
+    split: str,
+    batch_size: int,
+    context: int,
+    generator: torch.Generator | None = None,
+    **mask_args: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of ``corpus`` corrupted by :func:`mask_tokens`: ``(inputs, targets)``, each ``(B, T)``."""
     x, _ = corpus.batch(split, batch_size, context, generator)  # (B, T); the next-char targets are unused
@@ -183,8 +192,17 @@ def train_mlm(
     selected character.
     """
     return rnn.train_char_lm(
-        model, corpus, steps=steps, batch_size=batch_size, context=context, lr=lr, seed=seed,
-        eval_every=eval_every, eval_windows=eval_windows, clip_grad_norm=clip_grad_norm, progress=progress,
+        model,
+        corpus,
+        steps=steps,
+        batch_size=batch_size,
+        context=context,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        clip_grad_norm=clip_grad_norm,
+        progress=progress,
         batch_fn=lambda split, b, t, gen: mlm_batch(corpus, split, b, t, gen),
         loss_fn=lambda m, x, y: mlm_loss(m(x), y),
         eval_fn=lambda m: eval_mlm(m, corpus, context=context, windows=eval_windows),

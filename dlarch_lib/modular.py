@@ -9,27 +9,37 @@
 - :class:`LinearConfig`, :class:`MLPConfig`, :class:`CNNConfig` are config dataclasses;
   :func:`config_from_dict`, :func:`config_to_dict` and :func:`build_model` turn a plain
   dict into a model and back, with clear errors for unknown names and bad fields.
-- :func:`mlp_parameter_count`, :func:`forward_flops` and :func:`latency_ms` measure the
-  cost of a design.
+- :func:`mlp_parameter_count` is the closed form that :func:`dlarch_lib.core.measure.count_parameters`
+  checks; :class:`Residual` adds a block's input back to its output (non-sequential composition).
 """
 
 from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from dlarch_lib import bench
 
 T = TypeVar("T")
 
 
 # --- composition ---------------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    """``x + block(x)``: a block whose input skips around it (shapes in = shapes out)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ...) -> (B, ...)``, the same shape."""
+        return x + self.block(x)
 
 
 class Chain(nn.Module):
@@ -60,11 +70,6 @@ class Chain(nn.Module):
         return outputs if return_all else x
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalar parameters registered in ``model`` (what an optimizer can see)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def unregistered_modules(model: nn.Module) -> list[str]:
     """Names of modules and parameters hidden in plain lists, tuples or dicts of ``model``.
 
@@ -76,7 +81,13 @@ def unregistered_modules(model: nn.Module) -> list[str]:
         for attr, value in vars(module).items():
             if attr.startswith("_") or isinstance(value, (nn.Module, str)):
                 continue
-            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+            items = (
+                value.items()
+                if isinstance(value, dict)
+                else enumerate(value)
+                if isinstance(value, (list, tuple))
+                else ()
+            )
             for key, item in items:
                 if isinstance(item, (nn.Module, nn.Parameter)):
                     found.append(f"{prefix + '.' if prefix else ''}{attr}[{key!r}]")
@@ -146,7 +157,9 @@ ACTIVATIONS.register("tanh")(nn.Tanh)
 # --- reusable blocks -----------------------------------------------------------------------
 
 
-def mlp_block(d_in: int, d_out: int, norm: str = "none", activation: str = "relu", dropout: float = 0.0) -> nn.Sequential:
+def mlp_block(
+    d_in: int, d_out: int, norm: str = "none", activation: str = "relu", dropout: float = 0.0
+) -> nn.Sequential:
     """Linear -> norm -> activation -> dropout: ``(B, d_in) -> (B, d_out)``."""
     layers = [nn.Linear(d_in, d_out), NORMS.get(norm)(d_out, 0), ACTIVATIONS.get(activation)()]
     if dropout > 0:
@@ -189,7 +202,11 @@ class LinearConfig:
 @MODELS.register("mlp")
 @dataclass(frozen=True)
 class MLPConfig:
-    """``depth`` hidden :func:`mlp_block` s of ``width`` units, then a linear head."""
+    """``depth`` hidden :func:`mlp_block` s of ``width`` units, then a linear head.
+
+    With ``skip`` every hidden block after the first is :class:`Residual` (``h + block(h)``).
+    This is the book's one MLP: every chapter that trains an MLP on the digits builds it here.
+    """
 
     in_features: int = 64
     num_classes: int = 10
@@ -198,6 +215,7 @@ class MLPConfig:
     norm: str = "none"
     activation: str = "relu"
     dropout: float = 0.0
+    skip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("in_features", "num_classes", "width", "depth"):
@@ -209,7 +227,11 @@ class MLPConfig:
     def blocks(self) -> list[nn.Module]:
         """The model's blocks, in order."""
         dims = [self.in_features] + [self.width] * self.depth
-        hidden = [mlp_block(a, b, self.norm, self.activation, self.dropout) for a, b in zip(dims, dims[1:])]
+        hidden: list[nn.Module] = [
+            mlp_block(a, b, self.norm, self.activation, self.dropout) for a, b in zip(dims, dims[1:])
+        ]
+        if self.skip:
+            hidden = hidden[:1] + [Residual(block) for block in hidden[1:]]
         return [nn.Flatten(), *hidden, nn.Linear(self.width, self.num_classes)]
 
 
@@ -230,7 +252,9 @@ class CNNConfig:
         for name in ("in_channels", "image_size", "num_classes", "width", "depth"):
             _check_positive(name, getattr(self, name))
         if self.image_size % 2**self.depth:
-            raise ValueError(f"depth {self.depth} halves the image {self.depth} times; image_size {self.image_size} is not divisible by {2**self.depth}")
+            raise ValueError(
+                f"depth {self.depth} halves the image {self.depth} times; image_size {self.image_size} is not divisible by {2**self.depth}"
+            )
         NORMS.get(self.norm), ACTIVATIONS.get(self.activation)
 
     def blocks(self) -> list[nn.Module]:
@@ -288,31 +312,3 @@ def mlp_parameter_count(config: MLPConfig) -> int:
     d, w, n, k = config.in_features, config.width, config.depth, config.num_classes
     norm = 2 * w if config.norm in ("batch", "layer") else 0  # a scale and a shift per unit
     return (d * w + w + norm) + (n - 1) * (w * w + w + norm) + (w * k + k)
-
-
-def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``x``, counted by ``torch.utils.flop_counter``."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops()
-
-
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of a forward pass on ``x`` (eval mode, no grad, warmed up).
-
-    Timed by :func:`dlarch_lib.bench.median_ms`. On CUDA every timed call ends with
-    ``torch.cuda.synchronize()``: kernels run asynchronously, so the clock must wait for them.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    model.eval()
-
-    def forward() -> None:
-        model(x)
-        sync()
-
-    with torch.no_grad():
-        sync()  # start from an idle device
-        return bench.median_ms(forward, repeats, warmup)

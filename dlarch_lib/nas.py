@@ -25,9 +25,10 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dlarch_lib.data import Split, load_digits_split
-from dlarch_lib.modular import count_parameters
-from dlarch_lib.train import accuracy
+from dlarch_lib.core.data import Split, load_digits_split
+from dlarch_lib.core.measure import count_parameters
+from dlarch_lib.core.train import accuracy
 
 Arch = tuple[int, ...]
 """An architecture: one token (the index of the chosen option) per decision of the space."""
@@ -72,7 +73,7 @@ class SearchSpace:
                 raise ValueError(f"decision {name!r} needs a non-empty tuple of options, got {options!r}")
 
     @classmethod
-    def from_dict(cls, decisions: dict[str, Sequence[Any]]) -> "SearchSpace":
+    def from_dict(cls, decisions: dict[str, Sequence[Any]]) -> SearchSpace:
         """Build a space from ``{name: options}`` (order of the dict = order of the tokens)."""
         return cls(tuple((name, tuple(options)) for name, options in decisions.items()))
 
@@ -167,7 +168,12 @@ def mutate(arch: Sequence[int], space: SearchSpace, rng: np.random.Generator) ->
 
 # --------------------------------------------------------------------------- the networks
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+}
 NETWORK_KEYS = ("depth", "width", "activation", "skip")
 
 
@@ -178,7 +184,9 @@ class DigitsMLP(nn.Module):
     connection, ``h <- h + act(W h)``); with ``depth == 1`` there is nothing to skip.
     """
 
-    def __init__(self, depth: int, width: int, activation: str = "relu", skip: bool = False, num_classes: int = 10) -> None:
+    def __init__(
+        self, depth: int, width: int, activation: str = "relu", skip: bool = False, num_classes: int = 10
+    ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
@@ -186,7 +194,9 @@ class DigitsMLP(nn.Module):
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         self.skip = bool(skip) and depth > 1
         self.inp = nn.Sequential(nn.Linear(64, width), ACTIVATIONS[activation]())
-        self.hidden = nn.ModuleList(nn.Sequential(nn.Linear(width, width), ACTIVATIONS[activation]()) for _ in range(depth - 1))
+        self.hidden = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), ACTIVATIONS[activation]()) for _ in range(depth - 1)
+        )
         self.out = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +245,9 @@ class EvalSettings:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
 
-def train_and_evaluate(config: dict[str, Any], split: Split, settings: EvalSettings = EvalSettings()) -> dict[str, float]:
+def train_and_evaluate(
+    config: dict[str, Any], split: Split, settings: EvalSettings = EvalSettings()
+) -> dict[str, float]:
     """Train the network of ``config`` for ``settings.steps`` steps; return its accuracies.
 
     Returns ``{"val_acc", "test_acc", "params"}``. Seeded: the same config, split and
@@ -351,8 +363,12 @@ def compute_table(space: SearchSpace, settings: EvalSettings = EvalSettings(), p
         if key not in done:
             done[key] = train_and_evaluate(config, split, settings)
         rows.append(done[key])
-    return Table(space, settings, *(np.array([r[k] for r in rows]) for k in ("val_acc", "test_acc", "params")),
-                 cpu_seconds=time.process_time() - start)
+    return Table(
+        space,
+        settings,
+        *(np.array([r[k] for r in rows]) for k in ("val_acc", "test_acc", "params")),
+        cpu_seconds=time.process_time() - start,
+    )
 
 
 def load_table(
@@ -371,9 +387,19 @@ def load_table(
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
-            if stored["format"] == TABLE_FORMAT and stored["space"] == space.to_json() and stored["settings"] == asdict(settings):
-                return Table(space, settings, stored["val_acc"], stored["test_acc"], stored["params"],
-                             float(stored["cpu_seconds"]))
+            if (
+                stored["format"] == TABLE_FORMAT
+                and stored["space"] == space.to_json()
+                and stored["settings"] == asdict(settings)
+            ):
+                return Table(
+                    space,
+                    settings,
+                    stored["val_acc"],
+                    stored["test_acc"],
+                    stored["params"],
+                    float(stored["cpu_seconds"]),
+                )
         except (ValueError, KeyError):
             pass  # unreadable or foreign file: recompute and overwrite it
     table = compute_table(space, settings, progress=progress)
@@ -607,13 +633,19 @@ def exact_policy_gradient(logits: torch.Tensor, rewards: torch.Tensor) -> torch.
     In closed form ``d/d theta_k = pi_k (R_k - sum_j pi_j R_j)``.
     """
     if logits.ndim != 1 or logits.shape != rewards.shape:
-        raise ValueError(f"logits and rewards must both have shape (K,), got {tuple(logits.shape)} and {tuple(rewards.shape)}")
+        raise ValueError(
+            f"logits and rewards must both have shape (K,), got {tuple(logits.shape)} and {tuple(rewards.shape)}"
+        )
     pi = logits.softmax(dim=0)
     return pi * (rewards - (pi * rewards).sum())
 
 
 def reinforce_estimate(
-    logits: torch.Tensor, rewards: torch.Tensor, samples: int, baseline: float = 0.0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    rewards: torch.Tensor,
+    samples: int,
+    baseline: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte-Carlo REINFORCE estimate of the gradient in :func:`exact_policy_gradient`.
 
@@ -622,7 +654,9 @@ def reinforce_estimate(
     Uses ``grad_theta log softmax(theta)_a = onehot(a) - pi``.
     """
     if logits.ndim != 1 or logits.shape != rewards.shape:
-        raise ValueError(f"logits and rewards must both have shape (K,), got {tuple(logits.shape)} and {tuple(rewards.shape)}")
+        raise ValueError(
+            f"logits and rewards must both have shape (K,), got {tuple(logits.shape)} and {tuple(rewards.shape)}"
+        )
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     pi = logits.softmax(dim=0)  # (K,)

@@ -17,8 +17,9 @@ the analytic scene and the network are interchangeable inside the renderer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,9 @@ def mlp(in_dim: int, width: int, depth: int, out_dim: int) -> nn.Sequential:
     ``depth = 0`` is a single Linear ``in_dim -> out_dim``.
     """
     if min(in_dim, width, out_dim) < 1 or depth < 0:
-        raise ValueError(f"need in_dim, width, out_dim >= 1 and depth >= 0; got {in_dim=}, {width=}, {depth=}, {out_dim=}")
+        raise ValueError(
+            f"need in_dim, width, out_dim >= 1 and depth >= 0; got {in_dim=}, {width=}, {depth=}, {out_dim=}"
+        )
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.Linear(in_dim if i == 0 else width, width), nn.ReLU()]
@@ -98,7 +101,9 @@ class TinyNeRF(nn.Module):
     def __init__(self, L_pos: int = 6, L_dir: int | None = 2, width: int = 128, depth: int = 4):
         super().__init__()
         if not isinstance(L_pos, int) or L_pos < 0 or (L_dir is not None and L_dir < 0) or width < 2 or depth < 1:
-            raise ValueError(f"need L_pos >= 0, L_dir None or >= 0, width >= 2, depth >= 1; got {L_pos=}, {L_dir=}, {width=}, {depth=}")
+            raise ValueError(
+                f"need L_pos >= 0, L_dir None or >= 0, width >= 2, depth >= 1; got {L_pos=}, {L_dir=}, {width=}, {depth=}"
+            )
         self.L_pos, self.L_dir = L_pos, L_dir
         self.trunk = mlp(encoded_dim(3, L_pos), width, depth - 1, width).append(nn.ReLU())  # -> h (..., width)
         self.sigma = nn.Linear(width, 1)
@@ -111,7 +116,9 @@ class TinyNeRF(nn.Module):
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points ``x`` and unit directions ``d``, both ``(..., 3)`` -> rgb ``(..., 3)``, sigma ``(...)``."""
         if x.shape[-1] != 3 or d.shape != x.shape:
-            raise ValueError(f"expected points and directions of the same shape (..., 3); got {tuple(x.shape)} and {tuple(d.shape)}")
+            raise ValueError(
+                f"expected points and directions of the same shape (..., 3); got {tuple(x.shape)} and {tuple(d.shape)}"
+            )
         h = self.trunk(positional_encoding(x, self.L_pos))  # (..., width), after a ReLU
         sigma = F.softplus(self.sigma(h)[..., 0])  # (...,) >= 0, position only
         if self.L_dir is not None:
@@ -130,7 +137,11 @@ def _vec(v: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return t
 
 
-def look_at(eye: Sequence[float] | torch.Tensor, target: Sequence[float] | torch.Tensor = (0, 0, 0), up: Sequence[float] | torch.Tensor = (0, 0, 1)) -> torch.Tensor:
+def look_at(
+    eye: Sequence[float] | torch.Tensor,
+    target: Sequence[float] | torch.Tensor = (0, 0, 0),
+    up: Sequence[float] | torch.Tensor = (0, 0, 1),
+) -> torch.Tensor:
     """Camera-to-world pose ``(4, 4)`` of a camera at ``eye`` looking at ``target``.
 
     Columns of the rotation: camera ``x`` (right), ``y`` (up), ``z`` (backwards, so the camera
@@ -208,7 +219,12 @@ class Render(NamedTuple):
 
 
 def sample_along_rays(
-    n_rays: int, near: float, far: float, n_samples: int, stratified: bool = False, generator: torch.Generator | None = None
+    n_rays: int,
+    near: float,
+    far: float,
+    n_samples: int,
+    stratified: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``[near, far]`` into ``n_samples`` equal bins; one sample per bin.
 
@@ -253,7 +269,9 @@ def render_rays(
 ) -> Render:
     """Volume-render ``R`` rays ``origins, dirs`` ``(R, 3)`` through ``field`` with ``n_samples`` per ray."""
     if origins.ndim != 2 or origins.shape[-1] != 3 or dirs.shape != origins.shape:
-        raise ValueError(f"expected origins and dirs of shape (R, 3); got {tuple(origins.shape)} and {tuple(dirs.shape)}")
+        raise ValueError(
+            f"expected origins and dirs of shape (R, 3); got {tuple(origins.shape)} and {tuple(dirs.shape)}"
+        )
     t, delta = sample_along_rays(origins.shape[0], near, far, n_samples, stratified, generator)  # (R, N), (N,)
     t = t.to(origins)
     points = origins[:, None, :] + t[..., None] * dirs[:, None, :]  # (R, N, 3)
@@ -265,8 +283,16 @@ def render_rays(
 
 @torch.no_grad()
 def render_image(
-    field: Field, pose: torch.Tensor, H: int, W: int, focal: float, near: float, far: float, n_samples: int,
-    background: float = 1.0, chunk: int = 4096,
+    field: Field,
+    pose: torch.Tensor,
+    H: int,
+    W: int,
+    focal: float,
+    near: float,
+    far: float,
+    n_samples: int,
+    background: float = 1.0,
+    chunk: int = 4096,
 ) -> Render:
     """Render a whole ``H x W`` view (midpoint samples, in chunks of rays).
 
@@ -275,8 +301,10 @@ def render_image(
     """
     origins, dirs = get_rays(H, W, focal, pose)
     origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)  # (H*W, 3)
-    parts = [render_rays(field, origins[s : s + chunk], dirs[s : s + chunk], near, far, n_samples, background=background)
-             for s in range(0, origins.shape[0], chunk)]
+    parts = [
+        render_rays(field, origins[s : s + chunk], dirs[s : s + chunk], near, far, n_samples, background=background)
+        for s in range(0, origins.shape[0], chunk)
+    ]
     joined = [torch.cat(field_parts) for field_parts in zip(*parts)]  # rgb (H*W, 3), depth (H*W,), ...
     return Render(*(j.reshape(H, W, *j.shape[1:]) for j in joined))
 
@@ -285,7 +313,7 @@ class VolumeRenderer(nn.Module):
     """Rays ``(B, 6)`` (origin, direction) -> rendered colour ``(B, 3)`` through a learnable field.
 
     Stratified samples in training mode (so the network sees every depth), bin midpoints in
-    eval mode: with this wrapper ``dlarch_lib.train.fit`` trains a NeRF with ``F.mse_loss``.
+    eval mode: with this wrapper ``dlarch_lib.core.train.fit`` trains a NeRF with ``F.mse_loss``.
     """
 
     def __init__(self, field: nn.Module, near: float, far: float, n_samples: int, background: float = 1.0):
@@ -296,8 +324,16 @@ class VolumeRenderer(nn.Module):
     def forward(self, rays: torch.Tensor) -> torch.Tensor:
         if rays.ndim != 2 or rays.shape[-1] != 6:
             raise ValueError(f"expected rays (B, 6) = origin and direction, got shape {tuple(rays.shape)}")
-        return render_rays(self.field, rays[:, :3], rays[:, 3:], self.near, self.far, self.n_samples,
-                           stratified=self.training, background=self.background).rgb
+        return render_rays(
+            self.field,
+            rays[:, :3],
+            rays[:, 3:],
+            self.near,
+            self.far,
+            self.n_samples,
+            stratified=self.training,
+            background=self.background,
+        ).rgb
 
 
 # --------------------------------------------------------------------------- the analytic scene
@@ -329,10 +365,17 @@ class SoftSpheresScene:
     Call it like a network: ``scene(points, dirs) -> (rgb, sigma)``.
     """
 
-    def __init__(self, spheres: Sequence[Sphere] = DEFAULT_SPHERES, softness: float = 0.03,
-                 light: Sequence[float] = (0.3, -0.5, 0.8), ambient: float = 0.35):
+    def __init__(
+        self,
+        spheres: Sequence[Sphere] = DEFAULT_SPHERES,
+        softness: float = 0.03,
+        light: Sequence[float] = (0.3, -0.5, 0.8),
+        ambient: float = 0.35,
+    ):
         if not spheres or softness <= 0 or not 0 <= ambient <= 1:
-            raise ValueError(f"need at least one sphere, softness > 0 and 0 <= ambient <= 1; got {len(spheres)=}, {softness=}, {ambient=}")
+            raise ValueError(
+                f"need at least one sphere, softness > 0 and 0 <= ambient <= 1; got {len(spheres)=}, {softness=}, {ambient=}"
+            )
         self.centers = torch.tensor([s.center for s in spheres])  # (K, 3)
         self.radii = torch.tensor([s.radius for s in spheres])  # (K,)
         self.colors = torch.tensor([s.color for s in spheres])  # (K, 3)
@@ -354,8 +397,17 @@ class SoftSpheresScene:
         return rgb, sigma
 
 
-def render_views(scene: Field, poses: torch.Tensor, H: int, W: int, focal: float, near: float, far: float,
-                 n_samples: int = 128, background: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def render_views(
+    scene: Field,
+    poses: torch.Tensor,
+    H: int,
+    W: int,
+    focal: float,
+    near: float,
+    far: float,
+    n_samples: int = 128,
+    background: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground-truth images ``(V, H, W, 3)`` and depth maps ``(V, H, W)`` of ``scene`` from ``poses`` ``(V, 4, 4)``."""
     if poses.ndim != 3 or poses.shape[1:] != (4, 4):
         raise ValueError(f"expected poses (V, 4, 4), got shape {tuple(poses.shape)}")

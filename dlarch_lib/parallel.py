@@ -40,9 +40,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,9 @@ def replica_gradients(
     Each of the ``world_size`` "replicas" sees ``B/p`` examples; averaging their gradients is
     the all-reduce. For a mean loss this equals :func:`batch_gradients` (chapter 18, theorem 1).
     """
-    per_replica = [batch_gradients(model, loss_fn, xs, ys) for xs, ys in zip(shard(x, world_size), shard(y, world_size))]
+    per_replica = [
+        batch_gradients(model, loss_fn, xs, ys) for xs, ys in zip(shard(x, world_size), shard(y, world_size))
+    ]
     return [torch.stack(grads).mean(dim=0) for grads in zip(*per_replica)]  # average over replicas
 
 
@@ -197,7 +200,9 @@ def compute_seconds(n_params: float, samples: float, flops_per_second: float) ->
     Forward costs about 2 FLOPs per parameter per sample (a multiply and an add), backward twice that.
     """
     if n_params <= 0 or samples <= 0 or flops_per_second <= 0:
-        raise ValueError(f"need positive n_params, samples, flops_per_second; got {n_params}, {samples}, {flops_per_second}")
+        raise ValueError(
+            f"need positive n_params, samples, flops_per_second; got {n_params}, {samples}, {flops_per_second}"
+        )
     return 6.0 * n_params * samples / flops_per_second
 
 
@@ -232,8 +237,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "gloo", rank: int | None = None, world_size: int | None = None,
-                     init_method: str | None = None, timeout_s: float = PG_TIMEOUT_S) -> torch.device:
+def init_distributed(
+    backend: str = "gloo",
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    timeout_s: float = PG_TIMEOUT_S,
+) -> torch.device:
     """Join the process group and return this rank's device (``cuda:local_rank`` for NCCL, else CPU).
 
     With ``rank``/``world_size``/``init_method`` given (:func:`launch` passes them), meet the other
@@ -247,8 +257,9 @@ def init_distributed(backend: str = "gloo", rank: int | None = None, world_size:
     timeout = datetime.timedelta(seconds=_check_seconds("timeout_s", timeout_s))
     if rank is None:
         if "LOCAL_RANK" not in os.environ:
-            raise ValueError("no rank given and LOCAL_RANK is not set: launch with torchrun or pass rank, "
-                             "world_size and init_method")
+            raise ValueError(
+                "no rank given and LOCAL_RANK is not set: launch with torchrun or pass rank, world_size and init_method"
+            )
         local_rank = int(os.environ["LOCAL_RANK"])  # set by torchrun for each process on a node
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
@@ -258,11 +269,12 @@ def init_distributed(backend: str = "gloo", rank: int | None = None, world_size:
             raise ValueError(f"init_method must start with 'file://' or 'tcp://', got {init_method!r}")
         local_rank = rank  # one machine: local rank == global rank
         try:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                    timeout=timeout)
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
         except RuntimeError as exc:  # gloo says only "Wait timeout" when a peer never came
-            raise RuntimeError(f"rank {rank} of {world_size} could not join the process group at {init_method} "
-                               f"within {timeout_s:g} s: did every rank start? ({exc})") from exc
+            raise RuntimeError(
+                f"rank {rank} of {world_size} could not join the process group at {init_method} "
+                f"within {timeout_s:g} s: did every rank start? ({exc})"
+            ) from exc
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -285,8 +297,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _run_rank(rank: int, worker: Callable[..., Any], world_size: int, init_method: str, out_dir: str,
-              args: tuple) -> None:
+def _run_rank(
+    rank: int, worker: Callable[..., Any], world_size: int, init_method: str, out_dir: str, args: tuple
+) -> None:
     """What :func:`launch` runs in each child: call the worker, save what it returns for the parent."""
     result = worker(rank, world_size, init_method, *args)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -306,8 +319,15 @@ def _stop(processes: Sequence[Any], grace_s: float) -> None:
         proc.join()
 
 
-def launch(worker: Callable[..., Any], args: Sequence[Any] = (), world_size: int = 2, *,
-           deadline_s: float = DEADLINE_S, name: str | None = None, grace_s: float = 2.0) -> list[Any]:
+def launch(
+    worker: Callable[..., Any],
+    args: Sequence[Any] = (),
+    world_size: int = 2,
+    *,
+    deadline_s: float = DEADLINE_S,
+    name: str | None = None,
+    grace_s: float = 2.0,
+) -> list[Any]:
     """Run ``worker(rank, world_size, init_method, *args)`` in ``world_size`` new processes; return each rank's result.
 
     - The ranks are started with the ``spawn`` method, as ``mp.spawn`` does: each is a new
@@ -331,25 +351,35 @@ def launch(worker: Callable[..., Any], args: Sequence[Any] = (), world_size: int
     if not callable(worker) or "<" in qualname or getattr(worker, "__module__", None) is None:
         raise ValueError(f"worker must be a module-level function (spawned ranks import it by name), got {worker!r}")
     if worker.__module__ == "__main__" and not hasattr(sys.modules["__main__"], "__file__"):
-        raise ValueError(f"worker {qualname} is defined in a notebook or REPL, which spawned ranks cannot import: "
-                         "move it into a module")
+        raise ValueError(
+            f"worker {qualname} is defined in a notebook or REPL, which spawned ranks cannot import: "
+            "move it into a module"
+        )
     name = name or qualname
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="dlarch-launch-") as tmp:
         init_method = "file://" + str(Path(tmp) / "rendezvous")
         start = time.monotonic()
-        context = mp.start_processes(_run_rank, args=(worker, world_size, init_method, tmp, tuple(args)),
-                                     nprocs=world_size, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _run_rank,
+            args=(worker, world_size, init_method, tmp, tuple(args)),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         try:
             while not context.join(timeout=max(0.0, start + deadline_s - time.monotonic()), grace_period=grace_s):
                 if time.monotonic() >= start + deadline_s:
                     running = [rank for rank, proc in enumerate(context.processes) if proc.is_alive()]
-                    raise TimeoutError(f"{name}: rank(s) {running} of {world_size} still running after the deadline "
-                                       f"of {deadline_s:g} s; all ranks were terminated")
+                    raise TimeoutError(
+                        f"{name}: rank(s) {running} of {world_size} still running after the deadline "
+                        f"of {deadline_s:g} s; all ranks were terminated"
+                    )
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            raise RuntimeError(f"{name}: rank {exc.error_index} of {world_size} failed, the others were "
-                               f"terminated. {exc}") from exc
+            raise RuntimeError(
+                f"{name}: rank {exc.error_index} of {world_size} failed, the others were terminated. {exc}"
+            ) from exc
         finally:
             _stop(context.processes, grace_s)  # nothing left to do when every rank has exited
             for path in context.error_files:  # torch's tracebacks of failed ranks, in the system temp dir
@@ -357,14 +387,21 @@ def launch(worker: Callable[..., Any], args: Sequence[Any] = (), world_size: int
         return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 
-def make_mlp(hidden: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64,
-             in_features: int = 64, classes: int = 10) -> nn.Sequential:
+def make_mlp(
+    hidden: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64, in_features: int = 64, classes: int = 10
+) -> nn.Sequential:
     """A small MLP ``(N, 1, 8, 8) -> (N, classes)``, initialised from ``seed`` (same on every rank)."""
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden}")
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)).to(dtype)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    ).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -405,8 +442,9 @@ def _recording_allreduce_hook(bucket_numels, bucket):  # no annotations: DDP che
     return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def train_worker(rank: int, world_size: int, init_method: str, job: DDPJob, x: torch.Tensor,
-                 y: torch.Tensor) -> dict | None:
+def train_worker(
+    rank: int, world_size: int, init_method: str, job: DDPJob, x: torch.Tensor, y: torch.Tensor
+) -> dict | None:
     """One DDP rank (the worker of :func:`launch`): train ``make_mlp`` with SGD on its shards.
 
     The seed's sketch, corrected: the rank and device come from the launcher, the sampler is a
@@ -419,8 +457,9 @@ def train_worker(rank: int, world_size: int, init_method: str, job: DDPJob, x: t
     ddp = None
     try:
         model = make_mlp(job.hidden, job.seed, job.dtype).to(device)
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  bucket_cap_mb=job.bucket_cap_mb)
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=job.bucket_cap_mb
+        )
         bucket_numels: list[int] = []
         ddp.register_comm_hook(bucket_numels, _recording_allreduce_hook)
         dataset = TensorDataset(x.to(job.dtype), y)
@@ -446,16 +485,21 @@ def train_worker(rank: int, world_size: int, init_method: str, job: DDPJob, x: t
         dist.all_gather_object(shards, epoch0)
         if rank != 0:
             return None
-        return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                "replica_max_diff": max(float((r - flat).abs().max()) for r in replicas),
-                "bucket_numels": list(bucket_numels), "step_seconds": step_seconds, "epoch0_indices": shards}
+        return {
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "replica_max_diff": max(float((r - flat).abs().max()) for r in replicas),
+            "bucket_numels": list(bucket_numels),
+            "step_seconds": step_seconds,
+            "epoch0_indices": shards,
+        }
     finally:
         del ddp  # its Reducer holds the process group: release it first
         shutdown_distributed()
 
 
-def spawn_ddp(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2,
-              deadline_s: float = DEADLINE_S) -> dict:
+def spawn_ddp(
+    job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, deadline_s: float = DEADLINE_S
+) -> dict:
     """Run :func:`train_worker` on ``world_size`` spawned processes (:func:`launch`); return rank 0's results.
 
     Each rank is a fresh interpreter (the ``spawn`` start method), which costs a ``torch`` import
@@ -469,13 +513,19 @@ def spawn_ddp(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the number of examples: {x.shape[0]} vs {y.shape[0]}")
     _check_seconds("job.timeout_s", job.timeout_s)
-    results = launch(train_worker, (job, x, y), world_size, deadline_s=deadline_s,
-                     name=f"spawn_ddp ({world_size} ranks, {job.backend})")
+    results = launch(
+        train_worker,
+        (job, x, y),
+        world_size,
+        deadline_s=deadline_s,
+        name=f"spawn_ddp ({world_size} ranks, {job.backend})",
+    )
     return results[0]
 
 
-def train_reference(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2,
-                    progress: bool = False) -> nn.Module:
+def train_reference(
+    job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, progress: bool = False
+) -> nn.Module:
     """One process, no DDP: SGD on the same *global* batches the ``world_size`` ranks would see.
 
     Step ``k`` of an epoch uses the union of every rank's ``k``-th mini-batch (from
@@ -490,15 +540,16 @@ def train_reference(job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: i
     for epoch in tqdm(range(job.epochs), desc="single-process reference", disable=not progress):
         shards = shard_indices(len(x), world_size, shuffle=True, seed=job.seed, epoch=epoch)
         for start in range(0, len(shards[0]), b):
-            idx = torch.tensor([i for s in shards for i in s[start:start + b]])  # the global batch
+            idx = torch.tensor([i for s in shards for i in s[start : start + b]])  # the global batch
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model
 
 
-def time_allreduce(numels: Sequence[int], repeats: int = 10, warmup: int = 2,
-                   device: torch.device | str = "cpu", stat: str = "min") -> list[float]:
+def time_allreduce(
+    numels: Sequence[int], repeats: int = 10, warmup: int = 2, device: torch.device | str = "cpu", stat: str = "min"
+) -> list[float]:
     """Seconds of ``dist.all_reduce`` on float32 tensors of each size (call inside a process group).
 
     ``stat="min"`` (the default) keeps the fastest repeat: the cost of the collective itself, as
@@ -535,19 +586,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
-    parser.add_argument("--numels", default="1024,16384,131072,524288,2097152",
-                        help="comma-separated tensor sizes (float32 elements)")
+    parser.add_argument(
+        "--numels", default="1024,16384,131072,524288,2097152", help="comma-separated tensor sizes (float32 elements)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--timeout", type=float, default=PG_TIMEOUT_S,
-                        help="seconds a rank waits for a missing peer before it fails")
+    parser.add_argument(
+        "--timeout", type=float, default=PG_TIMEOUT_S, help="seconds a rank waits for a missing peer before it fails"
+    )
     args = parser.parse_args(argv)
     device = init_distributed(args.backend, timeout_s=args.timeout)  # rank, world size, local rank: from torchrun
     try:
         numels = [int(n) for n in args.numels.split(",")]
         seconds = time_allreduce(numels, repeats=args.repeats, device=device)
         if dist.get_rank() == 0:
-            print(JSON_MARKER + json.dumps({"backend": args.backend, "world_size": dist.get_world_size(),
-                                            "nbytes": [4 * n for n in numels], "seconds": seconds}), flush=True)
+            print(
+                JSON_MARKER
+                + json.dumps(
+                    {
+                        "backend": args.backend,
+                        "world_size": dist.get_world_size(),
+                        "nbytes": [4 * n for n in numels],
+                        "seconds": seconds,
+                    }
+                ),
+                flush=True,
+            )
     finally:
         shutdown_distributed()
 
@@ -555,8 +618,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 def torchrun_command(nproc: int, args: Sequence[str] = ()) -> list[str]:
     """The command line that launches :func:`main` on ``nproc`` local processes with torchrun."""
     _check_world_size(nproc)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "dlarch_lib.parallel", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dlarch_lib.parallel",
+        *args,
+    ]
 
 
 def run_torchrun(nproc: int = 2, args: Sequence[str] = (), timeout: float = 120.0) -> dict:
@@ -567,15 +638,23 @@ def run_torchrun(nproc: int = 2, args: Sequence[str] = (), timeout: float = 120.
     """
     timeout = _check_seconds("timeout", timeout)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(torchrun_command(nproc, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun_command(nproc, args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
         stdout, stderr = proc.communicate()
-        raise TimeoutError(f"torchrun ({nproc} ranks) still running after the deadline of {timeout:g} s; killed it "
-                           f"and its ranks:\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
+        raise TimeoutError(
+            f"torchrun ({nproc} ranks) still running after the deadline of {timeout:g} s; killed it "
+            f"and its ranks:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+        ) from None
     finally:
         if proc.poll() is None:  # interrupted (Ctrl-C): leave no ranks behind
             os.killpg(proc.pid, signal.SIGKILL)
@@ -583,7 +662,7 @@ def run_torchrun(nproc: int = 2, args: Sequence[str] = (), timeout: float = 120.
     lines = [line for line in stdout.splitlines() if line.startswith(JSON_MARKER)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    return json.loads(lines[-1][len(JSON_MARKER):])
+    return json.loads(lines[-1][len(JSON_MARKER) :])
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ each rank joins and leaves its process group with :func:`~dlarch_lib.parallel.in
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dlarch_lib.parallel import (DEADLINE_S, PG_TIMEOUT_S, _check_seconds, init_distributed, launch,
-                                  shutdown_distributed)
+from dlarch_lib.parallel import DEADLINE_S, PG_TIMEOUT_S, _check_seconds, init_distributed, launch, shutdown_distributed
 
 # --------------------------------------------------------------------------- model parallelism
 
@@ -114,8 +113,9 @@ def _times(value: float | Sequence[float], p: int, name: str) -> list[float]:
     return times
 
 
-def gpipe_schedule(p: int, m: int, t_fwd: float | Sequence[float] = 1.0,
-                   t_bwd: float | Sequence[float] = 2.0) -> list[Task]:
+def gpipe_schedule(
+    p: int, m: int, t_fwd: float | Sequence[float] = 1.0, t_bwd: float | Sequence[float] = 2.0
+) -> list[Task]:
     """Event simulation of GPipe: all ``m`` forwards, then all ``m`` backwards, on ``p`` stages.
 
     Stage ``s`` runs its tasks in order; a forward F(s, i) waits for F(s-1, i) (its input), a
@@ -246,7 +246,7 @@ def split_stages(model: nn.Sequential, p: int) -> list[nn.Sequential]:
     if p < 1 or len(model) % p:
         raise ValueError(f"cannot split {len(model)} layers into p={p} equal stages")
     k = len(model) // p
-    return [nn.Sequential(*model[s * k:(s + 1) * k]) for s in range(p)]
+    return [nn.Sequential(*model[s * k : (s + 1) * k]) for s in range(p)]
 
 
 class _Clock(torch.autograd.Function):
@@ -367,8 +367,10 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
             reference.zero_grad()
             loss_fn(reference(x), y).backward()  # full batch, one device
             ref_stage = split_stages(reference, world)[rank]
-            result["grad_err"][m] = max((pa.grad - pr.grad).abs().max().item()
-                                        for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters()))
+            result["grad_err"][m] = max(
+                (pa.grad - pr.grad).abs().max().item()
+                for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters())
+            )
         return result
     finally:
         del stage, schedule  # they hold the process group: release them before destroying it
@@ -390,9 +392,18 @@ class PipelineRun:
         return values[len(values) // 2]
 
 
-def run_pipeline(world: int = 2, microbatches: Sequence[int] = (1, 2, 4, 8), micro_batch: int = 32,
-                 width: int = 256, depth: int = 8, repeats: int = 3, seed: int = 0,
-                 device: str = "cpu", timeout_s: float = PG_TIMEOUT_S, deadline_s: float = DEADLINE_S) -> PipelineRun:
+def run_pipeline(
+    world: int = 2,
+    microbatches: Sequence[int] = (1, 2, 4, 8),
+    micro_batch: int = 32,
+    width: int = 256,
+    depth: int = 8,
+    repeats: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+    timeout_s: float = PG_TIMEOUT_S,
+    deadline_s: float = DEADLINE_S,
+) -> PipelineRun:
     """Run :func:`pipeline_worker` on ``world`` spawned processes (:func:`~dlarch_lib.parallel.launch`).
 
     ``device="cpu"``: gloo processes on the CPU; ``device="cuda"``: one GPU per rank, NCCL.
@@ -411,13 +422,24 @@ def run_pipeline(world: int = 2, microbatches: Sequence[int] = (1, 2, 4, 8), mic
     if not microbatches or min(microbatches) < 1 or repeats < 1:
         raise ValueError(f"need micro-batch counts >= 1 and repeats >= 1, got {tuple(microbatches)}, {repeats}")
     _check_seconds("timeout_s", timeout_s)
-    config = dict(microbatches=list(microbatches), micro_batch=micro_batch, width=width, depth=depth,
-                  repeats=repeats, seed=seed, device=device, timeout_s=timeout_s)
+    config = dict(
+        microbatches=list(microbatches),
+        micro_batch=micro_batch,
+        width=width,
+        depth=depth,
+        repeats=repeats,
+        seed=seed,
+        device=device,
+        timeout_s=timeout_s,
+    )
     start = time.perf_counter()
-    results = launch(pipeline_worker, (config,), world, deadline_s=deadline_s,
-                     name=f"run_pipeline ({world} ranks, {device})")
+    results = launch(
+        pipeline_worker, (config,), world, deadline_s=deadline_s, name=f"run_pipeline ({world} ranks, {device})"
+    )
     seconds = time.perf_counter() - start
-    runs = {m: [[Task(*row) for res in results for row in res["runs"][m][k]] for k in range(repeats)] for m in microbatches}
+    runs = {
+        m: [[Task(*row) for res in results for row in res["runs"][m][k]] for k in range(repeats)] for m in microbatches
+    }
     grad_err = {m: max(res["grad_err"][m] for res in results) for m in microbatches}
     tp_err = {key: max(res["tp"][key] for res in results) for key in results[0]["tp"]}
     return PipelineRun(runs, grad_err, tp_err, seconds)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import copy
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dlarch_lib import bench
-from dlarch_lib.modular import Chain, latency_ms
+from dlarch_lib.core import measure
+from dlarch_lib.modular import Chain
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
 """Layer types whose ``weight`` this chapter prunes (biases stay dense)."""
@@ -214,8 +214,15 @@ def channel_keep_indices(weight: torch.Tensor, amount: float) -> torch.Tensor:
 
 def _seed_prune_channels(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
     """A new, smaller ``Conv2d`` with only the output channels ``keep`` (correct on its own)."""
-    small = nn.Conv2d(conv.in_channels, len(keep), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                      bias=conv.bias is not None)
+    small = nn.Conv2d(
+        conv.in_channels,
+        len(keep),
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=conv.bias is not None,
+    )
     with torch.no_grad():
         small.weight.copy_(conv.weight[keep])
         if conv.bias is not None:
@@ -233,9 +240,11 @@ def seed_structured_pruning(model: nn.Module, pruning_ratio: float = 0.5) -> nn.
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             importance = filter_l1_norms(module.weight)  # compute_channel_importance
-            keep_channels = torch.topk(importance, k=int(module.out_channels * (1 - pruning_ratio))).indices  # select_top_k
+            keep_channels = torch.topk(
+                importance, k=int(module.out_channels * (1 - pruning_ratio))
+            ).indices  # select_top_k
             pruned_module = _seed_prune_channels(module, keep_channels)  # prune_channels
-            module = pruned_module  # noqa: F841 -- rebinds the loop variable only
+            module = pruned_module
     return model
 
 
@@ -248,8 +257,10 @@ def _chain_leaves(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
         elif isinstance(child, PRUNABLE + _NORMS + _CHANNELWISE):
             leaves.append((model, name, child))
         else:
-            raise ValueError(f"cannot prune channels through {type(child).__name__} ({name!r}): "
-                             "only chains of Linear/Conv2d with channel-wise layers in between")
+            raise ValueError(
+                f"cannot prune channels through {type(child).__name__} ({name!r}): "
+                "only chains of Linear/Conv2d with channel-wise layers in between"
+            )
     return leaves
 
 
@@ -275,8 +286,9 @@ def mask_channels(model: nn.Module, amount: float) -> nn.Module:
     return masked
 
 
-def _slice_layer(layer: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None,
-                 channels_in: int) -> nn.Module:
+def _slice_layer(
+    layer: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None, channels_in: int
+) -> nn.Module:
     """A new ``Linear``/``Conv2d`` with only the input channels ``keep_in`` and output channels ``keep_out``."""
     w = layer.weight.detach()  # (O, I, ...) for both layer types
     b = None if layer.bias is None else layer.bias.detach()
@@ -292,8 +304,16 @@ def _slice_layer(layer: nn.Module, keep_in: torch.Tensor | None, keep_out: torch
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"grouped convolutions (groups={layer.groups}) are not supported")
-        new = nn.Conv2d(w.shape[1], w.shape[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                        bias=b is not None, padding_mode=layer.padding_mode)
+        new = nn.Conv2d(
+            w.shape[1],
+            w.shape[0],
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=b is not None,
+            padding_mode=layer.padding_mode,
+        )
     else:
         new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     with torch.no_grad():
@@ -347,32 +367,37 @@ def prune_channels(model: nn.Module, amount: float) -> nn.Module:
 # --- timing variants fairly ------------------------------------------------------------------
 
 
-def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5,
-                           repeats: int = 5, clock: str = "wall") -> dict[str, float]:
+def interleaved_latency_ms(
+    models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5, repeats: int = 5, clock: str = "wall"
+) -> dict[str, float]:
     """Latency (ms) of each model on ``x``: the best of ``rounds`` medians, the models taking turns.
 
     Taking turns spreads slow phases of a shared machine over all variants instead of
     penalising whichever was timed at the wrong moment; the minimum over rounds is the
     least disturbed estimate. With the default ``clock="wall"`` each round is
-    :func:`~dlarch_lib.modular.latency_ms`. Any other clock of :data:`dlarch_lib.bench.CLOCKS`
+    :func:`~dlarch_lib.modular.latency_ms`. Any other clock of :data:`dlarch_lib.measure.CLOCKS`
     (``"cpu"``: the process's CPU time, which other programs cannot inflate directly; see
-    :func:`dlarch_lib.bench.steady_clock`) times each round's forward passes (eval mode, no grad,
-    one warm-up call) with :func:`dlarch_lib.bench.timings_ms`, keeping the median.
+    :func:`dlarch_lib.measure.steady_clock`) times each round's forward passes (eval mode, no grad,
+    one warm-up call) with :func:`dlarch_lib.measure.timings_ms`, keeping the median.
     """
     if not models:
         raise ValueError("interleaved_latency_ms needs at least one model")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if clock not in bench.CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(bench.CLOCKS)}, got {clock!r}")
+    if clock not in measure.CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(measure.CLOCKS)}, got {clock!r}")
     best = {name: float("inf") for name in models}
     for _ in range(rounds):
         for name, model in models.items():
             if clock == "wall":
-                ms = latency_ms(model, x, repeats=repeats, warmup=1)
+                ms = statistics.median(
+                    measure.timings_ms(measure.inference_call(model, x), repeats, 1, device=x.device)
+                )
             else:
                 model.eval()
                 with torch.no_grad():
-                    ms = statistics.median(bench.timings_ms(lambda: model(x), repeats, 1, device=x.device, clock=clock))
+                    ms = statistics.median(
+                        measure.timings_ms(lambda: model(x), repeats, 1, device=x.device, clock=clock)
+                    )
             best[name] = min(best[name], ms)
     return best

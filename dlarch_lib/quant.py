@@ -14,7 +14,7 @@
 - :func:`ort_quantize_dynamic` and :func:`ort_quantize_static` run post-training
   quantization with ONNX Runtime's own tools (imported lazily: ``onnx`` and ``onnxruntime``
   are only needed for those). :func:`export_onnx`, :func:`ort_session`, :func:`ort_predict`
-  and :func:`ort_latency_ms` (timed with :func:`dlarch_lib.bench.median_ms`) come from
+  and :func:`ort_latency_ms` (timed with :func:`dlarch_lib.measure.median_ms`) come from
   :mod:`dlarch_lib.deploy` and are re-exported here.
 """
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 # ONNX export and ONNX Runtime sessions live in dlarch_lib.deploy (chapter 20); re-exported here.
 from dlarch_lib.deploy import export_onnx, ort_latency_ms, ort_predict, ort_session  # noqa: F401
@@ -101,7 +102,9 @@ def _broadcast(x: torch.Tensor, t: torch.Tensor, axis: int | None) -> torch.Tens
         return t.reshape(())
     _check_axis(x, axis)
     if t.shape != (x.shape[axis],):
-        raise ValueError(f"per-channel scale and zero point must have shape ({x.shape[axis]},) for axis {axis}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"per-channel scale and zero point must have shape ({x.shape[axis]},) for axis {axis}, got {tuple(t.shape)}"
+        )
     shape = [1] * x.ndim
     shape[axis] = -1
     return t.reshape(shape)
@@ -111,11 +114,11 @@ class _RoundSTE(torch.autograd.Function):
     """``round`` in the forward pass, the identity in the backward pass."""
 
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:
         return torch.round(v)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 
@@ -125,7 +128,12 @@ def round_ste(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, symmetric: bool = False, axis: int | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int = 8,
+    symmetric: bool = False,
+    axis: int | None = None,
 ) -> torch.Tensor:
     """Integer codes ``q = clamp(round(x / s) + z, qmin, qmax)`` as int32 (same shape as ``x``)."""
     qmin, qmax = qrange(bits, symmetric)
@@ -140,7 +148,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, symmetric: bool = False, axis: int | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int = 8,
+    symmetric: bool = False,
+    axis: int | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in float, differentiable with the clipped straight-through estimator.
 
@@ -155,7 +168,12 @@ def fake_quantize(
 
 
 def int8_linear(
-    qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None
+    qx: torch.Tensor,
+    sx: torch.Tensor,
+    zx: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer-only linear layer: uint8 input codes, symmetric per-channel int8 weight codes.
 
@@ -164,7 +182,9 @@ def int8_linear(
     of the weights, one float rescale per output channel. Returns float32 ``(N, out)``.
     """
     if qx.ndim != 2 or qw.ndim != 2 or qx.shape[1] != qw.shape[1]:
-        raise ValueError(f"need qx (N, in) and qw (out, in) with matching in, got {tuple(qx.shape)} and {tuple(qw.shape)}")
+        raise ValueError(
+            f"need qx (N, in) and qw (out, in) with matching in, got {tuple(qx.shape)} and {tuple(qw.shape)}"
+        )
     acc = qx.to(torch.int64) @ qw.to(torch.int64).T  # (N, out), exact integer accumulation
     acc = acc - zx.to(torch.int64) * qw.to(torch.int64).sum(dim=1)  # zero-point correction, (out,)
     y = (sx * sw).to(torch.float32) * acc.to(torch.float32)  # (N, out)
@@ -187,8 +207,14 @@ class QuantizedLinear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, act_bits: int | None = 8,
-        per_channel: bool = True, momentum: float = 0.1,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 8,
+        act_bits: int | None = 8,
+        per_channel: bool = True,
+        momentum: float = 0.1,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         qrange(bits)  # validates
@@ -204,7 +230,7 @@ class QuantizedLinear(nn.Linear):
     @classmethod
     def from_float(
         cls, linear: nn.Linear, bits: int = 8, act_bits: int | None = 8, per_channel: bool = True
-    ) -> "QuantizedLinear":
+    ) -> QuantizedLinear:
         """A :class:`QuantizedLinear` holding a copy of a trained ``linear``'s weights (start of QAT)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float needs an nn.Linear, got {type(linear).__name__}")
@@ -228,13 +254,15 @@ class QuantizedLinear(nn.Linear):
                 self.act_max.lerp_(hi, m)
                 self.observed.fill_(True)
             elif not bool(self.observed):
-                raise ValueError("QuantizedLinear has seen no training batch: its input range is unknown (run calibrate)")
+                raise ValueError(
+                    "QuantizedLinear has seen no training batch: its input range is unknown (run calibrate)"
+                )
             x = fake_quantize(x, *qparams(self.act_min, self.act_max, self.act_bits), bits=self.act_bits)
         axis = 0 if self.per_channel else None
         w = fake_quantize(self.weight, *self.weight_qparams(), bits=self.bits, symmetric=True, axis=axis)
         return F.linear(x, w, self.bias)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}, per_channel={self.per_channel}"
 
 
@@ -349,7 +377,14 @@ def ort_quantize_static(
     reader = calibration_reader(calib_x)  # validates calib_x before any work
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(
-            _preprocessed(src, tmp), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            _preprocessed(src, tmp),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
         )
     return str(dst)

@@ -46,11 +46,19 @@ class DeepNet(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, width: int = 32, depth: int = 40, residual: bool = True, norm: bool = False
+        self,
+        in_features: int,
+        num_classes: int,
+        width: int = 32,
+        depth: int = 40,
+        residual: bool = True,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         if min(in_features, num_classes, width) < 1:
-            raise ValueError(f"in_features, num_classes and width must be >= 1, got {in_features}, {num_classes}, {width}")
+            raise ValueError(
+                f"in_features, num_classes and width must be >= 1, got {in_features}, {num_classes}, {width}"
+            )
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.in_features = in_features

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
+from tqdm import tqdm  # plain text bars, as in dlarch_lib.core.train
 
-from dlarch_lib.text import CharCorpus
+from dlarch_lib.core.text import CharCorpus
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,14 +68,16 @@ class LSTMCell(nn.Module):
             state = (zeros, zeros)
         h, c = state
         if h.shape != (x.shape[0], self.hidden_size) or c.shape != h.shape:
-            raise ValueError(f"state (h, c) must both be {(x.shape[0], self.hidden_size)}, got {tuple(h.shape)} and {tuple(c.shape)}")
+            raise ValueError(
+                f"state (h, c) must both be {(x.shape[0], self.hidden_size)}, got {tuple(h.shape)} and {tuple(c.shape)}"
+            )
         i, f, g, o = self.gates(x, h)
         c = f * c + i * g  # the cell state: the constant error carousel when f = 1
         h = o * torch.tanh(c)
         return h, c
 
     @classmethod
-    def from_torch(cls, ref: nn.LSTMCell) -> "LSTMCell":
+    def from_torch(cls, ref: nn.LSTMCell) -> LSTMCell:
         """A copy of ``ref`` (an ``nn.LSTMCell`` with biases) as a from-scratch cell."""
         if ref.bias is False:
             raise ValueError("only LSTM cells with biases are supported (bias=True)")
@@ -111,7 +114,9 @@ class LSTM(nn.Module):
             state = (zeros, zeros)
         expected = (self.num_layers, batch, self.hidden_size)
         if state[0].shape != expected or state[1].shape != expected:
-            raise ValueError(f"state (h0, c0) must both be {expected}, got {tuple(state[0].shape)} and {tuple(state[1].shape)}")
+            raise ValueError(
+                f"state (h0, c0) must both be {expected}, got {tuple(state[0].shape)} and {tuple(state[1].shape)}"
+            )
         layer_input = x  # (B, T, I) for layer 0, (B, T, H) above
         h_n, c_n = [], []
         for layer, cell in enumerate(self.cells):
@@ -127,7 +132,7 @@ class LSTM(nn.Module):
         return out, (torch.stack(h_n), torch.stack(c_n))  # (B, T, H), 2 x (L, B, H)
 
     @classmethod
-    def from_torch(cls, ref: nn.LSTM) -> "LSTM":
+    def from_torch(cls, ref: nn.LSTM) -> LSTM:
         """Copy the weights of ``ref`` (``nn.LSTM``: unidirectional, with biases, no projection)."""
         if ref.bidirectional or ref.proj_size or not ref.bias:
             raise ValueError("only unidirectional nn.LSTM with biases and no projection (proj_size=0) is supported")
@@ -196,7 +201,9 @@ class CharLSTM(nn.Module):
     def __init__(self, vocab_size: int, embed: int = 64, hidden: int = 256, layers: int = 1) -> None:
         super().__init__()
         if min(vocab_size, embed, hidden, layers) < 1:
-            raise ValueError(f"vocab_size, embed, hidden and layers must be >= 1, got {(vocab_size, embed, hidden, layers)}")
+            raise ValueError(
+                f"vocab_size, embed, hidden and layers must be >= 1, got {(vocab_size, embed, hidden, layers)}"
+            )
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, embed)
         self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
@@ -210,7 +217,9 @@ class CharLSTM(nn.Module):
         return self.head(out), state
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self, prompt: torch.Tensor, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Sample ``n`` characters after ``prompt`` (ids ``(T0,)``, T0 >= 1); returns the new ids ``(n,)``.
 
         Each character is drawn from ``softmax(logits / temperature)``: below 1 sharper, above 1 flatter.
@@ -241,7 +250,15 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_nats(model: nn.Module, corpus: CharCorpus, *, split: str = "val", context: int = 128, batch_size: int = 64, max_windows: int | None = None) -> float:
+def eval_nats(
+    model: nn.Module,
+    corpus: CharCorpus,
+    *,
+    split: str = "val",
+    context: int = 128,
+    batch_size: int = 64,
+    max_windows: int | None = None,
+) -> float:
     """Mean cross-entropy in nats/char over non-overlapping windows of ``context`` characters.
 
     Deterministic: the windows tile the whole split, or ``max_windows`` of them spread evenly
@@ -307,7 +324,9 @@ def train_char_lm(
     ``val_loss`` (lists, nats/char).
     """
     if steps < 1 or batch_size < 1 or context < 1 or eval_every < 1:
-        raise ValueError(f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}")
+        raise ValueError(
+            f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}"
+        )
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     batch_fn = batch_fn or corpus.batch

@@ -21,13 +21,14 @@ K beams.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from tqdm import tqdm  # plain text bars, as in dlarch_lib.train
+from tqdm import tqdm  # plain text bars, as in dlarch_lib.core.train
 
 from dlarch_lib.attention import padding_mask, scaled_dot_product_attention
 
@@ -51,7 +52,7 @@ def encode_digits(s: str) -> list[int]:
 def decode_tokens(ids: Sequence[int] | torch.Tensor) -> str:
     """Token ids -> digit string; skips ``BOS``/``PAD`` and stops at the first ``EOS``."""
     out = []
-    for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
+    for i in ids.tolist() if isinstance(ids, torch.Tensor) else ids:
         if i == EOS:
             break
         if i >= DIGIT0:
@@ -123,7 +124,9 @@ class Seq2Seq(nn.Module):
     def __init__(self, vocab_size: int = VOCAB_SIZE, emb: int = 32, hidden: int = 64) -> None:
         super().__init__()
         if vocab_size <= DIGIT0 or emb < 1 or hidden < 2 or hidden % 2:
-            raise ValueError(f"need vocab_size > {DIGIT0}, emb >= 1 and an even hidden >= 2; got {vocab_size}, {emb}, {hidden}")
+            raise ValueError(
+                f"need vocab_size > {DIGIT0}, emb >= 1 and an even hidden >= 2; got {vocab_size}, {emb}, {hidden}"
+            )
         self.vocab_size, self.hidden = vocab_size, hidden
         self.embed = nn.Embedding(vocab_size, emb, padding_idx=PAD)  # shared by encoder and decoder
         self.encoder = nn.GRU(emb, hidden // 2, batch_first=True, bidirectional=True)
@@ -135,7 +138,9 @@ class Seq2Seq(nn.Module):
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``src (B, S)``, lengths ``(B,)`` -> memory ``(B, S, H)`` (zeros at padding), final state ``(B, H)``."""
         if src.ndim != 2 or src_lengths.shape != (src.shape[0],):
-            raise ValueError(f"expected src (B, S) and src_lengths (B,), got {tuple(src.shape)} and {tuple(src_lengths.shape)}")
+            raise ValueError(
+                f"expected src (B, S) and src_lengths (B,), got {tuple(src.shape)} and {tuple(src_lengths.shape)}"
+            )
         if int(src_lengths.min()) < 1 or int(src_lengths.max()) > src.shape[1]:
             raise ValueError(f"src_lengths must lie in [1, {src.shape[1]}]")
         packed = pack_padded_sequence(self.embed(src), src_lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -226,7 +231,7 @@ class Seq2Seq(nn.Module):
 class BottleneckSeq2Seq(Seq2Seq):
     """The fixed-vector encoder-decoder: every step sees the same context ``c = W h_S``."""
 
-    def context(self, states, memory, src_lengths, final):  # noqa: D102 (see Seq2Seq.context)
+    def context(self, states, memory, src_lengths, final):
         return self.context_proj(final)[:, None].expand_as(states), None  # (B, T, H)
 
 
@@ -237,7 +242,7 @@ class AttentionSeq2Seq(Seq2Seq):
     padded source positions masked out.
     """
 
-    def context(self, states, memory, src_lengths, final):  # noqa: D102 (see Seq2Seq.context)
+    def context(self, states, memory, src_lengths, final):
         mask = padding_mask(src_lengths, memory.shape[1])[:, None, :]  # (B, 1, S): True = real token
         return scaled_dot_product_attention(self.context_proj(states), memory, memory, mask)  # (B,T,H), (B,T,S)
 
@@ -248,14 +253,18 @@ class AttentionSeq2Seq(Seq2Seq):
 def sequence_loss(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per target token, ignoring ``PAD``: logits ``(B, T, V)``, targets ``(B, T)``."""
     if logits.ndim != 3 or logits.shape[:2] != tgt_out.shape:
-        raise ValueError(f"expected logits (B, T, V) and tgt_out (B, T), got {tuple(logits.shape)} and {tuple(tgt_out.shape)}")
+        raise ValueError(
+            f"expected logits (B, T, V) and tgt_out (B, T), got {tuple(logits.shape)} and {tuple(tgt_out.shape)}"
+        )
     return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD)
 
 
 def sequence_log_prob(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
     """``log p(y | x) = sum_t log p(y_t | y_<t, x)`` for each row: ``(B, T, V)``, ``(B, T)`` -> ``(B,)``."""
     if logits.ndim != 3 or logits.shape[:2] != tgt_out.shape:
-        raise ValueError(f"expected logits (B, T, V) and tgt_out (B, T), got {tuple(logits.shape)} and {tuple(tgt_out.shape)}")
+        raise ValueError(
+            f"expected logits (B, T, V) and tgt_out (B, T), got {tuple(logits.shape)} and {tuple(tgt_out.shape)}"
+        )
     logp = F.log_softmax(logits, dim=-1).gather(-1, tgt_out[..., None])[..., 0]  # (B, T)
     return (logp * (tgt_out != PAD)).sum(dim=1)
 
@@ -278,7 +287,7 @@ def train_seq2seq(
     Adam with a one-cycle learning-rate schedule (warm-up over the first 10% of the steps to
     ``lr``, then cosine decay) and gradient clipping at norm 1.
 
-    Every step draws a new batch, so there are no epochs; ``dlarch_lib.train.fit`` expects a
+    Every step draws a new batch, so there are no epochs; ``dlarch_lib.core.train.fit`` expects a
     loader of ``(x, y)`` pairs and is not used. Returns the loss of every step.
     """
     if steps < 1 or batch_size < 1:
@@ -290,7 +299,9 @@ def train_seq2seq(
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
     for _ in bar:
-        src, src_lengths, tgt_in, tgt_out = (t.to(device) for t in make_reversal_batch(batch_size, min_len, max_len, gen))
+        src, src_lengths, tgt_in, tgt_out = (
+            t.to(device) for t in make_reversal_batch(batch_size, min_len, max_len, gen)
+        )
         loss = sequence_loss(model(src, src_lengths, tgt_in), tgt_out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -340,7 +351,9 @@ def anti_diagonal_mass(weights: torch.Tensor, src_lengths: torch.Tensor, band: i
     (the EOS row is left out). 1 means a perfect anti-diagonal.
     """
     if weights.ndim != 3 or src_lengths.shape != (weights.shape[0],):
-        raise ValueError(f"expected weights (B, T, S) and src_lengths (B,), got {tuple(weights.shape)} and {tuple(src_lengths.shape)}")
+        raise ValueError(
+            f"expected weights (B, T, S) and src_lengths (B,), got {tuple(weights.shape)} and {tuple(src_lengths.shape)}"
+        )
     if band < 0:
         raise ValueError(f"band must be >= 0, got {band}")
     B, T, S = weights.shape
@@ -438,7 +451,9 @@ def beam_search(step_fn: StepFn, bos: int, eos: int, beam_size: int, max_len: in
     for _ in range(max_len):
         logp = step_fn(live)  # (K, V)
         if logp.ndim != 2 or logp.shape[0] != live.shape[0]:
-            raise ValueError(f"step_fn must return (K, V) log-probs for K={live.shape[0]} prefixes, got {tuple(logp.shape)}")
+            raise ValueError(
+                f"step_fn must return (K, V) log-probs for K={live.shape[0]} prefixes, got {tuple(logp.shape)}"
+            )
         V = logp.shape[1]
         cand = (live_scores[:, None] + logp.double()).flatten()  # (K * V,) scores of every one-token extension
         top_values, top_indices = cand.topk(min(beam_size, cand.numel()))

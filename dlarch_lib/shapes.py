@@ -34,7 +34,7 @@ class ShapesSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: slice) -> "ShapesSet":
+    def __getitem__(self, index: slice) -> ShapesSet:
         """A sub-set by slice, e.g. ``data[:1000]``."""
         if not isinstance(index, slice):
             raise TypeError(f"index a ShapesSet with a slice, got {type(index).__name__}")
@@ -97,7 +97,7 @@ def make_shapes(
     if noise < 0 or texture < 0:
         raise ValueError(f"noise and texture must be >= 0, got noise={noise}, texture={texture}")
     g = torch.Generator().manual_seed(seed)
-    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731  uniform [0, 1)
+    u = lambda *shape: torch.rand(*shape, generator=g)
     S = max_shapes
 
     # geometry of S shape slots per image; slot j is used when j < count
@@ -127,7 +127,9 @@ def make_shapes(
     grid = torch.arange(size, dtype=torch.float32)
     angle, period, phase = torch.pi * u(n), 4 + 6 * u(n), 2 * torch.pi * u(n)
     k = (2 * torch.pi / period)[:, None, None]
-    proj = torch.cos(angle)[:, None, None] * grid.view(1, 1, size) + torch.sin(angle)[:, None, None] * grid.view(1, size, 1)
+    proj = torch.cos(angle)[:, None, None] * grid.view(1, 1, size) + torch.sin(angle)[:, None, None] * grid.view(
+        1, size, 1
+    )
     stripes = torch.sin(k * proj + phase[:, None, None])  # (N, H, W)
     images = images + texture * stripes[:, None] + noise * torch.randn(images.shape, generator=g)
     images = images.clamp(0.0, 1.0).float()

@@ -40,8 +40,10 @@ class EmbeddingNet(nn.Module):
             raise ValueError(f"dim and width must be >= 1, got dim={dim}, width={width}")
         self.dim, self.normalize = dim, normalize
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),  # (B, w, 8, 8)
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),  # (B, 2w, 8, 8)
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),  # (B, w, 8, 8)
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),  # (B, 2w, 8, 8)
             nn.MaxPool2d(2),  # (B, 2w, 4, 4)
             nn.Flatten(),  # (B, 32w)
         )

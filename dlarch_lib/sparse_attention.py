@@ -42,7 +42,9 @@ def _global_index(global_idx: Sequence[int] | torch.Tensor, T: int, device: torc
     return idx
 
 
-def local_window_mask(T: int, window: int, causal: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
+def local_window_mask(
+    T: int, window: int, causal: bool = False, device: torch.device | str | None = None
+) -> torch.Tensor:
     """``(T, T)`` bool band: ``True`` where ``|i - j| <= window`` (and ``j <= i`` if ``causal``)."""
     _check_window(T, window)
     i = torch.arange(T, device=device)[:, None]  # (T, 1) query positions
@@ -238,7 +240,9 @@ class LookupModel(nn.Module):
     or sees only the memory's mean (``mode="mean"``), then an MLP gives the value's logits.
     """
 
-    def __init__(self, n_keys: int = 16, n_values: int = 16, d_model: int = 64, n_heads: int = 4, mode: str = "cross") -> None:
+    def __init__(
+        self, n_keys: int = 16, n_values: int = 16, d_model: int = 64, n_heads: int = 4, mode: str = "cross"
+    ) -> None:
         super().__init__()
         if mode not in ("cross", "mean"):
             raise ValueError(f"mode must be 'cross' or 'mean', got {mode!r}")
@@ -249,7 +253,9 @@ class LookupModel(nn.Module):
         self.ln_q, self.ln_m = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.cross = MultiHeadAttention(d_model, n_heads)  # used by "cross"
         self.pool = nn.Linear(d_model, d_model)  # used by "mean"
-        self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, n_values))
+        self.head = nn.Sequential(
+            nn.LayerNorm(d_model), nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, n_values)
+        )
         self.last_weights: torch.Tensor | None = None  # (B, h, 1, P) cross-attention of the last call
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,16 @@ schedule every batch) and a plain RNN on the adding problem (:func:`adding_probl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dlarch_lib.data import Split
-from dlarch_lib.train import accuracy, make_optimizer
+from dlarch_lib.core.data import Split
+from dlarch_lib.core.train import accuracy, make_optimizer
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 
@@ -87,8 +87,15 @@ def schedule_factor(name: str, total_steps: int, warmup_steps: int = 0) -> Calla
     raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
 
 
-def torch_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                    min_lr: float = 0.0, step_size: int = 1, gamma: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler:
+def torch_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr: float = 0.0,
+    step_size: int = 1,
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
     """PyTorch's own scheduler for ``"step"``, ``"cosine"`` or ``"warmup_cosine"`` (the reference).
 
     ``"warmup_cosine"`` is ``SequentialLR(LinearLR(1/W -> 1 over W-1 steps), CosineAnnealingLR)``.
@@ -101,8 +108,9 @@ def torch_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
     if name == "warmup_cosine":
         if not 1 <= warmup_steps < total_steps:
             raise ValueError(f"need 1 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
-        warm = sched.LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
-                              total_iters=max(warmup_steps - 1, 1))
+        warm = sched.LinearLR(
+            optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=max(warmup_steps - 1, 1)
+        )
         cos = sched.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=min_lr)
         return sched.SequentialLR(optimizer, [warm, cos], milestones=[warmup_steps])
     raise ValueError(f"unknown torch scheduler {name!r}; expected 'step', 'cosine' or 'warmup_cosine'")
@@ -162,13 +170,22 @@ class AdamState:
     t: int = 0
 
     @classmethod
-    def zeros_like(cls, w: torch.Tensor) -> "AdamState":
+    def zeros_like(cls, w: torch.Tensor) -> AdamState:
         """Fresh state (zero moments) for a parameter shaped like ``w``."""
         return cls(torch.zeros_like(w), torch.zeros_like(w))
 
 
-def adam_step(w: torch.Tensor, grad: torch.Tensor, state: AdamState, *, lr: float, weight_decay: float = 0.0,
-              decoupled: bool = False, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+def adam_step(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    state: AdamState,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """One Adam step; returns the new ``w`` and updates ``state`` in place.
 
     ``decoupled=False`` is Adam with L2: ``grad + weight_decay * w`` goes through the moments
@@ -176,8 +193,9 @@ def adam_step(w: torch.Tensor, grad: torch.Tensor, state: AdamState, *, lr: floa
     ``lr * weight_decay * w`` outside the moments (``torch.optim.AdamW``).
     """
     if w.shape != grad.shape or w.shape != state.m.shape:
-        raise ValueError(f"w, grad and state must have one shape, got {tuple(w.shape)}, {tuple(grad.shape)}, "
-                         f"{tuple(state.m.shape)}")
+        raise ValueError(
+            f"w, grad and state must have one shape, got {tuple(w.shape)}, {tuple(grad.shape)}, {tuple(state.m.shape)}"
+        )
     if decoupled:
         w = w * (1.0 - lr * weight_decay)
     else:
@@ -190,8 +208,9 @@ def adam_step(w: torch.Tensor, grad: torch.Tensor, state: AdamState, *, lr: floa
     return w - lr * m_hat / (v_hat.sqrt() + eps)
 
 
-def sgd_step(w: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float = 0.0,
-             decoupled: bool = False) -> torch.Tensor:
+def sgd_step(
+    w: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float = 0.0, decoupled: bool = False
+) -> torch.Tensor:
     """One plain SGD step with L2 in the gradient (``decoupled=False``) or decoupled decay.
 
     The two are the same update: ``w - lr * (grad + wd * w) == (1 - lr * wd) * w - lr * grad``.
@@ -277,8 +296,9 @@ class DigitsMLP(nn.Module):
     The batch-norm layers drop the linear bias (it would cancel, chapter 4).
     """
 
-    def __init__(self, hidden: int = 256, depth: int = 2, dropout: float = 0.0, batchnorm: bool = False,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, hidden: int = 256, depth: int = 2, dropout: float = 0.0, batchnorm: bool = False, num_classes: int = 10
+    ) -> None:
         super().__init__()
         if hidden < 1 or depth < 1:
             raise ValueError(f"hidden and depth must be >= 1, got {hidden} and {depth}")
@@ -310,13 +330,25 @@ class RunRecord:
     test_acc: float = float("nan")
 
 
-def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float = 1e-3, optimizer: str = "adam",
-                     weight_decay: float = 0.0, schedule: str = "constant", warmup_frac: float = 0.1,
-                     batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu",
-                     progress: bool = False, desc: str = "train") -> RunRecord:
+def train_classifier(
+    model: nn.Module,
+    split: Split,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    warmup_frac: float = 0.1,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "train",
+) -> RunRecord:
     """Train on ``split`` with a per-step ``schedule`` (``LambdaLR`` over :func:`schedule_factor`).
 
-    ``dlarch_lib.train.fit`` steps no scheduler, hence this small loop. It batches by slicing a
+    ``dlarch_lib.core.train.fit`` steps no scheduler, hence this small loop. It batches by slicing a
     seeded permutation of the tensors (much cheaper than a ``DataLoader`` for 8x8 images). The
     test set is used once, at the end, in eval mode.
     """
@@ -337,7 +369,7 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
         order = torch.randperm(n, generator=g).to(device)
         running = 0.0
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -395,8 +427,17 @@ class RNNRegressor(nn.Module):
         return self.head(out[:, -1]).squeeze(-1)
 
 
-def train_rnn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int = 64,
-              clip: float | None = None, seed: int = 0) -> tuple[list[float], list[float]]:
+def train_rnn(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    clip: float | None = None,
+    seed: int = 0,
+) -> tuple[list[float], list[float]]:
     """Train with SGD on mini-batches of ``(x, y)``; returns per-step (losses, gradient norms).
 
     ``clip`` is the ``max_norm`` for ``nn.utils.clip_grad_norm_`` (``None``: no clipping). A

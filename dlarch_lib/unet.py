@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # --------------------------------------------------------------------------- the model
 
@@ -56,7 +55,9 @@ class UNet(nn.Module):
         self.down = nn.ModuleList(DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths], widths[:-1]))
         self.bottleneck = DoubleConv(widths[-2], widths[-1])
         # level l (deepest first): upsample 2^(l+1) w -> 2^l w, then concat skip (2^l w) -> 2^l w
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(depth)))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(depth))
+        )
         self.fuse = nn.ModuleList(DoubleConv(2 * widths[l], widths[l]) for l in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         self.pool = nn.MaxPool2d(2)
@@ -202,7 +203,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     ``logits`` ``(B, K, H, W)``, ``target`` ``(B, H, W)`` int64; sums run over batch and pixels.
     """
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     probs = logits.softmax(dim=1)  # (B, K, H, W)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)  # (B, K, H, W)
     inter = (probs * onehot).sum(dim=(0, 2, 3))  # (K,)

@@ -9,13 +9,13 @@
 - Uses: :func:`roc_auc` (anomaly detection scored by -ELBO) and :func:`augment_by_posterior`
   (extra labelled images decoded from ``q(z|x)`` of the few labelled ones).
 
-Images are ``(N, 1, 8, 8)`` in [0, 1] as :mod:`dlarch_lib.data` gives them; all nats are per image.
+Images are ``(N, 1, 8, 8)`` in [0, 1] as :mod:`dlarch_lib.core.data` gives them; all nats are per image.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 def _check_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> None:
     if mu.shape != logvar.shape or mu.ndim != 2:
-        raise ValueError(f"expected mu and logvar of equal shape (B, z_dim), got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+        raise ValueError(
+            f"expected mu and logvar of equal shape (B, z_dim), got {tuple(mu.shape)} and {tuple(logvar.shape)}"
+        )
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,9 @@ def pathwise_gradient(
     ``mu``, ``logvar`` are ``(z,)``; ``f`` maps ``(n, z) -> (n,)``. Returns two ``(z,)`` tensors.
     """
     if mu.ndim != 1 or mu.shape != logvar.shape or n < 1:
-        raise ValueError(f"expected mu, logvar of equal shape (z,) and n >= 1, got {tuple(mu.shape)}, {tuple(logvar.shape)}, n={n}")
+        raise ValueError(
+            f"expected mu, logvar of equal shape (z,) and n >= 1, got {tuple(mu.shape)}, {tuple(logvar.shape)}, n={n}"
+        )
     mu, logvar = mu.detach().double().requires_grad_(), logvar.detach().double().requires_grad_()
     eps = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     z = reparameterize(mu.expand(n, -1), logvar.expand(n, -1), eps)  # (n, z)
@@ -79,7 +83,9 @@ def score_function_gradient(
     ``d log q / d logvar = ((z - mu)^2 / sigma^2 - 1) / 2``. Needs no gradient of ``f``.
     """
     if mu.ndim != 1 or mu.shape != logvar.shape or n < 1:
-        raise ValueError(f"expected mu, logvar of equal shape (z,) and n >= 1, got {tuple(mu.shape)}, {tuple(logvar.shape)}, n={n}")
+        raise ValueError(
+            f"expected mu, logvar of equal shape (z,) and n >= 1, got {tuple(mu.shape)}, {tuple(logvar.shape)}, n={n}"
+        )
     mu, logvar = mu.double(), logvar.double()
     eps = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     sigma = torch.exp(0.5 * logvar)
@@ -215,7 +221,9 @@ def reconstruct(model: VAE, images: torch.Tensor) -> torch.Tensor:
 def interpolate(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Decode ``(1 - t) mu(x_a) + t mu(x_b)`` for ``steps`` values of ``t`` in [0, 1]: ``(steps, 1, 8, 8)``."""
     if x_a.shape != x_b.shape or x_a.ndim != 3:
-        raise ValueError(f"expected two single images (1, H, W) of equal shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+        raise ValueError(
+            f"expected two single images (1, H, W) of equal shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
     mu, _ = model.encode(torch.stack([x_a, x_b]))  # (2, z)
@@ -233,7 +241,9 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     negative, ties counting one half, computed from average ranks.
     """
     if scores.ndim != 1 or scores.shape != labels.shape:
-        raise ValueError(f"expected scores and labels of equal shape (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected scores and labels of equal shape (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
     labels = labels.long()
     if not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError("labels must be 0 or 1")
@@ -252,7 +262,9 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def augment_by_posterior(model: VAE, images: torch.Tensor, labels: torch.Tensor, copies: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_by_posterior(
+    model: VAE, images: torch.Tensor, labels: torch.Tensor, copies: int = 5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each labelled image draw ``copies`` codes ``z ~ q(z|x)`` and decode them, keeping the label.
 
     ``images (N, 1, 8, 8)``, ``labels (N,)`` -> ``(N * copies, 1, 8, 8)`` decoder means and

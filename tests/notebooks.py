@@ -15,7 +15,9 @@ CHAPTER_RE = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 
 def all_notebooks() -> list[Path]:
     """Every notebook under book/ (checkpoints excluded)."""
-    return sorted(p for p in BOOK.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts and not p.name.endswith(".nbval.ipynb"))
+    return sorted(
+        p for p in BOOK.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts and not p.name.endswith(".nbval.ipynb")
+    )
 
 
 def chapters() -> list[Path]:

@@ -15,7 +15,7 @@ from dlarch_lib.approx import (
     sup_error,
 )
 
-f = lambda x: torch.sin(2 * math.pi * x)  # noqa: E731
+f = lambda x: torch.sin(2 * math.pi * x)
 
 
 def test_five_tuple_reads_layers_activations_parameters_and_optimizer():

@@ -140,17 +140,31 @@ def chapter_grades(tmp_path_factory, grading_server):
         wrong = wrong_answer_notebooks(chapter, reference, folder / chapter.stem)
         notebooks = [reference, student, *(w for w in wrong if isinstance(w, Path)), reference]
         report = grading_server.grade(zip_path, reference, notebooks)
-        rows = iter(vars(assign.grade_from_results(r["submission"], chapter.stem, r["tests"], r["seconds"],
-                                                   r["error"] and f"{r['error']}\n{r['log']}"))
-                    for r in report.pop("results"))
-        return {"report": report, "reference_first": next(rows), "stub": next(rows),
-                "wrong": [next(rows) if isinstance(w, Path) else w for w in wrong], "reference_last": next(rows)}
+        rows = iter(
+            vars(
+                assign.grade_from_results(
+                    r["submission"], chapter.stem, r["tests"], r["seconds"], r["error"] and f"{r['error']}\n{r['log']}"
+                )
+            )
+            for r in report.pop("results")
+        )
+        return {
+            "report": report,
+            "reference_first": next(rows),
+            "stub": next(rows),
+            "wrong": [next(rows) if isinstance(w, Path) else w for w in wrong],
+            "reference_last": next(rows),
+        }
 
     def grades(chapter: Path, generated: Generated) -> ChapterGrades:
         done = _once(folder, chapter.stem, lambda: compute(chapter, generated))
-        return ChapterGrades(done["report"], _as_grade(done["reference_first"]), _as_grade(done["stub"]),
-                             [_as_grade(w) if isinstance(w, dict) else w for w in done["wrong"]],
-                             _as_grade(done["reference_last"]))
+        return ChapterGrades(
+            done["report"],
+            _as_grade(done["reference_first"]),
+            _as_grade(done["stub"]),
+            [_as_grade(w) if isinstance(w, dict) else w for w in done["wrong"]],
+            _as_grade(done["reference_last"]),
+        )
 
     return grades
 
@@ -281,11 +295,23 @@ def test_markup_errors_are_reported(tmp_path):
     raw, code = nbformat.v4.new_raw_cell, nbformat.v4.new_code_cell
     cases = {
         "no points": [raw("# BEGIN QUESTION\nname: q"), raw("# END QUESTION")],
-        "no tests": [raw("# BEGIN QUESTION\nname: q\npoints: 1"), raw("# BEGIN SOLUTION"),
-                     code("x = 1  # SOLUTION"), raw("# END SOLUTION"), raw("# END QUESTION")],
-        "only public tests": [raw("# BEGIN QUESTION\nname: q\npoints: 1"), raw("# BEGIN SOLUTION"),
-                              code("x = 1  # SOLUTION"), raw("# END SOLUTION"), raw("# BEGIN TESTS"),
-                              code("assert x == 1"), raw("# END TESTS"), raw("# END QUESTION")],
+        "no tests": [
+            raw("# BEGIN QUESTION\nname: q\npoints: 1"),
+            raw("# BEGIN SOLUTION"),
+            code("x = 1  # SOLUTION"),
+            raw("# END SOLUTION"),
+            raw("# END QUESTION"),
+        ],
+        "only public tests": [
+            raw("# BEGIN QUESTION\nname: q\npoints: 1"),
+            raw("# BEGIN SOLUTION"),
+            code("x = 1  # SOLUTION"),
+            raw("# END SOLUTION"),
+            raw("# BEGIN TESTS"),
+            code("assert x == 1"),
+            raw("# END TESTS"),
+            raw("# END QUESTION"),
+        ],
         "unclosed": [raw("# BEGIN QUESTION\nname: q\npoints: 1"), raw("# BEGIN SOLUTION")],
         "stray end": [raw("# END TESTS")],
     }

@@ -10,45 +10,46 @@ import torch
 from torch import nn
 
 from dlarch_lib import bench
+from dlarch_lib.core import measure
 
 
 def test_timings_warmup_and_repeat_counts():
     calls = []
-    times = bench.timings_ms(lambda: calls.append(1), repeats=4, warmup=3)
+    times = measure.timings_ms(lambda: calls.append(1), repeats=4, warmup=3)
     assert len(calls) == 7 and len(times) == 4 and all(t >= 0 for t in times)
 
 
 def test_timings_measure_a_known_sleep():
-    wall = bench.timings_ms(lambda: time.sleep(0.01), repeats=3, warmup=0)
-    cpu = bench.timings_ms(lambda: time.sleep(0.01), repeats=3, warmup=0, clock="cpu")
+    wall = measure.timings_ms(lambda: time.sleep(0.01), repeats=3, warmup=0)
+    cpu = measure.timings_ms(lambda: time.sleep(0.01), repeats=3, warmup=0, clock="cpu")
     assert min(wall) >= 9.5  # sleeping takes wall time...
     assert max(cpu) < 5.0  # ...but almost no CPU time
 
 
 def test_timings_bad_input():
     with pytest.raises(TypeError, match="callable"):
-        bench.timings_ms(3)
+        measure.timings_ms(3)
     with pytest.raises(ValueError, match="repeats"):
-        bench.timings_ms(lambda: None, repeats=0)
+        measure.timings_ms(lambda: None, repeats=0)
     with pytest.raises(ValueError, match="warmup"):
-        bench.timings_ms(lambda: None, warmup=-1)
+        measure.timings_ms(lambda: None, warmup=-1)
     with pytest.raises(ValueError, match="clock"):
-        bench.timings_ms(lambda: None, clock="sundial")
+        measure.timings_ms(lambda: None, clock="sundial")
 
 
 def test_median_ms_unchanged():
-    assert bench.median_ms(lambda: time.sleep(0.002), repeats=3, warmup=0) >= 1.9
+    assert measure.median_ms(lambda: time.sleep(0.002), repeats=3, warmup=0) >= 1.9
 
 
 def test_synchronizer():
-    calls = bench.synchronizer("cpu")
-    assert calls() is None and bench.synchronizer(None)() is None
+    calls = measure.synchronizer("cpu")
+    assert calls() is None and measure.synchronizer(None)() is None
     with pytest.raises(ValueError, match="device type"):
-        bench.synchronizer("meta")
+        measure.synchronizer("meta")
 
 
 def test_summarize_hand_computed():
-    s = bench.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    s = measure.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
     assert (s.n, s.median, s.min, s.max) == (5, 3.0, 1.0, 100.0)
     assert s.q1 == 2.0 and s.q3 == 4.0 and s.iqr == 2.0
     assert s.mean == pytest.approx(22.0)
@@ -58,24 +59,24 @@ def test_summarize_hand_computed():
 
 def test_summarize_bad_input():
     with pytest.raises(ValueError, match="non-empty"):
-        bench.summarize([])
+        measure.summarize([])
     with pytest.raises(ValueError, match="finite"):
-        bench.summarize([1.0, float("nan")])
+        measure.summarize([1.0, float("nan")])
     with pytest.raises(ValueError, match="finite"):
-        bench.summarize([-1.0])
+        measure.summarize([-1.0])
 
 
 def test_benchmark_returns_stats():
-    s = bench.benchmark(lambda: time.sleep(0.001), repeats=5, warmup=1)
-    assert isinstance(s, bench.Stats) and s.n == 5 and s.min >= 0.9 and s.min <= s.median <= s.p95 <= s.max
+    s = measure.benchmark(lambda: time.sleep(0.001), repeats=5, warmup=1)
+    assert isinstance(s, measure.Stats) and s.n == 5 and s.min >= 0.9 and s.min <= s.median <= s.p95 <= s.max
 
 
 def test_cuda_timings_need_cuda():
     if torch.cuda.is_available():
-        assert len(bench.cuda_timings_ms(lambda: torch.ones(10, device="cuda") * 2, repeats=3)) == 3
+        assert len(measure.cuda_timings_ms(lambda: torch.ones(10, device="cuda") * 2, repeats=3)) == 3
     else:
         with pytest.raises(RuntimeError, match="CUDA"):
-            bench.cuda_timings_ms(lambda: None)
+            measure.cuda_timings_ms(lambda: None)
 
 
 def test_throughput_sweep():
@@ -92,11 +93,11 @@ def test_throughput_sweep():
 
 def test_num_threads_restores():
     before = torch.get_num_threads()
-    with bench.num_threads(1):
+    with measure.num_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="positive"):
-        with bench.num_threads(0):
+        with measure.num_threads(0):
             pass
 
 
@@ -142,10 +143,10 @@ def test_steady_clock_is_cpu_time_only_for_single_threaded_cpu_work():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert bench.steady_clock() == "cpu" and bench.steady_clock("cpu") == "cpu"
-        assert bench.steady_clock("cuda:0") == "wall"
+        assert measure.steady_clock() == "cpu" and measure.steady_clock("cpu") == "cpu"
+        assert measure.steady_clock("cuda:0") == "wall"
         torch.set_num_threads(2)
-        assert bench.steady_clock() == "wall"
+        assert measure.steady_clock() == "wall"
     finally:
         torch.set_num_threads(threads)
 
@@ -153,28 +154,28 @@ def test_steady_clock_is_cpu_time_only_for_single_threaded_cpu_work():
 def test_interleaved_timings_take_turns_and_best_is_the_minimum():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
-    times = bench.interleaved_timings_ms(fns, rounds=3, warmup=2)
+    times = measure.interleaved_timings_ms(fns, rounds=3, warmup=2)
     assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups first, then the variants alternate
     assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
     order.clear()
-    times = bench.interleaved_timings_ms(fns, rounds=2, warmup=0, repeats=2)
+    times = measure.interleaved_timings_ms(fns, rounds=2, warmup=0, repeats=2)
     assert order == ["a", "a", "b", "b"] * 2 and all(len(t) == 4 for t in times.values())  # a turn is `repeats` calls
-    best = bench.best_ms({"sleep": lambda: time.sleep(0.005), "spin": lambda: sum(range(50_000))}, rounds=3, warmup=0)
+    best = measure.best_ms({"sleep": lambda: time.sleep(0.005), "spin": lambda: sum(range(50_000))}, rounds=3, warmup=0)
     assert best["sleep"] >= 4.5 and best["spin"] > 0
-    cpu = bench.best_ms({"sleep": lambda: time.sleep(0.005)}, rounds=3, warmup=0, clock="cpu")
+    cpu = measure.best_ms({"sleep": lambda: time.sleep(0.005)}, rounds=3, warmup=0, clock="cpu")
     assert cpu["sleep"] < 3.0  # CPU time does not count sleeping
 
 
 def test_interleaved_timings_bad_input():
     with pytest.raises(ValueError, match="at least one"):
-        bench.interleaved_timings_ms({})
+        measure.interleaved_timings_ms({})
     with pytest.raises(TypeError, match="callable"):
-        bench.interleaved_timings_ms({"x": 3})
+        measure.interleaved_timings_ms({"x": 3})
     with pytest.raises(ValueError, match="rounds"):
-        bench.interleaved_timings_ms({"x": lambda: None}, rounds=0)
+        measure.interleaved_timings_ms({"x": lambda: None}, rounds=0)
     with pytest.raises(ValueError, match="warmup"):
-        bench.interleaved_timings_ms({"x": lambda: None}, warmup=-1)
+        measure.interleaved_timings_ms({"x": lambda: None}, warmup=-1)
     with pytest.raises(ValueError, match="repeats"):
-        bench.interleaved_timings_ms({"x": lambda: None}, repeats=0)
+        measure.interleaved_timings_ms({"x": lambda: None}, repeats=0)
     with pytest.raises(ValueError, match="clock"):
-        bench.best_ms({"x": lambda: None}, clock="sundial")
+        measure.best_ms({"x": lambda: None}, clock="sundial")

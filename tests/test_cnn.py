@@ -15,7 +15,7 @@ from dlarch_lib.cnn import (
     receptive_field,
     train_digits_classifier,
 )
-from dlarch_lib.data import load_digits_split
+from dlarch_lib.core.data import load_digits_split
 
 
 def random_config(rng: random.Random) -> dict:
@@ -26,8 +26,19 @@ def random_config(rng: random.Random) -> dict:
     stride = (rng.randint(1, 3), rng.randint(1, 3))
     h = dilation[0] * (kh - 1) + 1 + rng.randint(0, 6)
     w = dilation[1] * (kw - 1) + 1 + rng.randint(0, 6)
-    return dict(n=rng.randint(1, 3), c=groups * rng.randint(1, 3), o=groups * rng.randint(1, 3), groups=groups,
-                kh=kh, kw=kw, h=h, w=w, stride=stride, padding=padding, dilation=dilation)
+    return dict(
+        n=rng.randint(1, 3),
+        c=groups * rng.randint(1, 3),
+        o=groups * rng.randint(1, 3),
+        groups=groups,
+        kh=kh,
+        kw=kw,
+        h=h,
+        w=w,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
 
 
 def test_conv2d_matches_torch_over_random_configs():
@@ -102,7 +113,9 @@ def test_receptive_field_formula_and_measurement():
     assert receptive_field([(3, 1), (3, 1)]) == 5
     assert receptive_field([(3, 2), (3, 2), (3, 1)]) == 1 + 2 + 2 * 2 + 2 * 4
     assert receptive_field([(3, 1, 1), (3, 1, 2), (3, 1, 4)]) == 15
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, 2), nn.ReLU(), nn.Conv2d(2, 2, 3, 1, dilation=2), nn.MaxPool2d(2), nn.Conv2d(2, 1, 5))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, 2), nn.ReLU(), nn.Conv2d(2, 2, 3, 1, dilation=2), nn.MaxPool2d(2), nn.Conv2d(2, 1, 5)
+    )
     expected = receptive_field([(3, 2), (3, 1, 2), (2, 2), (5, 1)])
     assert measured_receptive_field(model, size=64) == expected
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from dlarch_lib import attention, complexity as cx, rnn
-from dlarch_lib.modular import CNNConfig, MLPConfig, build_model, count_parameters, forward_flops
+from dlarch_lib import attention, rnn
+from dlarch_lib import complexity as cx
+from dlarch_lib.core.measure import count_parameters, forward_flops
+from dlarch_lib.modular import CNNConfig, MLPConfig, build_model
 
 
 @pytest.mark.parametrize("d_in,d_out,bias", [(3, 5, True), (7, 2, False), (1, 1, True)])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlarch_lib.data import digits_arrays, load_digits_split, stratified_split
+from dlarch_lib.core.data import digits_arrays, load_digits_split, stratified_split
 
 
 def test_digits_split_shapes_ranges_and_disjointness():

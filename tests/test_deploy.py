@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,8 +12,9 @@ from onnx import TensorProto, helper
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from dlarch_lib import deploy, hardware
+from dlarch_lib import deploy
 from dlarch_lib.cnn import SmallResNet
+from dlarch_lib.core import hardware
 
 
 def _trained_bn(channels: int) -> nn.BatchNorm2d:
@@ -81,8 +81,13 @@ def _tiny_graph(op: str = "Relu") -> onnx.ModelProto:
     """x (N, 3) -> Add(x, w) -> op -> y, with a 3-element initializer w."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])
     nodes = [helper.make_node("Add", ["x", "w"], ["s"]), helper.make_node(op, ["s"], ["y"])]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [w],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -181,8 +186,9 @@ def test_latency_sweep_and_fit(model, onnx_path):
     assert all(r["eager_ms"] > 0 and r["ort_ms"] > 0 and r["speedup"] == r["eager_ms"] / r["ort_ms"] for r in rows)
     assert deploy.ort_latency_ms(session, torch.rand(2, 1, 8, 8), repeats=2, warmup=0) > 0
     assert deploy.ort_latency_ms(session, torch.rand(2, 1, 8, 8), repeats=2, warmup=0, clock="cpu") >= 0
-    cpu_rows = deploy.latency_sweep(model, session, torch.rand(8, 1, 8, 8), [1, 8], budget=20, rounds=2, progress=False,
-                                    clock="cpu")
+    cpu_rows = deploy.latency_sweep(
+        model, session, torch.rand(8, 1, 8, 8), [1, 8], budget=20, rounds=2, progress=False, clock="cpu"
+    )
     assert [r["batch"] for r in cpu_rows] == [1, 8] and all(r["eager_ms"] > 0 and r["ort_ms"] > 0 for r in cpu_rows)
     with pytest.raises(ValueError, match="pool"):
         deploy.latency_sweep(model, session, torch.rand(4, 1, 8, 8), [8])

@@ -9,7 +9,9 @@ def test_box_iou_hand_computed_cases():
     a = torch.tensor([[0.0, 0, 2, 2]])
     b = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 3], [3, 3, 4, 4], [0.5, 0.5, 1.5, 1.5], [2, 0, 4, 2]])
     iou = detect.box_iou(a, b)
-    torch.testing.assert_close(iou, torch.tensor([[1.0, 1 / 7, 0.0, 0.25, 0.0]]))  # identical, overlap, disjoint, contained, touching
+    torch.testing.assert_close(
+        iou, torch.tensor([[1.0, 1 / 7, 0.0, 0.25, 0.0]])
+    )  # identical, overlap, disjoint, contained, touching
     assert detect.box_iou(b, a).shape == (5, 1)
     torch.testing.assert_close(detect.box_iou(b, b), detect.box_iou(b, b).T)
 

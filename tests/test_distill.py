@@ -46,7 +46,8 @@ def test_distillation_loss_matches_torch_composition(T, alpha):
     zs, zt = _logits(seed=3), _logits(seed=4)
     y = torch.tensor([0, 3, 6, 2, 1])
     ref = alpha * F.cross_entropy(zs, y) + (1 - alpha) * T**2 * F.kl_div(
-        F.log_softmax(zs / T, dim=1), F.log_softmax(zt / T, dim=1), log_target=True, reduction="batchmean")
+        F.log_softmax(zs / T, dim=1), F.log_softmax(zt / T, dim=1), log_target=True, reduction="batchmean"
+    )
     torch.testing.assert_close(kd.distillation_loss(zs, zt, y, T, alpha), ref)
 
 

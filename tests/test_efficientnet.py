@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlarch_lib import efficientnet as en
-from dlarch_lib.modular import count_parameters, forward_flops
+from dlarch_lib.core.measure import count_parameters, forward_flops
 
 
 def test_se_gate_in_unit_interval_and_scaling_matches_manual():
@@ -20,8 +20,11 @@ def test_se_gate_in_unit_interval_and_scaling_matches_manual():
     x = torch.randn(3, 6, 5, 4)
     gate = se.gate(x)
     assert gate.shape == (3, 6) and (gate > 0).all() and (gate < 1).all()
-    manual = torch.sigmoid(F.linear(F.silu(F.linear(x.mean(dim=(2, 3)), se.reduce.weight, se.reduce.bias)),
-                                    se.expand.weight, se.expand.bias))
+    manual = torch.sigmoid(
+        F.linear(
+            F.silu(F.linear(x.mean(dim=(2, 3)), se.reduce.weight, se.reduce.bias)), se.expand.weight, se.expand.bias
+        )
+    )
     torch.testing.assert_close(gate, manual)
     torch.testing.assert_close(se(x), x * manual[:, :, None, None])
 
@@ -65,8 +68,9 @@ def test_mbconv_rejects_bad_config_and_input():
 def test_conv_cost_matches_counters(c_in, c_out, k, h, w):
     x = torch.zeros(1, c_in, h, w)
     standard = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False)
-    separable = nn.Sequential(nn.Conv2d(c_in, c_in, k, padding=k // 2, groups=c_in, bias=False),
-                              nn.Conv2d(c_in, c_out, 1, bias=False))
+    separable = nn.Sequential(
+        nn.Conv2d(c_in, c_in, k, padding=k // 2, groups=c_in, bias=False), nn.Conv2d(c_in, c_out, 1, bias=False)
+    )
     for module, sep in ((standard, False), (separable, True)):
         params, flops = en.conv_cost(c_in, c_out, k, h, w, separable=sep)
         assert params == count_parameters(module)

@@ -62,10 +62,14 @@ def test_distribution_errors():
 
 def test_losses_match_bce():
     r, f = torch.randn(16), torch.randn(16)
-    expected = F.binary_cross_entropy_with_logits(r, torch.ones(16)) + F.binary_cross_entropy_with_logits(f, torch.zeros(16))
+    expected = F.binary_cross_entropy_with_logits(r, torch.ones(16)) + F.binary_cross_entropy_with_logits(
+        f, torch.zeros(16)
+    )
     torch.testing.assert_close(gan.discriminator_loss(r, f), expected)
     torch.testing.assert_close(gan.generator_loss(f), F.binary_cross_entropy_with_logits(f, torch.ones(16)))
-    torch.testing.assert_close(gan.generator_loss(f, "saturating"), -F.binary_cross_entropy_with_logits(f, torch.zeros(16)))
+    torch.testing.assert_close(
+        gan.generator_loss(f, "saturating"), -F.binary_cross_entropy_with_logits(f, torch.zeros(16))
+    )
 
 
 def test_saturating_gradient_vanishes_when_d_is_confident():
@@ -107,7 +111,9 @@ def test_train_gan_runs_records_and_learns_the_mean():
     images[:, :, 2:6, 2:6] = 1.0  # one bright square: the generator must learn to draw it
     g, d = gan.DCGANGenerator(z_dim=4, width=8), gan.DCGANDiscriminator(width=8)
     before = (gan.sample(g, 64) - images).abs().mean().item()
-    h = gan.train_gan(g, d, images, steps=60, batch_size=16, lr=2e-3, snapshot_steps=(0, 30), n_snapshot=4, progress=False)
+    h = gan.train_gan(
+        g, d, images, steps=60, batch_size=16, lr=2e-3, snapshot_steps=(0, 30), n_snapshot=4, progress=False
+    )
     after = (gan.sample(g, 64) - images).abs().mean().item()
     assert len(h.d_loss) == len(h.g_loss) == 60 and sorted(h.snapshots) == [0, 30, 60]
     assert h.snapshots[60].shape == (4, 1, 8, 8)
@@ -267,7 +273,9 @@ def test_style_generator_mixing_changes_only_what_it_should():
     assert gen(z).shape == (2, 1, 8, 8)
     w = gen.mapping(z)
     same = gan.mix_styles(w, w, gen.num_ws, 2)
-    torch.testing.assert_close(gen.synthesis(same, noise=False), gen.synthesis(w[:, None].expand(-1, 4, -1), noise=False))
+    torch.testing.assert_close(
+        gen.synthesis(same, noise=False), gen.synthesis(w[:, None].expand(-1, 4, -1), noise=False)
+    )
     mixed = gen.synthesis(gan.mix_styles(w[:1], w[1:], gen.num_ws, 2), noise=False)
     assert not torch.allclose(mixed, gen.synthesis(same[:1], noise=False))
     with pytest.raises(ValueError, match="ws of shape"):

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nbformat
 import pytest
 
-from dlarch_lib import hardware
+from dlarch_lib.core import hardware
 
 pytest_plugins = ["pytester"]
 
+REPO = str(Path(__file__).resolve().parents[1])
+
 CONFTEST = """
 import os
-from dlarch_lib import hardware
+from dlarch_lib.core import hardware
 if os.environ.get("FAKE_PRESENT"):
     for tag in os.environ["FAKE_PRESENT"].split(","):
         hardware.CELL_REQUIREMENTS[tag] = hardware.Requirement(lambda: True, "faked present")
 
+import sys
+sys.path.insert(0, REPO)  # the repository root, for the test suite's own gating plumbing
+from tests.gating import apply_cell_gating
+
 def pytest_collection_modifyitems(config, items):
-    hardware.apply_cell_gating(items)
+    apply_cell_gating(items)
 """
 
 
@@ -30,7 +38,9 @@ def _notebook(path):
 
 
 def test_skip_reason_rules(monkeypatch):
-    monkeypatch.setitem(hardware.CELL_REQUIREMENTS, "requires-cuda", hardware.Requirement(lambda: False, "needs a CUDA GPU"))
+    monkeypatch.setitem(
+        hardware.CELL_REQUIREMENTS, "requires-cuda", hardware.Requirement(lambda: False, "needs a CUDA GPU")
+    )
     assert hardware.skip_reason(["hide-input", "requires-cuda"]) == "[requires-cuda] needs a CUDA GPU"
     assert hardware.skip_reason(["hide-input"]) is None
     monkeypatch.setitem(hardware.CELL_REQUIREMENTS, "requires-cuda", hardware.Requirement(lambda: True, "x"))
@@ -45,9 +55,11 @@ def test_explain_missing_rejects_unknown_tag():
 
 @pytest.mark.skipif(hardware.gpu_count() > 0, reason="this machine has a GPU, so the cell would run")
 def test_gated_cell_is_skipped_without_hardware(pytester):
-    pytester.makeconftest(CONFTEST)
+    pytester.makeconftest(CONFTEST.replace("REPO)", repr(REPO) + ")"))
     _notebook(pytester.path / "demo.ipynb")
-    result = pytester.runpytest_subprocess("--nbval-lax", "--nbval-current-env", "-rs", "-p", "no:cacheprovider", "demo.ipynb")
+    result = pytester.runpytest_subprocess(
+        "--nbval-lax", "--nbval-current-env", "-rs", "-p", "no:cacheprovider", "demo.ipynb"
+    )
     result.assert_outcomes(passed=2, skipped=1)
     result.stdout.fnmatch_lines(["*SKIPPED*[[]requires-cuda[]] needs a CUDA GPU*"])
     assert not (pytester.path / "gated_cell_ran.txt").exists()
@@ -55,7 +67,7 @@ def test_gated_cell_is_skipped_without_hardware(pytester):
 
 def test_gated_cell_runs_when_hardware_is_present(pytester, monkeypatch):
     monkeypatch.setenv("FAKE_PRESENT", "requires-cuda")
-    pytester.makeconftest(CONFTEST)
+    pytester.makeconftest(CONFTEST.replace("REPO)", repr(REPO) + ")"))
     _notebook(pytester.path / "demo.ipynb")
     result = pytester.runpytest_subprocess("--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "demo.ipynb")
     result.assert_outcomes(passed=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlarch_lib import hpo
-from dlarch_lib.data import load_digits_split
+from dlarch_lib.core.data import load_digits_split
 
 LINE = hpo.SearchSpace((hpo.Param("x", 0.0, 1.0),))
 
@@ -194,7 +194,9 @@ def test_expected_improvement_matches_monte_carlo():
 
 def test_expected_improvement_limits_and_errors():
     np.testing.assert_allclose(hpo.expected_improvement(np.array([0.0, 2.0]), np.zeros(2), 1.0), [1.0, 0.0])
-    assert hpo.expected_improvement(np.array([0.0]), np.array([1.0]), 0.0)[0] == pytest.approx(1 / math.sqrt(2 * math.pi))
+    assert hpo.expected_improvement(np.array([0.0]), np.array([1.0]), 0.0)[0] == pytest.approx(
+        1 / math.sqrt(2 * math.pi)
+    )
     ei = hpo.expected_improvement(np.zeros(3), np.array([0.1, 1.0, 3.0]), 0.0)
     assert np.all(np.diff(ei) > 0)  # more uncertainty, more expected improvement
     with pytest.raises(ValueError, match="same shape"):

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
-from dlarch_lib.hardware import GATING_TAGS
-from dlarch_lib.notebook import SETUP_CELL
+from dlarch_lib.core.hardware import GATING_TAGS
+from dlarch_lib.core.notebook import SETUP_CELL
 from tests.notebooks import BOOK, ROOT, all_notebooks, chapters, load, source, tags, toc_files
 
 NOTEBOOKS = all_notebooks()
 CHAPTERS = chapters()
-ids = lambda paths: [p.name for p in paths]  # noqa: E731
+ids = lambda paths: [p.name for p in paths]
 
 
 def test_there_are_chapters():
@@ -51,7 +50,9 @@ def test_every_toc_entry_exists():
 @pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
 def test_chapter_anatomy(nb):
     cells = load(nb)["cells"]
-    assert cells[0]["cell_type"] == "markdown" and source(cells[0]).startswith("# "), "first cell: '# Title' in markdown"
+    assert cells[0]["cell_type"] == "markdown" and source(cells[0]).startswith("# "), (
+        "first cell: '# Title' in markdown"
+    )
     assert "Seed section" in source(cells[0]), "the opening cell names the seed sections it covers"
     code = [c for c in cells if c["cell_type"] == "code"]
     assert source(code[0]).strip() == SETUP_CELL.strip(), "first code cell must be the standard setup cell"
@@ -59,7 +60,9 @@ def test_chapter_anatomy(nb):
     markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
     assert re.search(r"^\s*assert\b", all_code, re.M), "a chapter checks its results with assert"
     assert "glue(" in all_code and "{glue:" in markdown, "numbers in prose come from glue"
-    assert "{footcite}" in markdown and "{footbibliography}" in markdown, "a chapter cites its references (footcite + footbibliography)"
+    assert "{footcite}" in markdown and "{footbibliography}" in markdown, (
+        "a chapter cites its references (footcite + footbibliography)"
+    )
     assert re.search(r"prf:(definition|theorem|lemma|proposition)", markdown), "theory in prf: directives"
 
 
@@ -80,5 +83,7 @@ def test_chapter_numbers_are_unique():
 
 def test_book_folder_has_no_stray_files():
     allowed = {".ipynb", ".md", ".bib", ".png", ".svg"}
-    stray = [p.name for p in BOOK.rglob("*") if p.is_file() and p.suffix not in allowed and "__pycache__" not in p.parts]
+    stray = [
+        p.name for p in BOOK.rglob("*") if p.is_file() and p.suffix not in allowed and "__pycache__" not in p.parts
+    ]
     assert not stray, f"unexpected files in book/: {stray}"

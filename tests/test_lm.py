@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlarch_lib import attention, lm, text
+from dlarch_lib import attention, lm
+from dlarch_lib.core import text
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,9 @@ def test_train_mlm_lowers_the_loss(corpus):
     torch.manual_seed(0)
     enc = lm.Encoder(corpus.vocab_size, 16, 32, 4, 1)
     before = lm.eval_mlm(enc, corpus, context=16, windows=32)
-    h = lm.train_mlm(enc, corpus, steps=40, batch_size=16, context=16, lr=3e-3, eval_every=20, eval_windows=32, progress=False)
+    h = lm.train_mlm(
+        enc, corpus, steps=40, batch_size=16, context=16, lr=3e-3, eval_every=20, eval_windows=32, progress=False
+    )
     assert h["steps"] == 40 and h["step"] == [20, 40] and len(h["val_loss"]) == 2
     assert h["val_loss"][-1] < before - 0.3
     assert lm.eval_mlm(enc, corpus, context=16, windows=32) == pytest.approx(h["val_loss"][-1])  # fixed windows
@@ -183,7 +186,9 @@ def test_entropy_rises_with_temperature():
     h = torch.stack([lm.entropy(lm.sampling_probs(logits, t)) for t in (0.25, 0.5, 1.0, 2.0, 8.0)])  # (5, 16)
     assert (h.diff(dim=0) > 0).all()
     assert (h[-1] < torch.log(torch.tensor(40.0))).all()  # bounded by log V
-    torch.testing.assert_close(lm.entropy(torch.full((3, 8), 1 / 8)), torch.full((3,), torch.log(torch.tensor(8.0)).item()))
+    torch.testing.assert_close(
+        lm.entropy(torch.full((3, 8), 1 / 8)), torch.full((3,), torch.log(torch.tensor(8.0)).item())
+    )
     assert lm.entropy(torch.tensor([1.0, 0.0])).item() == 0.0
 
 

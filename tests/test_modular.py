@@ -18,7 +18,6 @@ from dlarch_lib.modular import (
     conv_block,
     count_parameters,
     forward_flops,
-    latency_ms,
     mlp_block,
     mlp_parameter_count,
     unregistered_modules,
@@ -173,17 +172,9 @@ def test_forward_flops_counts_matmuls():
     assert forward_flops(build_model(LinearConfig()), torch.rand(1, 1, 8, 8)) == 2 * 64 * 10
 
 
-def test_latency_ms_is_positive_and_checks_repeats():
-    model = build_model({"arch": "linear"})
-    assert latency_ms(model, torch.rand(4, 1, 8, 8), repeats=3, warmup=1) > 0
-    assert not model.training  # measured in eval mode
-    with pytest.raises(ValueError, match="repeats must be >= 1"):
-        latency_ms(model, torch.rand(1, 1, 8, 8), repeats=0)
-
-
 def test_config_built_models_train():
-    from dlarch_lib.data import load_digits_split
-    from dlarch_lib.train import evaluate, fit
+    from dlarch_lib.core.data import load_digits_split
+    from dlarch_lib.core.train import evaluate, fit
 
     torch.manual_seed(0)
     split = load_digits_split()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlarch_lib import nas
-from dlarch_lib.data import load_digits_split
+from dlarch_lib.core.data import load_digits_split
 
 TINY = nas.SearchSpace.from_dict(
     {"depth": (1, 2), "width": (8,), "activation": ("relu", "tanh"), "skip": (False, True), "lr": (1e-2,)}
@@ -197,11 +197,13 @@ def test_random_search_budget_and_determinism():
 def test_regularized_evolution_ages_and_beats_random():
     space, table = nas.DIGITS_SPACE, synthetic_table(nas.DIGITS_SPACE, seed=1)
     calls = []
-    result = nas.regularized_evolution(space, lambda a: calls.append(a) or table(a), 60, seed=0, population_size=10, sample_size=3)
+    result = nas.regularized_evolution(
+        space, lambda a: calls.append(a) or table(a), 60, seed=0, population_size=10, sample_size=3
+    )
     assert len(result.archs) == 60 and calls == result.archs
     # after the initial population, every child is one mutation away from an earlier member
     for i in range(10, 60):
-        assert any(sum(x != y for x, y in zip(result.archs[i], p)) == 1 for p in result.archs[max(0, i - 10):i])
+        assert any(sum(x != y for x, y in zip(result.archs[i], p)) == 1 for p in result.archs[max(0, i - 10) : i])
     evo = np.median([nas.regularized_evolution(space, table, 100, s).best_so_far[-1] for s in range(10)])
     rnd = np.median([nas.random_search(space, table, 100, s).best_so_far[-1] for s in range(10)])
     assert evo >= rnd  # on an additive landscape, local moves help

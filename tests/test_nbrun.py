@@ -14,7 +14,7 @@ import pytest
 from tests.notebooks import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))  # as tests/test_assignments.py imports tools/assign.py
-import nb as nbtool  # noqa: E402
+import nb as nbtool
 
 code, md = nbformat.v4.new_code_cell, nbformat.v4.new_markdown_cell
 
@@ -23,21 +23,45 @@ def _notebook(path: Path, last: str) -> None:
     gated = code("print('recorded on a GPU')")
     gated.metadata["tags"] = ["nbval-skip"]  # nbval does not run it, as a gated cell on a CPU
     gated.outputs = [nbformat.v4.new_output("stream", name="stdout", text="cuda:0\n")]
-    cells = [md("# demo"), code("print('hello')"),
-             code("from myst_nb import glue\nglue('answer', 42, display=False)"),
-             code("import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.title('t'); plt.show()"),
-             code("6 * 7"), gated, code(last)]
+    cells = [
+        md("# demo"),
+        code("print('hello')"),
+        code("from myst_nb import glue\nglue('answer', 42, display=False)"),
+        code("import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.title('t'); plt.show()"),
+        code("6 * 7"),
+        gated,
+        code(last),
+    ]
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nbformat.write(nb, path)
 
 
 def _run_nbval(tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DLARCH_EXECUTED_DIR=str(tmp_path / "executed"),
-               DLARCH_TIMINGS_DIR=str(tmp_path / "timings"), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.nbrun",
-           "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=60", "--rootdir", str(tmp_path),
-           "-c", os.devnull, str(tmp_path / "book")]
+    env = dict(
+        os.environ,
+        DLARCH_EXECUTED_DIR=str(tmp_path / "executed"),
+        DLARCH_TIMINGS_DIR=str(tmp_path / "timings"),
+        PYTHONPATH=str(ROOT),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "tests.nbrun",
+        "--nbval-lax",
+        "--nbval-current-env",
+        "--nbval-cell-timeout=60",
+        "--rootdir",
+        str(tmp_path),
+        "-c",
+        os.devnull,
+        str(tmp_path / "book"),
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -66,8 +90,9 @@ def test_executed_notebooks_keep_outputs_and_verdict_and_feed_the_cache(tmp_path
     table = (tmp_path / "timings" / "notebooks.csv").read_text()
     assert "book/01_good.ipynb" in table and "FAILED" in table
 
-    kw = dict(executed=tmp_path / "executed", cache_path=tmp_path / "cache", root=tmp_path,
-              manifest=tmp_path / "cached.json")
+    kw = dict(
+        executed=tmp_path / "executed", cache_path=tmp_path / "cache", root=tmp_path, manifest=tmp_path / "cached.json"
+    )
     nbtool.cmd_cache_executed([book / "01_good.ipynb"], **kw)
     with pytest.raises(SystemExit, match="02_bad.ipynb: failed when executed"):
         nbtool.cmd_cache_executed([book / "01_good.ipynb", book / "02_bad.ipynb"], **kw)

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from dlarch_lib import nerf
 
-
 # --------------------------------------------------------------------------- encoding and models
 
 

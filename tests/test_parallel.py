@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import psutil
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from dlarch_lib import parallel
-from dlarch_lib.modular import count_parameters
+from dlarch_lib.core.measure import count_parameters
 
 
 def _spawned_ranks() -> list[int]:
@@ -63,8 +62,10 @@ def test_shard_shapes_and_errors():
 def test_replica_gradients_equal_batch_gradients(world_size):
     x, y = _data()
     model = parallel.make_mlp(hidden=16, seed=0)
-    for a, b in zip(parallel.replica_gradients(model, F.cross_entropy, x, y, world_size),
-                    parallel.batch_gradients(model, F.cross_entropy, x, y)):
+    for a, b in zip(
+        parallel.replica_gradients(model, F.cross_entropy, x, y, world_size),
+        parallel.batch_gradients(model, F.cross_entropy, x, y),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
@@ -87,8 +88,9 @@ def test_shard_indices_match_distributed_sampler(drop_last):
                 for shuffle in (True, False):
                     ours = parallel.shard_indices(n, p, shuffle=shuffle, seed=3, epoch=epoch, drop_last=drop_last)
                     for rank in range(p):
-                        sampler = DistributedSampler(range(n), num_replicas=p, rank=rank, shuffle=shuffle,
-                                                     seed=3, drop_last=drop_last)
+                        sampler = DistributedSampler(
+                            range(n), num_replicas=p, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last
+                        )
                         sampler.set_epoch(epoch)
                         assert list(sampler) == ours[rank]
 
@@ -270,7 +272,7 @@ def test_main_in_process_world_of_one(monkeypatch, capsys):
     parallel.main(["--numels", "16,64", "--repeats", "2"])
     assert not dist.is_initialized()  # main cleans up its process group
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(parallel.JSON_MARKER)]
-    out = json.loads(lines[-1][len(parallel.JSON_MARKER):])
+    out = json.loads(lines[-1][len(parallel.JSON_MARKER) :])
     assert out["world_size"] == 1 and out["nbytes"] == [64, 256]
     assert len(out["seconds"]) == 2 and all(t >= 0 for t in out["seconds"])
 

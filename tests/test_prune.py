@@ -12,6 +12,7 @@ from torch.nn.utils import prune as tprune
 
 from dlarch_lib import modular, prune
 from dlarch_lib.cnn import SmallResNet
+from dlarch_lib.core import measure
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -60,8 +61,9 @@ def test_magnitude_masks_match_torch_prune(amount):
     for m in [m for _, m in prune.prunable_layers(ref_layer)]:
         tprune.l1_unstructured(m, "weight", amount=amount)
     ref_global = copy.deepcopy(model)
-    tprune.global_unstructured([(m, "weight") for _, m in prune.prunable_layers(ref_global)],
-                               tprune.L1Unstructured, amount=amount)
+    tprune.global_unstructured(
+        [(m, "weight") for _, m in prune.prunable_layers(ref_global)], tprune.L1Unstructured, amount=amount
+    )
     for ours, (_, ref) in zip(layer_masks, prune.prunable_layers(ref_layer)):
         assert torch.equal(ours, ref.weight_mask)
         assert (1 - ours.mean()).item() == pytest.approx(round(amount * ours.numel()) / ours.numel())
@@ -206,7 +208,7 @@ def test_prune_channels_equals_masked_model(make, amount):
     x = torch.randn(8, 1, 8, 8)
     masked, small = prune.mask_channels(model, amount).eval(), prune.prune_channels(model, amount).eval()
     torch.testing.assert_close(small(x), masked(x), atol=1e-5, rtol=1e-5)
-    assert modular.count_parameters(small) < modular.count_parameters(model)
+    assert measure.count_parameters(small) < measure.count_parameters(model)
     full_layers, small_layers = prune.prunable_layers(model), prune.prunable_layers(small)
     for (_, big), (_, little) in zip(full_layers[:-1], small_layers[:-1]):
         assert little.weight.shape[0] == big.weight.shape[0] - round(amount * big.weight.shape[0])
@@ -228,11 +230,11 @@ def test_prune_channels_reduces_flops_quadratically():
     model = cnn()
     x = torch.randn(1, 1, 8, 8)
     small = prune.prune_channels(model, 0.5)
-    convs = lambda m: [l for _, l in prune.prunable_layers(m)]  # noqa: E731
+    convs = lambda m: [l for _, l in prune.prunable_layers(m)]
     assert [c.weight.shape for c in convs(small)] == [(4, 1, 3, 3), (8, 4, 3, 3), (10, 32)]
     # the middle conv loses half its inputs and half its outputs: a quarter of its FLOPs remain
     middle_big = 2 * 4 * 4 * 16 * 8 * 9
-    assert modular.forward_flops(model, x) - modular.forward_flops(small, x) >= middle_big * 3 // 4
+    assert measure.forward_flops(model, x) - measure.forward_flops(small, x) >= middle_big * 3 // 4
 
 
 def test_prune_channels_errors():
@@ -265,8 +267,9 @@ def test_interleaved_latency_ms():
 def test_interleaved_latency_ms_cpu_clock():
     small = nn.Sequential(nn.Linear(256, 8))
     big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
-    times = prune.interleaved_latency_ms({"small": small, "big": big}, torch.randn(64, 256), rounds=3, repeats=3,
-                                         clock="cpu")
+    times = prune.interleaved_latency_ms(
+        {"small": small, "big": big}, torch.randn(64, 256), rounds=3, repeats=3, clock="cpu"
+    )
     assert set(times) == {"small", "big"} and all(t >= 0 for t in times.values())
     assert times["big"] > times["small"]  # CPU time of eight 256x256 layers against one 256x8
     assert not big.training  # timed in eval mode

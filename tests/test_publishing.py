@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from dlarch_lib.notebook import SETUP_CELL
+from dlarch_lib.core.notebook import SETUP_CELL
 from tests.notebooks import ROOT, chapters, load
 
 WORKFLOW = ROOT / ".github" / "workflows" / "book.yml"
@@ -44,8 +44,12 @@ def test_setup_cell_installs_dlarch_lib_on_a_simulated_colab(tmp_path):
     venv = tmp_path / "colab"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # Colab's preinstalled packages: this environment's site-packages, added by a .pth file.
     # (.pth files inside an added directory are not processed, so our editable dlarch_lib stays invisible.)
     (Path(site) / "colab_runtime.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -55,7 +59,7 @@ def test_setup_cell_installs_dlarch_lib_on_a_simulated_colab(tmp_path):
         "assert importlib.util.find_spec('dlarch_lib') is None, 'dlarch_lib must start absent'\n"
         + SETUP_CELL
         + "\nimport torch\nprint('DLARCH', dl.__file__)\nprint('TORCH', torch.__file__)\n"
-        "from dlarch_lib.data import load_digits_split\nassert load_digits_split().num_classes == 10\n"
+        "from dlarch_lib.core.data import load_digits_split\nassert load_digits_split().num_classes == 10\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
     env.update(DLARCH_SOURCE=str(ROOT), DLARCH_SIZE="ci", PIP_DISABLE_PIP_VERSION_CHECK="1")

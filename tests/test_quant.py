@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlarch_lib import bench, quant
+from dlarch_lib import quant
+from dlarch_lib.core import measure
 from dlarch_lib.quant import (
     QuantizedLinear,
     calibrate,
@@ -211,15 +212,15 @@ def test_to_quantized_and_calibrate():
 
 def test_bench_median_ms_and_errors():
     calls = []
-    t = bench.median_ms(lambda: calls.append(1), repeats=5, warmup=2)
+    t = measure.median_ms(lambda: calls.append(1), repeats=5, warmup=2)
     assert t >= 0 and len(calls) == 7
-    assert len(bench.timings_ms(lambda: None, repeats=4, warmup=0)) == 4
+    assert len(measure.timings_ms(lambda: None, repeats=4, warmup=0)) == 4
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        bench.median_ms(lambda: None, repeats=0)
+        measure.median_ms(lambda: None, repeats=0)
     with pytest.raises(ValueError, match="warmup must be >= 0"):
-        bench.median_ms(lambda: None, warmup=-1)
+        measure.median_ms(lambda: None, warmup=-1)
     with pytest.raises(TypeError, match="callable"):
-        bench.median_ms(3)
+        measure.median_ms(3)
 
 
 def test_onnx_runtime_int8_close_to_fp32(tmp_path):

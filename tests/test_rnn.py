@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dlarch_lib import rnn
-from dlarch_lib.text import char_corpus
+from dlarch_lib.core.text import char_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,9 @@ def test_set_forget_bias():
 def test_input_gradient_norms_vanish_in_rnn_not_in_gated_lstm():
     steps = 60
     plain = rnn.input_gradient_norms(nn.RNN(8, 32, batch_first=True).double(), steps, batch=8)
-    gated = rnn.input_gradient_norms(rnn.set_forget_bias(nn.LSTM(8, 32, batch_first=True), 3.0).double(), steps, batch=8)
+    gated = rnn.input_gradient_norms(
+        rnn.set_forget_bias(nn.LSTM(8, 32, batch_first=True), 3.0).double(), steps, batch=8
+    )
     assert plain.shape == gated.shape == (steps,)
     assert plain[50] < 1e-6 * plain[0]
     assert gated[50] > 1e3 * plain[50]
@@ -127,7 +129,9 @@ def test_char_lstm_shapes_generate_and_errors(corpus):
 def test_train_char_lm_learns_and_stops_on_its_step_count(corpus):
     model = rnn.CharLSTM(corpus.vocab_size, embed=8, hidden=32)
     before = rnn.eval_nats(model, corpus, context=16)
-    hist = rnn.train_char_lm(model, corpus, steps=120, batch_size=16, context=16, lr=1e-2, eval_every=40, progress=False)
+    hist = rnn.train_char_lm(
+        model, corpus, steps=120, batch_size=16, context=16, lr=1e-2, eval_every=40, progress=False
+    )
     after = rnn.eval_nats(model, corpus, context=16)
     assert hist["steps"] == 120 and hist["step"] == [40, 80, 120]
     assert len(hist["train_loss"]) == len(hist["val_loss"]) == 3

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import dlarch_lib as dl
-from dlarch_lib.notebook import SETUP_CELL, glue
-from dlarch_lib.runtime import RunConfig, describe
+from dlarch_lib.core.notebook import SETUP_CELL, glue
+from dlarch_lib.core.runtime import RunConfig, describe
 
 
 def test_seed_everything_repeats_random_draws():
@@ -71,3 +71,36 @@ def test_glue_converts_array_scalars_to_python_numbers():
 
     assert type(glue("x", np.float64(1.5))) is float
     assert type(glue("y", torch.tensor(3))) is int
+
+
+def test_device_audit_fails_a_model_not_moved_to_the_run_device(monkeypatch):
+    """Under DLARCH_DEVICE_AUDIT=1 a model trained without RUN.device fails on a CPU, too."""
+    from torch import nn
+
+    from dlarch_lib.core import runtime
+    from dlarch_lib.core.train import fit
+
+    monkeypatch.setenv("DLARCH_DEVICE_AUDIT", "1")
+    run = dl.setup(seed=0, device="cpu", quiet=True)
+    assert run.device == runtime.AUDIT_DEVICE
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    with pytest.raises(RuntimeError, match="never moved"):
+        fit(nn.Linear(3, 2), data, epochs=1, progress=False)
+    with pytest.raises(RuntimeError, match="moved to cpu"):  # a library default "cpu" is not RUN.device
+        fit(nn.Linear(3, 2).to("cpu"), data, epochs=1, progress=False)
+    stacked = nn.Sequential(nn.Linear(3, 3).to(run.device), nn.Linear(3, 2))  # one part forgotten
+    with pytest.raises(RuntimeError, match="module '1'"):
+        fit(stacked, data, epochs=1, progress=False)
+    history = fit(stacked.to(run.device), data, epochs=1, progress=False)
+    assert history.steps == 1
+
+
+def test_seeded_restores_the_callers_generator():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with dl.seeded(7):
+        inside = torch.rand(2)
+    with dl.seeded(7):
+        assert torch.equal(torch.rand(2), inside)  # reproducible from its own seed
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream continues untouched

@@ -88,7 +88,7 @@ def test_forward_shapes_and_padding_invariance(cls):
 
 
 def test_both_models_have_the_same_parameters():
-    shapes = lambda m: [(n, p.shape) for n, p in m.named_parameters()]  # noqa: E731
+    shapes = lambda m: [(n, p.shape) for n, p in m.named_parameters()]
     assert shapes(BottleneckSeq2Seq()) == shapes(AttentionSeq2Seq())
 
 

@@ -63,7 +63,9 @@ def test_siamese_distance_is_symmetric_and_zero_on_self():
 def test_triplet_loss_matches_pytorch():
     a, p, n = _emb(8, 5, 0), _emb(8, 5, 1), _emb(8, 5, 2)
     for margin in (0.2, 1.0, 3.0):
-        torch.testing.assert_close(sm.triplet_loss(a, p, n, margin), nn.TripletMarginLoss(margin=margin)(a, p, n), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sm.triplet_loss(a, p, n, margin), nn.TripletMarginLoss(margin=margin)(a, p, n), atol=1e-5, rtol=1e-5
+        )
     with pytest.raises(ValueError, match="share one shape"):
         sm.triplet_loss(a, p, n[:3])
     with pytest.raises(ValueError, match="margin"):
@@ -74,7 +76,9 @@ def test_contrastive_loss_by_hand_and_gradient():
     z1, z2 = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.3, 0.4], [0.3, 0.4], [3.0, 4.0]])
     same = torch.tensor([1, 0, 0])
     # d = 0.5, 0.5, 5: pull 0.25, push (1 - 0.5)^2 = 0.25, push 0 (beyond the margin)
-    torch.testing.assert_close(sm.contrastive_loss(z1, z2, same, margin=1.0), torch.tensor(0.5 * (0.25 + 0.25 + 0.0) / 3))
+    torch.testing.assert_close(
+        sm.contrastive_loss(z1, z2, same, margin=1.0), torch.tensor(0.5 * (0.25 + 0.25 + 0.0) / 3)
+    )
     z1 = _emb(5, 3).requires_grad_()
     sm.contrastive_loss(z1, torch.zeros(5, 3), torch.ones(5)).backward()
     torch.testing.assert_close(z1.grad, z1.detach() / 5)  # d(d^2/2)/dz1 = z1 - z2, averaged

@@ -18,7 +18,9 @@ def qkv(T: int, d: int = 8, seed: int = 0, lead: tuple[int, ...] = (2, 3)) -> tu
 def test_local_window_mask_values():
     m = sa.local_window_mask(5, 1)
     assert m.shape == (5, 5) and m.dtype == torch.bool
-    expected = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool
+    )
     assert torch.equal(m, expected)
     assert torch.equal(sa.local_window_mask(5, 1, causal=True), expected.tril())
     assert torch.equal(sa.local_window_mask(5, 0), torch.eye(5, dtype=torch.bool))
@@ -87,7 +89,9 @@ def test_sliding_window_errors():
         sa.sliding_window_attention(q, k, v, -2)
 
 
-@pytest.mark.parametrize("T, w, g", [(12, 2, [0]), (12, 1, [0, 11, 5]), (9, 3, []), (8, 20, [3, 3]), (30, 4, torch.tensor([2, 17]))])
+@pytest.mark.parametrize(
+    "T, w, g", [(12, 2, [0]), (12, 1, [0, 11, 5]), (9, 3, []), (8, 20, [3, 3]), (30, 4, torch.tensor([2, 17]))]
+)
 def test_longformer_matches_dense_masked(T, w, g):
     q, k, v = qkv(T, seed=1)
     ref, _ = scaled_dot_product_attention(q, k, v, sa.longformer_mask(T, w, g))

@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dlarch_lib import techniques as T
-from dlarch_lib.data import load_digits_split
+from dlarch_lib.core.data import load_digits_split
 
 
 def _opt(lr: float = 0.1) -> torch.optim.Optimizer:
@@ -19,7 +18,9 @@ def _opt(lr: float = 0.1) -> torch.optim.Optimizer:
 def test_step_lr_matches_steplr_and_hand_values():
     lrs = T.scheduler_lrs(T.torch_scheduler("step", _opt(0.1), 50, step_size=7, gamma=0.5), 50)
     assert lrs == pytest.approx([T.step_lr(t, base_lr=0.1, step_size=7, gamma=0.5) for t in range(50)], abs=1e-15)
-    assert T.step_lr(6, base_lr=1.0, step_size=7) == 1.0 and T.step_lr(7, base_lr=1.0, step_size=7) == pytest.approx(0.1)
+    assert T.step_lr(6, base_lr=1.0, step_size=7) == 1.0 and T.step_lr(7, base_lr=1.0, step_size=7) == pytest.approx(
+        0.1
+    )
 
 
 def test_cosine_lr_matches_cosine_annealing_and_endpoints():
@@ -34,8 +35,9 @@ def test_warmup_cosine_matches_sequential_lr_and_lambda_lr():
     total, warm = 60, 8
     ours = [T.warmup_cosine_lr(t, base_lr=0.1, warmup_steps=warm, total_steps=total) for t in range(total)]
     seq = T.scheduler_lrs(T.torch_scheduler("warmup_cosine", _opt(0.1), total, warmup_steps=warm), total)
-    lam = T.scheduler_lrs(torch.optim.lr_scheduler.LambdaLR(_opt(0.1), T.schedule_factor("warmup_cosine", total, warm)),
-                          total)
+    lam = T.scheduler_lrs(
+        torch.optim.lr_scheduler.LambdaLR(_opt(0.1), T.schedule_factor("warmup_cosine", total, warm)), total
+    )
     assert seq == pytest.approx(ours, abs=1e-12) and lam == pytest.approx(ours, abs=1e-12)
     assert ours[0] == pytest.approx(0.1 / warm) and ours[warm - 1] == pytest.approx(0.1) and max(ours) <= 0.1 + 1e-12
 

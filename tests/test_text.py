@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dlarch_lib.text import bigram_nats, char_corpus, entropy_nats, python_reference_text, unigram_nats
+from dlarch_lib.core.text import bigram_nats, char_corpus, entropy_nats, python_reference_text, unigram_nats
 
 
 def test_reference_text_is_large_and_offline():

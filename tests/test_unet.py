@@ -30,7 +30,7 @@ def test_unet_shapes(depth, in_channels):
 def test_no_skip_model_has_same_parameters_and_equals_zeroed_skip_weights():
     torch.manual_seed(0)
     with_skips, without = UNet(width=4, depth=2), UNet(width=4, depth=2, skips=False)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(with_skips) == count(without)
     without.load_state_dict(with_skips.state_dict())
     x = torch.randn(3, 1, 16, 16)

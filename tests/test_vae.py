@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch.distributions import Normal, kl_divergence
 

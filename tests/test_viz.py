@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dlarch_lib.train import History
-from dlarch_lib.viz import image_grid, plot_history, show, source
+from dlarch_lib.core.train import History
+from dlarch_lib.core.viz import image_grid, plot_history, show, source
 
 
 def test_show_renders_library_source():

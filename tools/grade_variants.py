@@ -62,17 +62,26 @@ import threading
 import time
 import traceback
 import zipfile
+from collections.abc import Callable
 from glob import glob
 from pathlib import Path
-from typing import Callable
 
 SOLUTION_TAG = "otter_assign_solution_cell"  # otter assign's tag of the cells a student writes
 CELL_TIMEOUT_S = 120
 NOTEBOOK_TIMEOUT_S = 300
 ASSIGNMENT_TIMEOUT_S = 600  # one assignment under the server (a notebook takes about 0.3 s here)
 # imported by the server before it forks: every grading of this book's notebooks imports them
-PRELOAD = ["torch", "numpy", "nbformat", "IPython.core.interactiveshell", "otter", "otter.execute",
-           "otter.execute.preprocessor", "otter.run.run_autograder.runners", "otter.test_files"]
+PRELOAD = [
+    "torch",
+    "numpy",
+    "nbformat",
+    "IPython.core.interactiveshell",
+    "otter",
+    "otter.execute",
+    "otter.execute.preprocessor",
+    "otter.run.run_autograder.runners",
+    "otter.test_files",
+]
 
 
 class CellTimeout(BaseException):
@@ -284,15 +293,17 @@ class Grader:
             return row
         pkl, listing = self.work / f"{index:03d}.pkl", self.work / f"{index:03d}.modules"
         cells = self.code_cells(notebook, pkl)
-        if [c.source for c in cells[:len(self.shared)]] != self.shared:
-            row["error"] = "its cells before the first solution cell differ from the base notebook's: grade it with otter run"
+        if [c.source for c in cells[: len(self.shared)]] != self.shared:
+            row["error"] = (
+                "its cells before the first solution cell differ from the base notebook's: grade it with otter run"
+            )
             return row
         self.threads_at_fork = max(self.threads_at_fork, threading.active_count())
 
         def rest_of_notebook() -> None:
             _redirect_output(log)
             before = set(sys.modules)
-            errors = self.run_cells([c.source for c in cells[len(self.shared):]])
+            errors = self.run_cells([c.source for c in cells[len(self.shared) :]])
             print(f"[grade_variants] errors in cells (allowed, as under otter run): {errors}")
             listing.write_text("\n".join(m for m in list(sys.modules) if m not in before))
 
@@ -317,8 +328,14 @@ class Grader:
         return row
 
 
-def grade_assignment(zip_path: Path, base: Path, notebooks: list[Path], logs: Path,
-                     cell_timeout: float = CELL_TIMEOUT_S, notebook_timeout: float = NOTEBOOK_TIMEOUT_S) -> dict:
+def grade_assignment(
+    zip_path: Path,
+    base: Path,
+    notebooks: list[Path],
+    logs: Path,
+    cell_timeout: float = CELL_TIMEOUT_S,
+    notebook_timeout: float = NOTEBOOK_TIMEOUT_S,
+) -> dict:
     """Grade ``notebooks`` (BASE's shared cells run once, in this process, which should be one of
     its own: it changes directory and runs notebook code). The report: ``{"setup_seconds",
     "shared_cells", "torch_threads", "threads_at_fork", "imported", "results": [{"submission",
@@ -332,9 +349,14 @@ def grade_assignment(zip_path: Path, base: Path, notebooks: list[Path], logs: Pa
         grader = Grader(zip_path, base, cell_timeout, work)
         setup_seconds = grader.run_shared()
         results = [grader.grade(nb, i, notebook_timeout, logs / f"{i:03d}.log") for i, nb in enumerate(notebooks)]
-        return {"setup_seconds": setup_seconds, "shared_cells": len(grader.shared),
-                "torch_threads": torch.get_num_threads(), "threads_at_fork": grader.threads_at_fork,
-                "imported": list(dict.fromkeys(grader.imported)), "results": results}
+        return {
+            "setup_seconds": setup_seconds,
+            "shared_cells": len(grader.shared),
+            "torch_threads": torch.get_num_threads(),
+            "threads_at_fork": grader.threads_at_fork,
+            "imported": list(dict.fromkeys(grader.imported)),
+            "results": results,
+        }
     finally:
         os.chdir("/")
         shutil.rmtree(work, ignore_errors=True)
@@ -343,8 +365,11 @@ def grade_assignment(zip_path: Path, base: Path, notebooks: list[Path], logs: Pa
 def _prepare_process() -> None:
     threads = os.environ.get("DLARCH_THREADS", "1")
     if threads != "1":
-        print(f"grade_variants: DLARCH_THREADS={threads} ignored: forked processes need a single-threaded torch "
-              "(OpenMP is not fork-safe)", file=sys.stderr)
+        print(
+            f"grade_variants: DLARCH_THREADS={threads} ignored: forked processes need a single-threaded torch "
+            "(OpenMP is not fork-safe)",
+            file=sys.stderr,
+        )
     os.environ["DLARCH_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MPLBACKEND"] = "Agg"  # no GUI backend (a kernel would draw inline)
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
@@ -373,17 +398,26 @@ def serve() -> None:
         def one_assignment() -> None:
             answers.close()
             _redirect_output(logs / "assignment.log")
-            report = grade_assignment(Path(request["zip"]), Path(request["base"]),
-                                      [Path(n) for n in request["notebooks"]], logs,
-                                      request["cell_timeout"], request["notebook_timeout"])
+            report = grade_assignment(
+                Path(request["zip"]),
+                Path(request["base"]),
+                [Path(n) for n in request["notebooks"]],
+                logs,
+                request["cell_timeout"],
+                request["notebook_timeout"],
+            )
             report["server_threads_at_fork"] = threads
             out.write_text(json.dumps(report, indent=1))
 
         code = _wait(_fork(one_assignment), start + request["timeout"])
         log = logs / "assignment.log"
-        error = ("" if code == 0 and out.exists() else
-                 f"ran over its time limit of {request['timeout']:g} s" if code is None else
-                 f"grading process failed (exit code {code}): " + (log.read_text()[-3000:] if log.exists() else ""))
+        error = (
+            ""
+            if code == 0 and out.exists()
+            else f"ran over its time limit of {request['timeout']:g} s"
+            if code is None
+            else f"grading process failed (exit code {code}): " + (log.read_text()[-3000:] if log.exists() else "")
+        )
         imported = [] if error else json.loads(out.read_text())["imported"]  # before the client removes it
         answers.write(json.dumps({"ok": not error, "error": error, "seconds": time.perf_counter() - start}) + "\n")
         answers.flush()
@@ -401,19 +435,39 @@ class Server:
 
     def _start(self) -> None:
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                         text=True, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,
+            )
 
-    def grade(self, zip_path: Path, base: Path, notebooks: list[Path], *, cell_timeout: float = CELL_TIMEOUT_S,
-              notebook_timeout: float = NOTEBOOK_TIMEOUT_S, timeout: float = ASSIGNMENT_TIMEOUT_S) -> dict:
+    def grade(
+        self,
+        zip_path: Path,
+        base: Path,
+        notebooks: list[Path],
+        *,
+        cell_timeout: float = CELL_TIMEOUT_S,
+        notebook_timeout: float = NOTEBOOK_TIMEOUT_S,
+        timeout: float = ASSIGNMENT_TIMEOUT_S,
+    ) -> dict:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         with tempfile.TemporaryDirectory(prefix="grade_variants_") as tmp:
             out = Path(tmp) / "report.json"
-            request = {"zip": str(zip_path), "base": str(base), "notebooks": [str(n) for n in notebooks],
-                       "out": str(out), "logs": str(Path(tmp) / "logs"), "cell_timeout": cell_timeout,
-                       "notebook_timeout": notebook_timeout, "timeout": timeout}
+            request = {
+                "zip": str(zip_path),
+                "base": str(base),
+                "notebooks": [str(n) for n in notebooks],
+                "out": str(out),
+                "logs": str(Path(tmp) / "logs"),
+                "cell_timeout": cell_timeout,
+                "notebook_timeout": notebook_timeout,
+                "timeout": timeout,
+            }
             try:
                 self.proc.stdin.write(json.dumps(request) + "\n")
                 self.proc.stdin.flush()
@@ -424,8 +478,10 @@ class Server:
             answer = self.proc.stdout.readline() if ready else ""
             if not answer:
                 self.close()
-                raise RuntimeError(f"no answer from the grading server ({'timed out' if not ready else 'it died'}): "
-                                   f"{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"no answer from the grading server ({'timed out' if not ready else 'it died'}): "
+                    f"{self.log.read_text()[-3000:]}"
+                )
             answer = json.loads(answer)
             if not answer["ok"]:
                 raise RuntimeError(f"grading {base.name} failed: {answer['error']}")
@@ -468,10 +524,18 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out.resolve()
     with tempfile.TemporaryDirectory(prefix="grade_variants_logs_") as tmp:
         logs = args.logs.resolve() if args.logs else Path(tmp)
-        report = grade_assignment(args.autograder.resolve(), args.base.resolve(), [n.resolve() for n in args.notebooks],
-                                  logs, args.cell_timeout, args.timeout)
+        report = grade_assignment(
+            args.autograder.resolve(),
+            args.base.resolve(),
+            [n.resolve() for n in args.notebooks],
+            logs,
+            args.cell_timeout,
+            args.timeout,
+        )
         for row in report["results"]:
-            scores = ", ".join(f"{t['name']} {t['score']:g}/{t['max_score']:g}" for t in row["tests"] if "max_score" in t)
+            scores = ", ".join(
+                f"{t['name']} {t['score']:g}/{t['max_score']:g}" for t in row["tests"] if "max_score" in t
+            )
             print(f"{row['seconds']:6.2f} s  {row['submission']}  {row['error'] or scores}")
             if row["error"] and not args.logs:
                 print(Path(row["log"]).read_text()[-3000:] if Path(row["log"]).exists() else "")

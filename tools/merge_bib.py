@@ -1,6 +1,6 @@
 """Append BibTeX entries from drafts/*.bib that book/references.bib lacks (by key).
 
-    python tools/merge_bib.py drafts/04_cnn.bib drafts/05_lstm.bib
+python tools/merge_bib.py drafts/04_cnn.bib drafts/05_lstm.bib
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dlarch_lib.hardware import GATING_TAGS  # noqa: E402
-from dlarch_lib.notebook import SETUP_CELL  # noqa: E402
+from dlarch_lib.core.hardware import GATING_TAGS  # noqa: E402
+from dlarch_lib.core.notebook import SETUP_CELL  # noqa: E402
 
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 EXECUTED = ROOT / "_build" / "executed"
@@ -84,8 +84,9 @@ def cmd_run(path: Path) -> None:
     skipped = [c for c in nb.cells if set(c.metadata.get("tags", [])) & GATING_TAGS]
     for cell in skipped:
         cell.metadata.setdefault("tags", []).append("skip-execution")
-    client = NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(path.parent)}},
-                            skip_cells_with_tag="skip-execution")
+    client = NotebookClient(
+        nb, timeout=600, resources={"metadata": {"path": str(path.parent)}}, skip_cells_with_tag="skip-execution"
+    )
     start = time.perf_counter()
     client.execute()
     total = time.perf_counter() - start
@@ -99,8 +100,13 @@ def code_of(nb: nbformat.NotebookNode) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
 
-def cmd_cache_executed(chapters: list[Path], executed: Path = EXECUTED, cache_path: Path = CACHE,
-                       root: Path = ROOT, manifest: Path = MANIFEST) -> None:
+def cmd_cache_executed(
+    chapters: list[Path],
+    executed: Path = EXECUTED,
+    cache_path: Path = CACHE,
+    root: Path = ROOT,
+    manifest: Path = MANIFEST,
+) -> None:
     """Store the executed copy of each chapter in the jupyter-cache the site builds read.
 
     ``executed`` mirrors ``root``: the copy of ``root/book/x.ipynb`` is ``executed/book/x.ipynb``."""
@@ -122,8 +128,11 @@ def cmd_cache_executed(chapters: list[Path], executed: Path = EXECUTED, cache_pa
         elif code_of(nb) != code_of(source):
             problems.append(f"{src.name}: its code changed since it was executed")
         else:
-            cache.cache_notebook_bundle(CacheBundleIn(nb, str(src), data={"execution_seconds": run["seconds"]}),
-                                        check_validity=False, overwrite=True)
+            cache.cache_notebook_bundle(
+                CacheBundleIn(nb, str(src), data={"execution_seconds": run["seconds"]}),
+                check_validity=False,
+                overwrite=True,
+            )
             cache.match_cache_notebook(source)  # KeyError if the site build would not find it
             total += run["seconds"]
     if problems:
@@ -164,13 +173,24 @@ def cmd_check_cached(chapters: list[Path], cache_path: Path = CACHE, manifest: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("new"); p.add_argument("number"); p.add_argument("slug"); p.add_argument("title")
-    p = sub.add_parser("to-md"); p.add_argument("src", type=Path); p.add_argument("dst", type=Path)
-    p = sub.add_parser("from-md"); p.add_argument("src", type=Path); p.add_argument("dst", type=Path)
-    p = sub.add_parser("strip"); p.add_argument("paths", type=Path, nargs="+")
-    p = sub.add_parser("run"); p.add_argument("path", type=Path)
-    p = sub.add_parser("cache-executed"); p.add_argument("paths", type=Path, nargs="*")
-    p = sub.add_parser("check-cached"); p.add_argument("paths", type=Path, nargs="*")
+    p = sub.add_parser("new")
+    p.add_argument("number")
+    p.add_argument("slug")
+    p.add_argument("title")
+    p = sub.add_parser("to-md")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p = sub.add_parser("from-md")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p = sub.add_parser("strip")
+    p.add_argument("paths", type=Path, nargs="+")
+    p = sub.add_parser("run")
+    p.add_argument("path", type=Path)
+    p = sub.add_parser("cache-executed")
+    p.add_argument("paths", type=Path, nargs="*")
+    p = sub.add_parser("check-cached")
+    p.add_argument("paths", type=Path, nargs="*")
     args = parser.parse_args()
     if args.cmd == "new":
         cmd_new(args.number, args.slug, args.title)

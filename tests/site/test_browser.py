@@ -34,8 +34,15 @@ SCREENSHOT_PAGES = {"index", "01_formal_definition"} | {c.stem for c in CHAPTERS
 # benign: no favicon; the theme's first-visit note; 'Failed to load resource' is reported
 # with its URL by the response handler instead
 BENIGN_CONSOLE = ("favicon.ico", "Got invalid theme mode", "Failed to load resource")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -66,7 +73,10 @@ def _open(browser, server, path):
     errors: list[str] = []
     off_site: list[str] = []
     page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and not any(b in m.text for b in BENIGN_CONSOLE) else None)
+    page.on(
+        "console",
+        lambda m: errors.append(m.text) if m.type == "error" and not any(b in m.text for b in BENIGN_CONSOLE) else None,
+    )
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else off_site.append(r.url))
     page.goto(f"{server}/{path}", wait_until="networkidle")
@@ -82,12 +92,16 @@ def test_chapter_page_renders(browser, server, nb):
         assert not off_site, f"requests off the site: {off_site[:5]}"
         text = page.inner_text("main")
         assert "$$" not in text, "raw TeX left on the page"
-        broken = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        broken = page.evaluate(
+            "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+        )
         assert not broken, f"images that did not load: {broken}"
         assert page.locator("main img:not([src*='_static/'])").count() >= 1, "no executed figure on the page"
         assert page.locator("a[href*='colab.research.google.com']").count() >= 1, "no Colab launch button"
         assert page.locator(".exercise").count() >= 3, "fewer than 3 exercises"
-        assert page.locator("details.solution, .solution.dropdown, .solution.toggle").count() >= 3, "solution toggles missing"
+        assert page.locator("details.solution, .solution.dropdown, .solution.toggle").count() >= 3, (
+            "solution toggles missing"
+        )
         if nb.stem in SCREENSHOT_PAGES:
             SHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SHOTS / f"{nb.stem}.png"))
@@ -95,7 +109,9 @@ def test_chapter_page_renders(browser, server, nb):
         page.close()
 
 
-@pytest.mark.parametrize("path", ["index.html", "book/glossary.html", "book/references.html", "book/execution_times.html"])
+@pytest.mark.parametrize(
+    "path", ["index.html", "book/glossary.html", "book/references.html", "book/execution_times.html"]
+)
 def test_other_pages_load_cleanly(browser, server, path):
     page, errors, off_site = _open(browser, server, path)
     try:

@@ -17,7 +17,7 @@ from bs4 import BeautifulSoup
 from tests.notebooks import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
-import assign  # noqa: E402
+import assign
 
 BOOK_HTML = ROOT / "_build" / "html" / "book"
 STUDENT_HTML = ROOT / "_student" / "_build" / "html" / "book"

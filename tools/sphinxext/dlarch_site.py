@@ -71,5 +71,7 @@ def setup(app):
     app.connect("doctree-read", _assignment_cells)
     app.connect("builder-inited", lambda app: app.config.html_static_path.append(str(Path(__file__).parent / "static")))
     app.add_css_file("dlarch.css")
-    app.connect("html-page-context", _dedupe_scripts, priority=100)  # early: emit_firstresult stops at the first handler that returns
+    app.connect(
+        "html-page-context", _dedupe_scripts, priority=100
+    )  # early: emit_firstresult stops at the first handler that returns
     return {"parallel_read_safe": True, "parallel_write_safe": True}

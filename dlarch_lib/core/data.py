@@ -73,8 +73,10 @@ def stratified_split(
     if val_frac + test_frac >= 1.0:
         raise ValueError(f"val_frac + test_frac must be < 1, got {val_frac} + {test_frac}")
     index = np.arange(len(labels))
-    rest, test = (index, index[:0]) if test_frac == 0 else train_test_split(
-        index, test_size=test_frac, stratify=labels, random_state=seed
+    rest, test = (
+        (index, index[:0])
+        if test_frac == 0
+        else train_test_split(index, test_size=test_frac, stratify=labels, random_state=seed)
     )
     if val_frac == 0:
         return np.sort(rest), index[:0], np.sort(test)

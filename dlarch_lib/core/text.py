@@ -45,7 +45,9 @@ class CharCorpus:
         """Ids -> text."""
         return "".join(self.vocab[int(i)] for i in ids)
 
-    def batch(self, split: str, batch_size: int, context: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, split: str, batch_size: int, context: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: inputs ``(B, T)`` and next-character targets ``(B, T)``."""
         data = {"train": self.train, "val": self.val}.get(split)
         if data is None:

@@ -3,15 +3,15 @@
 Cells that need hardware the test machine lacks carry a tag; :data:`CELL_REQUIREMENTS`
 maps each tag to a predicate that must hold for the cell to run, and a reason shown
 when it is skipped. The test suite's ``conftest.py`` applies these rules to nbval's
-cells, and chapters call the same predicates to guard the cells at run time.
+cells (:func:`skip_reason`), and chapters call the same predicates to guard the cells at run time.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 
 @functools.cache
@@ -63,24 +63,3 @@ def explain_missing(tag: str) -> str:
     if tag not in CELL_REQUIREMENTS:
         raise KeyError(f"unknown gating tag {tag!r}; known: {sorted(CELL_REQUIREMENTS)}")
     return f"Skipped: this cell {CELL_REQUIREMENTS[tag].reason} (found {gpu_count()} GPU(s))."
-
-
-def apply_cell_gating(items: list) -> int:
-    """Mark nbval cells whose tags need missing hardware as skipped; return how many.
-
-    Called from the repository's ``conftest.py`` (``pytest_collection_modifyitems``).
-    """
-    import pytest
-
-    try:
-        from nbval.plugin import IPyNbCell
-    except ImportError:  # nbval not installed: nothing to gate
-        return 0
-    skipped = 0
-    for item in items:
-        if isinstance(item, IPyNbCell):
-            reason = skip_reason(item.cell.metadata.get("tags", []) or [])
-            if reason is not None:
-                item.add_marker(pytest.mark.skip(reason=reason))
-                skipped += 1
-    return skipped
