@@ -171,6 +171,6 @@ def test_fit_digits_classifier_learns_a_two_class_problem():
 
 
 def test_train_digits_classifier_reaches_98_percent():
-    model, acc = train_digits_classifier()
+    model, acc = train_digits_classifier(device="cpu")
     assert isinstance(model, SmallResNet) and not model.training
     assert acc >= 0.98

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dlarch_lib import modular
+from dlarch_lib.core.measure import count_parameters, forward_flops
 from dlarch_lib.modular import (
     Chain,
     CNNConfig,
@@ -16,8 +17,6 @@ from dlarch_lib.modular import (
     config_from_dict,
     config_to_dict,
     conv_block,
-    count_parameters,
-    forward_flops,
     mlp_block,
     mlp_parameter_count,
     unregistered_modules,
