@@ -73,7 +73,7 @@ def test_fit_equals_the_hand_written_loop_and_weights_epoch_means_by_batch_size(
     _hand_loop(b, loader, epochs=2, lr=0.05)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     sizes = [16, 16, 16, 2]
-    expected = sum(l * s for l, s in zip(history.loss[4:], sizes)) / 50
+    expected = sum(loss * n for loss, n in zip(history.loss[4:], sizes)) / 50
     assert history.epoch_loss[1] == pytest.approx(expected)
     assert history.epoch_loss[1] != pytest.approx(sum(history.loss[4:]) / 4)  # an unweighted mean differs
 

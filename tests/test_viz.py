@@ -20,9 +20,17 @@ def test_source_of_builtin_is_a_clear_error():
 
 
 def test_plot_history_labels_axes():
-    history = History(train_loss=[1.0, 0.5], val_loss=[1.1, 0.6], val_acc=[0.5, 0.8])
+    history = History(
+        loss=[1.2, 0.9, 0.6, 0.4],
+        epoch_loss=[1.0, 0.5],
+        epoch_steps=[2, 4],
+        evals={"loss": [1.1, 0.6], "acc": [0.5, 0.8]},
+        eval_steps=[2, 4],
+    )
     ax = plot_history(history, title="t")
-    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "loss" and ax.get_title() == "t"
+    assert ax.get_xlabel() == "optimisation step" and ax.get_ylabel() == "loss" and ax.get_title() == "t"
+    assert [tuple(line.get_xdata()) for line in ax.get_lines()] == [(1, 2, 3, 4), (2, 4), (2, 4)]
+    assert len(ax.figure.axes) == 2  # accuracy on a twin axis
 
 
 def test_image_grid_accepts_channel_first_and_checks_titles():

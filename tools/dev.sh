@@ -4,7 +4,7 @@
 #   bash tools/dev.sh book    setup, then execute every notebook and build the site into _build/html
 #   bash tools/dev.sh assign  setup, course assignments (student + autograder material) -> _assign/,
 #                             and the student edition of the website -> _student/_build/html
-#   bash tools/dev.sh test    setup, library tests, nbval over every notebook (executed once: the
+#   bash tools/dev.sh test    setup, lint + types (ruff, mypy), library tests, nbval over every notebook (executed once: the
 #                             websites render that execution; timing table), assignments generated
 #                             and graded three ways, zero-warning site build, student edition,
 #                             checks of both built sites; ends with the table of its phases
@@ -122,6 +122,13 @@ build_site_from_cache() {
   python tools/nb.py check-cached
 }
 
+run_lint() {
+  # the library, tests and tools: lint, formatting and types (configuration in pyproject.toml)
+  ruff check .
+  ruff format --check .
+  mypy
+}
+
 run_library_tests() {
   DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile -q -rs \
     --ignore=tests/site --ignore=tests/test_assignments.py tests
@@ -132,6 +139,7 @@ run_tests() {
   trap phase_table EXIT
   local me=$ROOT/tools/dev.sh
   phase "install" 900 bash "$me" setup
+  phase "lint and types" 300 bash "$me" lint
   phase "library tests" 900 bash "$me" library-tests
   phase "notebooks" 1200 bash "$me" notebooks
   phase "assignments" 1200 bash "$me" assignments
@@ -146,11 +154,12 @@ case "${1:-}" in
   assign) setup; python tools/assign.py generate; python tools/assign.py site ;;
   test) run_tests ;;
   # the phases of `test`, one by one (each expects the previous ones to have run)
+  lint) setup; run_lint ;;
   library-tests) setup; run_library_tests ;;
   notebooks) setup; run_notebooks ;;
   assignments) setup; run_assignments ;;
   site) setup; build_site_from_cache ;;
   student-site) setup; DLARCH_THREADS=1 python tools/assign.py site ;;
   site-checks) setup; DLARCH_REQUIRE_SITE=1 python -m pytest -q -rs tests/site ;;
-  *) echo "usage: bash tools/dev.sh {setup|book|assign|test|library-tests|notebooks|assignments|site|student-site|site-checks}"; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh {setup|book|assign|test|lint|library-tests|notebooks|assignments|site|student-site|site-checks}"; exit 2 ;;
 esac

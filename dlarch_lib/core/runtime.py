@@ -42,7 +42,7 @@ def seed_everything(seed: int = 0) -> None:
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeding NumPy's global generator is this function's job)
     torch.manual_seed(seed)
 
 
@@ -86,7 +86,7 @@ def _install_placement_audit() -> None:
                 module._dlarch_device = device  # type: ignore[assignment]
         return result
 
-    torch.nn.Module.to = to  # type: ignore[method-assign]
+    torch.nn.Module.to = to  # type: ignore[method-assign, assignment]
     torch.nn.Module._dlarch_audited = True  # type: ignore[attr-defined]
 
 

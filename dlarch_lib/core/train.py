@@ -30,7 +30,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,10 @@ from tqdm import tqdm  # plain text bars: no ipywidgets needed, same in Jupyter,
 from dlarch_lib.core.runtime import check_placed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepOutput = Union[torch.Tensor, Mapping[str, Any]]
+StepOutput = torch.Tensor | Mapping[str, Any]
 Step = Callable[[nn.Module, Any], StepOutput]
 Evaluate = Callable[[nn.Module], Mapping[str, float]]
-Optimizers = Union[str, torch.optim.Optimizer, None]
+Optimizers = str | torch.optim.Optimizer | None
 
 
 @dataclass
@@ -55,7 +55,8 @@ class History:
     - ``logs``: every other number a step returned, one list per name, one entry per step;
     - ``evals``: every number ``evaluate`` returned, one list per name, one entry per evaluation,
       made after step ``eval_steps[i]``;
-    - ``epoch_loss``: the mean loss of each completed epoch, weighted by batch size.
+    - ``epoch_loss``: the mean loss of each completed epoch, weighted by batch size, the epoch ending
+      after step ``epoch_steps[i]``.
     """
 
     loss: list[float] = field(default_factory=list)
@@ -63,6 +64,7 @@ class History:
     evals: dict[str, list[float]] = field(default_factory=dict)
     eval_steps: list[int] = field(default_factory=list)
     epoch_loss: list[float] = field(default_factory=list)
+    epoch_steps: list[int] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0  # wall time of the whole run, for information only
 
@@ -284,6 +286,7 @@ def fit(
     for epoch, batch in _batches(data, epochs):
         if epoch != current_epoch:  # the previous epoch is complete
             history.epoch_loss.append(epoch_sum / max(epoch_n, 1))
+            history.epoch_steps.append(history.steps)
             epoch_sum, epoch_n, current_epoch = 0.0, 0, epoch
             if eval_every is None:
                 run_evaluation()
@@ -312,6 +315,7 @@ def fit(
             break
     else:  # the data ran out (the last epoch completed)
         history.epoch_loss.append(epoch_sum / max(epoch_n, 1))
+        history.epoch_steps.append(history.steps)
         if eval_every is None:
             run_evaluation()
     bar.close()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # the engine imports nothing from here; avoid a cycle at run time
+    from dlarch_lib.core.train import History
 
 
 def set_style() -> None:
@@ -51,21 +54,26 @@ def show(obj: Any) -> Any:
         return None
 
 
-def plot_history(history: Any, ax: plt.Axes | None = None, title: str = "Training history") -> plt.Axes:
-    """Plot train/validation loss per epoch (and validation accuracy on a twin axis)."""
+def plot_history(history: History, ax: plt.Axes | None = None, title: str = "Training history") -> plt.Axes:
+    """Plot a :class:`~dlarch_lib.core.train.History` against the optimisation step.
+
+    The loss of every step (faint), the epoch means at the ends of the epochs, validation loss at
+    each evaluation, and validation accuracy on a twin axis when the evaluations recorded ``"acc"``.
+    """
     ax = ax or plt.subplots()[1]
-    epochs = np.arange(1, history.epochs + 1)
-    ax.plot(epochs, history.train_loss, label="train loss")
+    steps = np.arange(1, len(history.loss) + 1)
+    ax.plot(steps, history.loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (step)")
+    if history.epoch_loss:
+        ax.plot(history.epoch_steps, history.epoch_loss, "o-", color="tab:blue", label="train loss (epoch mean)")
     if history.val_loss:
-        ax.plot(epochs, history.val_loss, label="validation loss")
-    ax.set_xlabel("epoch")
+        ax.plot(history.eval_steps, history.val_loss, "s-", color="tab:orange", label="validation loss")
+    ax.set_xlabel("optimisation step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend(loc="upper left")
-    accs = np.asarray(history.val_acc, dtype=float)
-    if accs.size and not np.isnan(accs).all():
+    if history.val_acc:
         twin = ax.twinx()
-        twin.plot(epochs, accs, color="tab:green", linestyle="--", label="validation accuracy")
+        twin.plot(history.eval_steps, history.val_acc, "^--", color="tab:green", label="validation accuracy")
         twin.set_ylabel("accuracy")
         twin.grid(False)
         twin.legend(loc="upper right")
