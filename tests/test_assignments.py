@@ -320,6 +320,7 @@ def test_markup_errors_are_reported(tmp_path):
         nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
         with pytest.raises(ValueError):
             assign.read_questions(path)
+            pytest.fail(f"a notebook with a {why} marker was accepted")
 
 
 @pytest.mark.timeout(OTTER_TEST_TIMEOUT_S + 120)  # two otter runs at once

@@ -297,7 +297,9 @@ def _prepend_install_cell(path: Path) -> None:
         "# Where otter-grader is missing (e.g. on Colab), install it: the next cell imports it.\n"
         "import importlib.util, subprocess, sys\n"
         'if importlib.util.find_spec("otter") is None:\n'
-        f'    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "otter-grader=={otter_version}"], check=True)'
+        "    subprocess.run(\n"
+        f'        [sys.executable, "-m", "pip", "install", "-q", "otter-grader=={otter_version}"], check=True\n'
+        "    )"
     )
     cell.metadata = {"deletable": False, "editable": False}
     nb.cells.insert(0, cell)

@@ -395,7 +395,7 @@ def serve() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         start, threads = time.perf_counter(), threading.active_count()
 
-        def one_assignment() -> None:
+        def one_assignment(request: dict = request, logs: Path = logs, out: Path = out, threads: int = threads) -> None:
             answers.close()
             _redirect_output(logs / "assignment.log")
             report = grade_assignment(
