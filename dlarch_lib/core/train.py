@@ -148,6 +148,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn = F.cross_
 
     The batches are moved to the model's device.
     """
+    check_placed(model)
     model.eval()
     device = model_device(model)
     total_loss, correct, count = 0.0, 0, 0
