@@ -8,7 +8,8 @@
 - :func:`jacobian_rows` builds a Jacobian row by row with ``torch.autograd.grad``, the
   reference for ``torch.func.jacrev``.
 - :func:`functional_sgd_step` is a pure update ``params -> params`` in the style JAX made
-  popular; :func:`train_functional` trains a model with it.
+  popular; :class:`FunctionalSGD` is a training step built on it, for the book's engine
+  :func:`~dlarch_lib.core.train.fit` with ``optimizer=None`` (the step updates its parameters itself).
 - :data:`ZOO`, :func:`create_model`, :func:`list_models`: a ``timm``-style registry over the
   book's own digit classifiers (built from :class:`dlarch_lib.modular.Registry`).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,9 @@ from torch.func import functional_call, grad, vmap
 
 from dlarch_lib import cnn, efficientnet, modular
 from dlarch_lib.core import measure
+from dlarch_lib.core.train import LossFn
 
 Params = dict[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --- eager versus torch.compile --------------------------------------------------------------
@@ -160,16 +161,15 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_f
 def per_example_grads_loop(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy
 ) -> Params:
-    """The reference for :func:`per_example_grads`: one ``backward`` per example, stacked."""
+    """The reference for :func:`per_example_grads`: one backward pass per example, stacked.
+
+    Each pass is ``torch.autograd.grad`` of one example's loss, so the model's ``.grad`` fields
+    are left alone.
+    """
     _check_batch(x, y)
-    names = [n for n, _ in model.named_parameters()]
-    rows = []
-    for i in range(x.shape[0]):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
-        rows.append([p.grad.detach().clone() for p in model.parameters()])
-    model.zero_grad(set_to_none=True)
-    return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
+    names, params = zip(*model.named_parameters())
+    rows = [torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params) for i in range(x.shape[0])]
+    return {n: torch.stack([row[k] for row in rows]) for k, n in enumerate(names)}
 
 
 def jacobian_rows(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -194,25 +194,31 @@ def functional_sgd_step(params: Params, grads: Params, lr: float) -> Params:
     return {k: params[k] - lr * grads[k] for k in params}
 
 
-def train_functional(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    lr: float = 0.1,
-    loss_fn: LossFn = F.cross_entropy,
-) -> tuple[Params, list[float]]:
-    """Train in the functional style: ``params = step(params, grad(loss)(params, x, y))`` per batch.
+class FunctionalSGD:
+    """A training step in the functional style: ``params = sgd(params, grad(loss)(params, x, y))``.
 
-    ``model`` only supplies the architecture and the initial parameters; it is not modified.
-    Returns the final parameters and the loss of every step.
+    The parameters are explicit state, ``self.params`` (a ``{name: tensor}`` dict, starting as a
+    detached copy of ``model``'s), and each step replaces them with the output of a pure function,
+    :func:`functional_sgd_step`: no optimizer object, no ``.grad`` fields, no ``.backward()``. The
+    model only supplies the architecture, through ``functional_call``; it is never changed. Run it
+    with the book's engine and ``optimizer=None`` (the step updates the parameters itself)::
+
+        step = FunctionalSGD(model, lr=0.1)
+        history = fit(model, batches, step, steps=len(batches), optimizer=None)
+        step.params  # the trained parameters
     """
-    loss = functional_loss(model, loss_fn)
-    value_and_grad = torch.func.grad_and_value(loss)
-    params, losses = params_of(model), []
-    for x, y in batches:
-        g, value = value_and_grad(params, x, y)
-        params = functional_sgd_step(params, g, lr)
-        losses.append(value.item())
-    return params, losses
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, loss_fn: LossFn = F.cross_entropy) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.params, self.lr, self.loss_fn = params_of(model), lr, loss_fn
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        """One step on ``batch`` = (x ``(B, ...)``, labels ``(B,)``); returns the loss before the update."""
+        x, y = batch
+        grads, loss = torch.func.grad_and_value(functional_loss(model, self.loss_fn))(self.params, x, y)
+        self.params = functional_sgd_step(self.params, grads, self.lr)
+        return {"loss": loss.item()}
 
 
 # --- a model zoo ------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ every replica takes the same optimiser step. This module has:
   ``DistributedSampler`` does) and :func:`ring_allreduce` (the algorithm, simulated);
 - real DDP with ``torch.distributed``: :func:`init_distributed` and :func:`shutdown_distributed`
   (join and leave a process group, with a timeout), :func:`launch` (start ranks with the
-  ``spawn`` method, join them with a deadline), the worker :func:`train_worker` and its launcher
-  :func:`spawn_ddp`, the single-process reference :func:`train_reference`, and :func:`main`, a
-  ``torchrun`` entry point that times all-reduce
+  ``spawn`` method, join them with a deadline), the worker :func:`train_worker` (each rank trains
+  the DDP-wrapped model with the book's engine :func:`~dlarch_lib.core.train.fit` on its
+  :class:`RankBatches`) and its launcher :func:`spawn_ddp`, the single-process reference
+  :func:`train_reference` (the same engine and step on the :func:`global_batches`), and
+  :func:`main`, a ``torchrun`` entry point that times all-reduce
   (``python -m torch.distributed.run --standalone --nproc_per_node=2 -m dlarch_lib.parallel``);
 - the alpha-beta cost model: :func:`allreduce_seconds`, :func:`fit_alpha_beta`,
   :func:`scaling_efficiency`.
@@ -27,6 +29,7 @@ ranks are killed, and each rank releases its DDP module before it destroys its p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -40,7 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from dlarch_lib import modular
+from dlarch_lib.core.runtime import seeded
+from dlarch_lib.core.train import History, LossFn, classification_step, fit
+
 JSON_MARKER = "ALLREDUCE_JSON "
 """Prefix of the line :func:`main` prints on rank 0 (parsed by :func:`run_torchrun`)."""
 PG_TIMEOUT_S = 60.0
@@ -387,28 +392,13 @@ def launch(
         return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
 
 
-def make_mlp(
-    hidden: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64, in_features: int = 64, classes: int = 10
-) -> nn.Sequential:
-    """A small MLP ``(N, 1, 8, 8) -> (N, classes)``, initialised from ``seed`` (same on every rank)."""
-    if hidden < 1:
-        raise ValueError(f"hidden must be >= 1, got {hidden}")
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_features, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-    ).to(dtype)
-
-
 @dataclass(frozen=True)
 class DDPJob:
     """One data-parallel training run: model, schedule and communication settings.
 
-    ``batch_size`` is the *global* batch; each of the ``p`` ranks reads ``batch_size / p``.
+    The model is the book's digits MLP (:class:`~dlarch_lib.modular.MLPConfig`: two hidden layers
+    of ``hidden`` ReLU units) in ``dtype``; ``batch_size`` is the *global* batch, and each of the
+    ``p`` ranks reads ``batch_size / p`` of it.
     """
 
     epochs: int = 2
@@ -430,54 +420,98 @@ class DDPJob:
             raise ValueError(f"global batch {self.batch_size} does not split evenly over {world_size} ranks")
         return self.batch_size // world_size
 
+    def initial_model(self) -> nn.Module:
+        """The model every rank starts from, ``(N, 1, 8, 8) -> (N, 10)``: initialised from ``seed``, on the CPU.
+
+        Each call builds the same weights (inside :func:`~dlarch_lib.core.runtime.seeded`), so
+        every spawned rank and the single-process reference start equal; move it to a device after.
+        """
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        with seeded(self.seed):
+            model = modular.build_model(modular.MLPConfig(width=self.hidden, depth=2))
+        return model.to(self.dtype)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """SGD with the job's learning rate and momentum over ``model``'s parameters."""
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+
 
 def _recording_allreduce_hook(bucket_numels, bucket):  # no annotations: DDP checks them, and ours are strings
     """DDP's default communication, written out: divide the bucket by p, all-reduce (sum) it, async.
 
     ``bucket`` is a ``dist.GradBucket`` (its gradients flattened into one buffer); the hook returns a
     ``torch.futures.Future`` of the reduced buffer, so backward can go on while it is in flight.
+    DDP reduces the buckets in index order, so bucket 0 starts the record of a new step.
     """
+    if bucket.index() == 0:  # the first bucket of this backward pass: forget the previous step's
+        bucket_numels.clear()
     bucket_numels.append(bucket.buffer().numel())  # record the bucket's size, then do what DDP does
     grads = bucket.buffer().div_(dist.get_world_size())
     return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
+class RankBatches:
+    """One rank's mini-batches for :func:`~dlarch_lib.core.train.fit`: its shard, reshuffled every epoch.
+
+    Each pass over it is one epoch: it calls ``sampler.set_epoch(epoch)`` (the same new shuffle on
+    every rank; without it every epoch repeats the first one's order), then yields the rank's
+    ``batch_size`` examples at a time from its ``DistributedSampler`` shard of ``dataset``. It also
+    times the steps: the engine trains on a batch before it asks for the next, so the seconds from
+    handing a batch out to being asked again are that batch's step (forward, backward with its
+    all-reduce, optimizer step), without the data loading. ``step_seconds`` holds one per step.
+    """
+
+    def __init__(
+        self, dataset: Dataset, rank: int, world_size: int, batch_size: int, seed: int, device: torch.device
+    ) -> None:
+        self.sampler: DistributedSampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler)
+        self.device, self.epoch = device, 0
+        self.step_seconds: list[float] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
+        self.epoch += 1
+        for batch in self.loader:
+            start = time.perf_counter()
+            yield batch  # the engine takes its step on this batch before it asks for the next one
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.step_seconds.append(time.perf_counter() - start)
+
+
 def train_worker(
     rank: int, world_size: int, init_method: str, job: DDPJob, x: torch.Tensor, y: torch.Tensor
 ) -> dict | None:
-    """One DDP rank (the worker of :func:`launch`): train ``make_mlp`` with SGD on its shards.
+    """One DDP rank (the worker of :func:`launch`): train the job's MLP on the rank's shards with :func:`fit`.
 
-    The seed's sketch, corrected: the rank and device come from the launcher, the sampler is a
-    ``DistributedSampler`` (disjoint shards) with ``set_epoch`` each epoch, and the loss is computed
-    from the model's output. Rank 0 returns the final weights and what was measured; the others
-    return ``None``. Whatever happens, the DDP module goes before the process group does.
+    The seed's sketch, corrected: the rank and device come from the launcher, every rank builds the
+    same initial model, the batches come from a ``DistributedSampler`` (disjoint shards) with
+    ``set_epoch`` each epoch (:class:`RankBatches`), and the loss is computed from the model's
+    output by the ordinary classifier step. The DDP-wrapped model *is* the model: its all-reduce
+    runs inside the engine's ``backward``. Rank 0 returns its :class:`~dlarch_lib.core.train.History`
+    (as a dict), the final weights and what was measured; the others return ``None``. Whatever
+    happens, the DDP module goes before the process group does.
     """
     torch.set_num_threads(job.threads)
     device = init_distributed(job.backend, rank, world_size, init_method, timeout_s=job.timeout_s)
     ddp = None
     try:
-        model = make_mlp(job.hidden, job.seed, job.dtype).to(device)
+        model = job.initial_model().to(device)  # the same weights on every rank
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=job.bucket_cap_mb
         )
         bucket_numels: list[int] = []
         ddp.register_comm_hook(bucket_numels, _recording_allreduce_hook)
         dataset = TensorDataset(x.to(job.dtype), y)
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=job.seed)
-        loader = DataLoader(dataset, batch_size=job.per_rank_batch(world_size), sampler=sampler)
-        opt = torch.optim.SGD(ddp.parameters(), lr=job.lr, momentum=job.momentum)
-        step_seconds, epoch0 = [], list(iter(sampler))
-        for epoch in range(job.epochs):
-            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-            for xb, yb in loader:
-                start = time.perf_counter()
-                bucket_numels.clear()
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(ddp(xb.to(device)), yb.to(device)).backward()  # all-reduce runs inside backward
-                opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_seconds.append(time.perf_counter() - start)
+        batches = RankBatches(dataset, rank, world_size, job.per_rank_batch(world_size), job.seed, device)
+        epoch0 = list(batches.sampler)  # this rank's shard in the first epoch
+        history = fit(
+            ddp, batches, classification_step, epochs=job.epochs, optimizer=job.optimizer(ddp), progress=False
+        )
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         replicas = [torch.empty_like(flat) for _ in range(world_size)]
         dist.all_gather(replicas, flat)  # every rank's weights, to check that they agree
@@ -486,10 +520,11 @@ def train_worker(
         if rank != 0:
             return None
         return {
+            "history": dataclasses.asdict(history),  # plain lists and numbers travel back to the launcher
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "replica_max_diff": max(float((r - flat).abs().max()) for r in replicas),
             "bucket_numels": list(bucket_numels),
-            "step_seconds": step_seconds,
+            "step_seconds": batches.step_seconds,
             "epoch0_indices": shards,
         }
     finally:
@@ -497,17 +532,27 @@ def train_worker(
         shutdown_distributed()
 
 
+@dataclass
+class DDPRun:
+    """What :func:`spawn_ddp` brings back from rank 0 of a data-parallel run."""
+
+    history: History  # rank 0's training record (the losses of its shards)
+    state_dict: dict[str, torch.Tensor]  # the final weights, on the CPU
+    replica_max_diff: float  # largest difference between any rank's weights and rank 0's
+    bucket_numels: list[int]  # sizes of the gradient buckets of the last step, in elements
+    step_seconds: list[float]  # rank 0's time of every step
+    epoch0_indices: list[list[int]]  # each rank's shard of the data set in the first epoch
+
+
 def spawn_ddp(
     job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, deadline_s: float = DEADLINE_S
-) -> dict:
-    """Run :func:`train_worker` on ``world_size`` spawned processes (:func:`launch`); return rank 0's results.
+) -> DDPRun:
+    """Run :func:`train_worker` on ``world_size`` spawned processes (:func:`launch`); return rank 0's :class:`DDPRun`.
 
     Each rank is a fresh interpreter (the ``spawn`` start method), which costs a ``torch`` import
     per rank but is safe with threads and CUDA. A rank that waits ``job.timeout_s`` seconds for a
     missing peer raises; a job not done after ``deadline_s`` seconds is killed (``TimeoutError``).
-
-    Keys: ``state_dict``, ``replica_max_diff``, ``bucket_numels`` (sizes of the gradient buckets
-    of the last step, in elements), ``step_seconds``, ``epoch0_indices`` (each rank's shard).
+    The ranks train on CPU processes with ``backend="gloo"``, on ``cuda:rank`` with ``"nccl"``.
     """
     job.per_rank_batch(world_size)  # fail early on a bad batch size
     if x.shape[0] != y.shape[0]:
@@ -520,37 +565,57 @@ def spawn_ddp(
         deadline_s=deadline_s,
         name=f"spawn_ddp ({world_size} ranks, {job.backend})",
     )
-    return results[0]
+    result = results[0]
+    return DDPRun(history=History(**result.pop("history")), **result)
+
+
+def global_batches(
+    x: torch.Tensor, y: torch.Tensor, world_size: int, per_rank: int, seed: int, epochs: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batches that ``world_size`` ranks see together, epoch after epoch.
+
+    Step ``k`` of an epoch is the union of every rank's ``k``-th mini-batch of ``per_rank``
+    examples, each rank's shard taken from :func:`shard_indices` (what ``DistributedSampler``
+    gives the ranks). Yields ``(x[idx], y[idx])``, ``(p * per_rank, ...)`` and ``(p * per_rank,)``.
+    """
+    for epoch in range(epochs):
+        shards = shard_indices(len(x), world_size, shuffle=True, seed=seed, epoch=epoch)
+        for start in range(0, len(shards[0]), per_rank):
+            idx = torch.tensor([i for s in shards for i in s[start : start + per_rank]])  # the global batch
+            yield x[idx], y[idx]
 
 
 def train_reference(
-    job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, progress: bool = False
-) -> nn.Module:
-    """One process, no DDP: SGD on the same *global* batches the ``world_size`` ranks would see.
+    model: nn.Module, job: DDPJob, x: torch.Tensor, y: torch.Tensor, world_size: int = 2, progress: bool = False
+) -> History:
+    """One process, no DDP: train ``model`` with :func:`fit` on the *global* batches of ``world_size`` ranks.
 
-    Step ``k`` of an epoch uses the union of every rank's ``k``-th mini-batch (from
-    :func:`shard_indices`), with the mean loss over it.
+    ``model`` is ``job.initial_model()``, moved to the device to train on; the engine, the step
+    (the classifier's cross-entropy) and the optimizer are those of every rank of
+    :func:`train_worker`, and the batches are the :func:`global_batches`, so by the averaging
+    theorem it takes the same steps as the data-parallel run.
     """
-    from tqdm import tqdm
-
-    b = job.per_rank_batch(world_size)
-    model = make_mlp(job.hidden, job.seed, job.dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=job.momentum)
-    x = x.to(job.dtype)
-    for epoch in tqdm(range(job.epochs), desc="single-process reference", disable=not progress):
-        shards = shard_indices(len(x), world_size, shuffle=True, seed=job.seed, epoch=epoch)
-        for start in range(0, len(shards[0]), b):
-            idx = torch.tensor([i for s in shards for i in s[start : start + b]])  # the global batch
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {job.dtype}:
+        raise ValueError(f"model parameters are {sorted(map(str, dtypes))}, the job trains in {job.dtype}")
+    batches = list(global_batches(x.to(job.dtype), y, world_size, job.per_rank_batch(world_size), job.seed, job.epochs))
+    return fit(
+        model,
+        batches,
+        classification_step,
+        steps=len(batches),
+        optimizer=job.optimizer(model),
+        progress=progress,
+        desc="single-process reference",
+    )
 
 
 def time_allreduce(
-    numels: Sequence[int], repeats: int = 10, warmup: int = 2, device: torch.device | str = "cpu", stat: str = "min"
+    numels: Sequence[int], repeats: int = 10, warmup: int = 2, *, device: torch.device | str, stat: str = "min"
 ) -> list[float]:
-    """Seconds of ``dist.all_reduce`` on float32 tensors of each size (call inside a process group).
+    """Seconds of ``dist.all_reduce`` on float32 tensors of each size on ``device`` (call inside a process group).
+
+    ``device`` is the rank's device, as :func:`init_distributed` returns it.
 
     ``stat="min"`` (the default) keeps the fastest repeat: the cost of the collective itself, as
     the cost model needs it. On a shared machine every slower repeat waited for other processes.

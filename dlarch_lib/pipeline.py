@@ -14,7 +14,8 @@ the model itself is too big for one device, we split *the model* instead:
   (column-parallel, then all-gather) or by input features (row-parallel, then all-reduce):
   :func:`column_parallel_linear`, :func:`row_parallel_linear`, :func:`tp_comm_elements`.
 
-Spawned workers must be importable, so :func:`pipeline_worker` lives here, not in a notebook.
+The pipelined model is :func:`block_stack`, equal blocks of the book's MLP. Spawned workers must
+be importable, so :func:`pipeline_worker` lives here, not in a notebook.
 Its processes are started, and joined with a deadline, by :func:`dlarch_lib.parallel.launch`;
 each rank joins and leaves its process group with :func:`~dlarch_lib.parallel.init_distributed`
 (with a timeout) and :func:`~dlarch_lib.parallel.shutdown_distributed`.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from dlarch_lib import modular
+from dlarch_lib.core.runtime import seeded
 from dlarch_lib.parallel import DEADLINE_S, PG_TIMEOUT_S, _check_seconds, init_distributed, launch, shutdown_distributed
 
 # --------------------------------------------------------------------------- model parallelism
@@ -233,12 +237,18 @@ def tp_comm_elements(kind: str, batch: int, in_features: int, out_features: int,
 # --------------------------------------------------------------------------- a real pipeline (gloo)
 
 
-def make_mlp(width: int = 256, depth: int = 8, seed: int = 0) -> nn.Sequential:
-    """A seeded stack of ``depth`` (Linear(width, width), Tanh) blocks: the model we pipeline."""
+def block_stack(width: int = 256, depth: int = 8, seed: int = 0) -> nn.Sequential:
+    """The model we pipeline, ``(B, width) -> (B, width)``: ``depth`` equal blocks ``Linear(width, width) -> Tanh``.
+
+    Each block is the book's MLP block (:func:`~dlarch_lib.modular.mlp_block`, no norm, no
+    dropout), all of the same width, so :func:`split_stages` can cut the stack into stages of
+    equal cost. Initialised from ``seed`` (inside :func:`~dlarch_lib.core.runtime.seeded`): the
+    same weights on every rank.
+    """
     if width < 1 or depth < 1:
         raise ValueError(f"width and depth must be positive, got {width}, {depth}")
-    torch.manual_seed(seed)
-    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+    with seeded(seed):
+        return nn.Sequential(*[modular.mlp_block(width, width, activation="tanh") for _ in range(depth)])
 
 
 def split_stages(model: nn.Sequential, p: int) -> list[nn.Sequential]:
@@ -246,7 +256,8 @@ def split_stages(model: nn.Sequential, p: int) -> list[nn.Sequential]:
     if p < 1 or len(model) % p:
         raise ValueError(f"cannot split {len(model)} layers into p={p} equal stages")
     k = len(model) // p
-    return [nn.Sequential(*model[s * k : (s + 1) * k]) for s in range(p)]
+    layers = list(model)
+    return [nn.Sequential(*layers[s * k : (s + 1) * k]) for s in range(p)]
 
 
 class _Clock(torch.autograd.Function):
@@ -275,7 +286,8 @@ class TimedStage(nn.Module):
 
     def __init__(self, body: nn.Module):
         super().__init__()
-        self.body, self.log = body, []
+        self.body = body
+        self.log: list[tuple[str, float, float]] = []  # (tag, wall seconds, CPU seconds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as ``body(x)``, with timestamps for this forward and (later) its backward."""
@@ -292,9 +304,11 @@ class TimedStage(nn.Module):
         return y
 
 
-def _intervals(log: list[tuple[str, float]], stage: int) -> list[Task]:
+def _intervals(log: list[tuple[str, float, float]], stage: int) -> list[Task]:
     """Pair the start/end stamps of a :class:`TimedStage` log into tasks (micro-batches in order)."""
-    tasks, open_, counts = [], {}, {"F": 0, "B": 0}
+    tasks: list[Task] = []
+    open_: dict[str, tuple[float, float]] = {}
+    counts = {"F": 0, "B": 0}
     for tag, wall, cpu in log:
         phase, edge = tag[0], tag[1]
         if edge == "0":
@@ -308,8 +322,8 @@ def _intervals(log: list[tuple[str, float]], stage: int) -> list[Task]:
 
 def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.device) -> dict[str, float]:
     """Column- and row-parallel ``Linear(16, 8)`` across ranks with all_gather / all_reduce."""
-    torch.manual_seed(seed)
-    layer, x = nn.Linear(16, 8).to(device), torch.randn(4, 16).to(device)  # same full layer on every rank
+    with seeded(seed):  # the same full layer and input on every rank
+        layer, x = nn.Linear(16, 8).to(device), torch.randn(4, 16).to(device)
     with torch.no_grad():
         full = layer(x)
         w_col, b_col = layer.weight.chunk(world, 0)[rank], layer.bias.chunk(world)[rank]
@@ -320,6 +334,13 @@ def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.devic
         dist.all_reduce(partial)  # row-parallel: sum partial products
         row = partial + layer.bias
     return {"column_err": (col - full).abs().max().item(), "row_err": (row - full).abs().max().item()}
+
+
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    """The gradient that backward left in ``param.grad`` (an error if there is none)."""
+    if param.grad is None:
+        raise RuntimeError("a parameter received no gradient")
+    return param.grad
 
 
 def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> dict:
@@ -339,10 +360,14 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
     device = init_distributed("nccl" if cuda else "gloo", rank, world, init_method, timeout_s=config["timeout_s"])
     stage = schedule = None
     try:
-        result = {"tp": _tensor_parallel_check(rank, world, config["seed"], device), "runs": {}, "grad_err": {}}
+        result: dict[str, Any] = {
+            "tp": _tensor_parallel_check(rank, world, config["seed"], device),
+            "runs": {},
+            "grad_err": {},
+        }
         width, b = config["width"], config["micro_batch"]
-        model = make_mlp(width, config["depth"], config["seed"])
-        reference = make_mlp(width, config["depth"], config["seed"]).to(device)  # unsplit, for the gradient check
+        model = block_stack(width, config["depth"], config["seed"])
+        reference = block_stack(width, config["depth"], config["seed"]).to(device)  # unsplit, for the gradient check
         stage_module = TimedStage(split_stages(model, world)[rank]).to(device)
         loss_fn = F.mse_loss
         for m in config["microbatches"]:
@@ -368,7 +393,7 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
             loss_fn(reference(x), y).backward()  # full batch, one device
             ref_stage = split_stages(reference, world)[rank]
             result["grad_err"][m] = max(
-                (pa.grad - pr.grad).abs().max().item()
+                (_grad(pa) - _grad(pr)).abs().max().item()
                 for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters())
             )
         return result
@@ -400,13 +425,15 @@ def run_pipeline(
     depth: int = 8,
     repeats: int = 3,
     seed: int = 0,
-    device: str = "cpu",
+    *,
+    device: str,
     timeout_s: float = PG_TIMEOUT_S,
     deadline_s: float = DEADLINE_S,
 ) -> PipelineRun:
     """Run :func:`pipeline_worker` on ``world`` spawned processes (:func:`~dlarch_lib.parallel.launch`).
 
-    ``device="cpu"``: gloo processes on the CPU; ``device="cuda"``: one GPU per rank, NCCL.
+    ``device`` (required) is where the ranks compute: ``"cpu"``, gloo processes on the CPU, or
+    ``"cuda"``, one GPU per rank with NCCL.
     Each micro-batch has ``micro_batch`` rows, so the per-task work is the same for every ``m``.
     A rank waits at most ``timeout_s`` seconds for a missing peer; the whole run is killed with a
     ``TimeoutError`` if it is not done after ``deadline_s`` seconds.

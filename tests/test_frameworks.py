@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 from dlarch_lib import frameworks as fw
 from dlarch_lib.core.measure import count_parameters
+from dlarch_lib.core.train import fit
 
 
 def small_mlp(seed: int = 0) -> nn.Module:
@@ -36,7 +37,7 @@ def test_compile_report_matches_eager_outputs():
 def test_compile_report_rounds_keep_each_versions_best_round(monkeypatch):
     model, (x, _) = small_mlp(), batch(8)
     medians = iter([5.0, 1.0, 3.0, 4.0, 7.0, 2.0])  # eager, compiled, eager, compiled, ... (one time per round)
-    monkeypatch.setattr(fw.bench, "timings_ms", lambda fn, repeats, warmup, **kw: [next(medians)])
+    monkeypatch.setattr(fw.measure, "timings_ms", lambda fn, repeats, warmup, **kw: [next(medians)])
     report = fw.compile_report(model, x, backend="eager", repeats=1, warmup=0, rounds=3)
     assert (report.eager_ms, report.compiled_ms) == (3.0, 1.0)  # the lowest median of each, over its rounds
 
@@ -117,25 +118,29 @@ def test_functional_sgd_step_is_pure():
         fw.functional_sgd_step(p, {"v": g["w"]}, lr=0.1)
 
 
-def test_train_functional_equals_torch_optim_sgd():
+def test_functional_sgd_through_the_engine_equals_torch_optim_sgd():
     data = [batch(8, seed=s) for s in range(4)]
     model = small_mlp(1)
     twin = small_mlp(1)
-    params, losses = fw.train_functional(model, data, lr=0.1)
-    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
-    ref_losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = F.cross_entropy(twin(x), y)
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.item())
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    step = fw.FunctionalSGD(model, lr=0.1)
+    history = fit(model, data, step, steps=len(data), optimizer=None, progress=False)
+    ref = fit(twin, data, steps=len(data), optimizer=torch.optim.SGD(twin.parameters(), lr=0.1), progress=False)
+    assert history.steps == ref.steps == 4
+    assert history.loss == pytest.approx(ref.loss, rel=1e-5)
     for name, p in twin.named_parameters():
-        assert_close(params[name], p.detach(), rtol=1e-5, atol=1e-6)
+        assert_close(step.params[name], p.detach(), rtol=1e-5, atol=1e-6)
     assert_close(
         fw.params_of(model)["blocks.1.0.weight"], fw.params_of(small_mlp(1))["blocks.1.0.weight"]
     )  # model untouched
+    assert all(p.grad is None for p in model.parameters())  # no .grad fields, no backward()
+    with pytest.raises(ValueError, match="lr"):
+        fw.FunctionalSGD(model, lr=0.0)
+
+
+def test_per_example_grads_loop_leaves_grad_fields_alone():
+    model, (x, y) = small_mlp(), batch(3)
+    fw.per_example_grads_loop(model, x, y)
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", fw.list_models())

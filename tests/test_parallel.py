@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from dlarch_lib import parallel
+from dlarch_lib import modular, parallel
 from dlarch_lib.core.measure import count_parameters
 
 
@@ -61,7 +61,7 @@ def test_shard_shapes_and_errors():
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_replica_gradients_equal_batch_gradients(world_size):
     x, y = _data()
-    model = parallel.make_mlp(hidden=16, seed=0)
+    model = parallel.DDPJob(hidden=16).initial_model()
     for a, b in zip(
         parallel.replica_gradients(model, F.cross_entropy, x, y, world_size),
         parallel.batch_gradients(model, F.cross_entropy, x, y),
@@ -71,7 +71,7 @@ def test_replica_gradients_equal_batch_gradients(world_size):
 
 def test_plain_average_of_unequal_shards_is_wrong():
     x, y = _data()
-    model = parallel.make_mlp(hidden=16, seed=0)
+    model = parallel.DDPJob(hidden=16).initial_model()
     full = parallel.batch_gradients(model, F.cross_entropy, x, y)
     a = parallel.batch_gradients(model, F.cross_entropy, x[:48], y[:48])
     b = parallel.batch_gradients(model, F.cross_entropy, x[48:], y[48:])
@@ -171,13 +171,22 @@ def test_fit_alpha_beta_goes_through_the_end_points():
         parallel.fit_alpha_beta([1, 2], [0, 1], 2)
 
 
-def test_make_mlp_and_job_checks():
-    a, b = parallel.make_mlp(8, seed=5), parallel.make_mlp(8, seed=5)
+def test_initial_model_and_job_checks():
+    job = parallel.DDPJob(hidden=8, seed=5)
+    state = torch.get_rng_state()
+    a, b = job.initial_model(), job.initial_model()
+    assert torch.equal(torch.get_rng_state(), state)  # seeded: the caller's random stream is left alone
     for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
+        assert torch.equal(pa, pb) and pa.dtype == torch.float64
     assert a(torch.zeros(3, 1, 8, 8, dtype=torch.float64)).shape == (3, 10)
+    assert count_parameters(a) == modular.mlp_parameter_count(modular.MLPConfig(width=8))  # the book's MLP
+    assert not torch.equal(next(a.parameters()), next(parallel.DDPJob(hidden=8, seed=6).initial_model().parameters()))
     with pytest.raises(ValueError, match="hidden"):
-        parallel.make_mlp(0)
+        parallel.DDPJob(hidden=0).initial_model()
+    opt = job.optimizer(a)
+    assert (
+        isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == job.lr and opt.defaults["momentum"] == job.momentum
+    )
     assert parallel.DDPJob(batch_size=64).per_rank_batch(4) == 16
     with pytest.raises(ValueError, match="split evenly"):
         parallel.DDPJob(batch_size=10).per_rank_batch(3)
@@ -201,20 +210,45 @@ def test_free_port_and_init_errors(monkeypatch):
     parallel.shutdown_distributed()  # no group: nothing to do
 
 
+def test_global_batches_are_the_ranks_batches_together():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    batches = list(parallel.global_batches(x, y, world_size=2, per_rank=2, seed=0, epochs=2))
+    assert len(batches) == 2 * 3  # 5 examples per rank, 2 per step: 3 steps an epoch (the last one short)
+    for epoch in range(2):
+        shards = parallel.shard_indices(10, 2, seed=0, epoch=epoch)
+        first_x, first_y = batches[3 * epoch]
+        assert first_y.tolist() == shards[0][:2] + shards[1][:2]  # rank 0's rows, then rank 1's
+        assert first_x[:, 0].tolist() == [float(i) for i in first_y]
+    assert sorted(i for _, yb in batches[:3] for i in yb.tolist()) == list(range(10))  # an epoch covers the data
+
+
+def test_train_reference_runs_the_engine_and_checks_dtype():
+    x, y = _data(n=20)
+    job = parallel.DDPJob(epochs=2, batch_size=8, hidden=8)
+    model = job.initial_model()
+    history = parallel.train_reference(model, job, x, y, world_size=2)
+    assert history.steps == len(history.loss) == 2 * 3  # 10 examples per rank, 4 per step: 3 steps, the last short
+    with pytest.raises(ValueError, match="float64"):
+        parallel.train_reference(model.float(), job, x, y)
+
+
 @pytest.mark.timeout(120)
 def test_ddp_two_ranks_match_single_process():
     x, y = _data(n=101)  # odd: DistributedSampler pads
     job = parallel.DDPJob(epochs=2, batch_size=16, lr=0.1, hidden=16, bucket_cap_mb=0.001)
-    reference = parallel.train_reference(job, x, y, world_size=2)
-    result = parallel.spawn_ddp(job, x, y, world_size=2, deadline_s=100)
-    model = parallel.make_mlp(job.hidden, seed=1)
-    model.load_state_dict(result["state_dict"])
+    reference = job.initial_model()
+    ref_history = parallel.train_reference(reference, job, x, y, world_size=2)
+    run = parallel.spawn_ddp(job, x, y, world_size=2, deadline_s=100)
+    model = job.initial_model()
+    model.load_state_dict(run.state_dict)
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert result["replica_max_diff"] == 0.0
-    assert result["epoch0_indices"] == parallel.shard_indices(101, 2, seed=job.seed)
-    assert sum(result["bucket_numels"]) == count_parameters(model) and len(result["bucket_numels"]) >= 2
-    assert len(result["step_seconds"]) == 2 * 7  # 51 examples per rank (one padded), 8 per step: 7 steps an epoch
+    assert run.replica_max_diff == 0.0
+    assert run.epoch0_indices == parallel.shard_indices(101, 2, seed=job.seed)
+    assert sum(run.bucket_numels) == count_parameters(model) and len(run.bucket_numels) >= 2
+    assert len(run.step_seconds) == 2 * 7  # 51 examples per rank (one padded), 8 per step: 7 steps an epoch
+    assert run.history.steps == ref_history.steps == len(run.history.loss) == 2 * 7  # the same engine, the same steps
+    assert run.history.epochs == 2
 
 
 def test_spawn_ddp_errors():
@@ -279,9 +313,9 @@ def test_main_in_process_world_of_one(monkeypatch, capsys):
 
 def test_time_allreduce_rejects_bad_repeats():
     with pytest.raises(ValueError, match="repeats"):
-        parallel.time_allreduce([8], repeats=0)
+        parallel.time_allreduce([8], repeats=0, device="cpu")
     with pytest.raises(ValueError, match="stat"):
-        parallel.time_allreduce([8], stat="mean")
+        parallel.time_allreduce([8], stat="mean", device="cpu")
 
 
 def test_run_torchrun_kills_torchrun_at_the_deadline():

@@ -112,16 +112,22 @@ def test_tp_comm_elements():
         pl.tp_comm_elements("diagonal", 4, 8, 12, 2)
 
 
-def test_make_mlp_and_split_stages():
-    model = pl.make_mlp(16, 4, seed=1)
+def test_block_stack_and_split_stages():
+    state = torch.get_rng_state()
+    model = pl.block_stack(16, 4, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # seeded: the caller's random stream is left alone
+    assert len(model) == 4 and all(
+        isinstance(block[0], nn.Linear) and isinstance(block[-1], nn.Tanh) for block in model
+    )
     stages = pl.split_stages(model, 2)
     x = torch.randn(3, 16)
     torch.testing.assert_close(stages[1](stages[0](x)), model(x))
-    torch.testing.assert_close(pl.make_mlp(16, 4, seed=1)(x), model(x))  # seeded
+    torch.testing.assert_close(pl.block_stack(16, 4, seed=1)(x), model(x))  # seeded
+    assert not torch.equal(pl.block_stack(16, 4, seed=2)(x), model(x))
     with pytest.raises(ValueError, match="equal stages"):
         pl.split_stages(model, 3)
     with pytest.raises(ValueError):
-        pl.make_mlp(0, 2)
+        pl.block_stack(0, 2)
 
 
 def test_timed_stage_logs_forward_and_backward():
@@ -135,21 +141,25 @@ def test_timed_stage_logs_forward_and_backward():
 
 def test_run_pipeline_rejects_bad_config():
     with pytest.raises(ValueError, match="world"):
-        pl.run_pipeline(world=1)
+        pl.run_pipeline(world=1, device="cpu")
     with pytest.raises(ValueError, match="equal stages"):
-        pl.run_pipeline(world=2, depth=3)
+        pl.run_pipeline(world=2, depth=3, device="cpu")
     with pytest.raises(ValueError, match="micro-batch"):
-        pl.run_pipeline(world=2, microbatches=(0,))
+        pl.run_pipeline(world=2, microbatches=(0,), device="cpu")
     with pytest.raises(ValueError, match="timeout_s"):
-        pl.run_pipeline(world=2, timeout_s=0)
+        pl.run_pipeline(world=2, timeout_s=0, device="cpu")
     with pytest.raises(ValueError, match="deadline_s"):
-        pl.run_pipeline(world=2, microbatches=(1,), deadline_s=-1)
+        pl.run_pipeline(world=2, microbatches=(1,), deadline_s=-1, device="cpu")
+    with pytest.raises(ValueError, match="device"):
+        pl.run_pipeline(world=2, device="meta")
 
 
 @pytest.mark.timeout(120)
 def test_run_pipeline_two_gloo_processes():
     # one spawn (a few seconds of start-up): the notebook runs the bigger measurement
-    run = pl.run_pipeline(world=2, microbatches=(2,), micro_batch=4, width=16, depth=2, repeats=1, deadline_s=100)
+    run = pl.run_pipeline(
+        world=2, microbatches=(2,), micro_batch=4, width=16, depth=2, repeats=1, device="cpu", deadline_s=100
+    )
     assert run.grad_err[2] < 1e-5  # GPipe gradients equal the unsplit model's
     assert max(run.tp_err.values()) < 1e-5  # column/row-parallel with all_gather/all_reduce
     assert len(run.runs[2][0]) == 2 * 2 * 2  # 2 stages x 2 micro-batches x (F, B)
