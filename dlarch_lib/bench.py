@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from dlarch_lib.core import measure
 from dlarch_lib.core.measure import Stats
+from dlarch_lib.core.train import model_device
 
 
 @dataclass(frozen=True)
@@ -43,33 +45,25 @@ def throughput_sweep(
     batch_sizes: Sequence[int],
     repeats: int = 10,
     warmup: int = 2,
-    device: torch.device | str | None = None,
     clock: str = "wall",
 ) -> list[ThroughputPoint]:
     """Forward-pass latency and throughput of ``model`` at each batch size (eval mode, no grad).
 
-    ``make_input(b)`` returns a batch of ``b`` items; it is called and moved to ``device``
-    *before* timing starts, so data preparation stays out of the timed region.
-    ``clock`` as in :func:`timings_ms`.
+    The model runs on its own device. ``make_input(b)`` returns a batch of ``b`` items; it is
+    called and moved to the model's device *before* timing starts, so data preparation stays
+    out of the timed region. Each batch size is timed by :func:`dlarch_lib.core.measure.timings_ms`
+    (``repeats`` calls after ``warmup``, the device synchronised around each) on ``clock``.
     """
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    device = model_device(model)
     points = []
-    with torch.no_grad():
-        for b in batch_sizes:
-            x = make_input(b).to(device)  # pre-staged: not timed
-            if x.shape[0] != b:
-                raise ValueError(f"make_input({b}) returned a batch of {x.shape[0]}")
-            points.append(
-                ThroughputPoint(
-                    b,
-                    measure.summarize(
-                        measure.timings_ms(lambda: model(x), repeats, warmup, device=device, clock=clock)
-                    ),
-                )
-            )
+    for b in batch_sizes:
+        x = make_input(b).to(device)  # pre-staged: not timed
+        if x.shape[0] != b:
+            raise ValueError(f"make_input({b}) returned a batch of {x.shape[0]}")
+        times = measure.timings_ms(measure.inference_call(model, x), repeats, warmup, device=device, clock=clock)
+        points.append(ThroughputPoint(b, measure.summarize(times)))
     return points
 
 

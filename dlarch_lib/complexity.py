@@ -8,7 +8,7 @@ Closed forms, each checked in the tests against what PyTorch actually builds and
 - FLOPs of one forward pass: :func:`linear_flops`, :func:`conv2d_flops`, :func:`mha_flops`,
   :func:`lstm_flops`, :func:`gpt_flops`. The convention is ``torch.utils.flop_counter``'s:
   a multiply-add is 2 FLOPs and only matrix products and convolutions are counted (bias adds,
-  activations, softmax and normalisation are not). :func:`dlarch_lib.measure.forward_flops`
+  activations, softmax and normalisation are not). :func:`dlarch_lib.core.measure.forward_flops`
   runs the counter.
 - activation memory: :func:`saved_activation_bytes` measures the tensors autograd keeps for
   the backward pass; :func:`mlp_saved_bytes` and :func:`cnn_saved_bytes` predict them.
@@ -16,7 +16,8 @@ Closed forms, each checked in the tests against what PyTorch actually builds and
   (chapter 7's assignment checks with it that local attention never builds the ``T x T`` matrix).
 - arithmetic intensity: :func:`traffic_bytes` (two memory-traffic models) and
   :func:`arithmetic_intensity`; :func:`book_models` gives the book's models at their chapter sizes.
-- scaling: :func:`min_time_ms` (best of repeats, via :mod:`dlarch_lib.bench`) and :func:`loglog_slope`.
+- scaling: :func:`loglog_slope`, the exponent of a measured power law (time the calls with
+  :func:`dlarch_lib.core.measure.best_ms`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dlarch_lib.cnn import _pair, conv_output_size
-from dlarch_lib.core import measure
+from dlarch_lib.cnn import IntOrPair, _pair, conv_output_size
 from dlarch_lib.core.measure import forward_flops
+from dlarch_lib.core.runtime import seeded
 from dlarch_lib.modular import CNNConfig
-
-IntOrPair = int | tuple[int, int]
 
 
 def _positive(**values: int) -> None:
@@ -324,51 +323,43 @@ def arithmetic_intensity(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     }
 
 
-def book_models(vocab_size: int, batch: int = 1) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+def book_models(
+    vocab_size: int, batch: int = 1, *, device: torch.device | str
+) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """The book's models at their chapter ("ci") sizes, each with an example input of ``batch`` examples.
 
     ``SmallResNet`` (chapter 4, width 32) on ``(B, 1, 8, 8)`` digits; ``GPT`` (chapter 6: context 64,
     d 64, 4 heads, 2 layers) and ``CharLSTM`` (chapter 5: embed 64, hidden 256) on ``(B, 64)`` ids.
     The CharLSTM's LSTM is replaced by the from-scratch :class:`dlarch_lib.rnn.LSTM` with the same
     weights, because the flop counter cannot see inside the fused ``nn.LSTM`` kernel.
-    Models are in eval mode, seeded with ``torch.manual_seed(0)``.
+    Models (in eval mode) and inputs are made on the CPU inside ``seeded(0)`` -- the same on every
+    machine, the caller's random stream untouched -- then moved to ``device``.
     """
     from dlarch_lib.attention import GPT
     from dlarch_lib.cnn import SmallResNet
     from dlarch_lib.rnn import LSTM, CharLSTM
 
     _positive(vocab_size=vocab_size, batch=batch)
-    torch.manual_seed(0)
-    ids = torch.randint(0, vocab_size, (batch, 64))
-    lstm_lm = CharLSTM(vocab_size, embed=64, hidden=256)
-    lstm_lm.lstm = LSTM.from_torch(lstm_lm.lstm)
-    return {
-        "SmallResNet (ch. 4)": (SmallResNet(width=32).eval(), torch.randn(batch, 1, 8, 8)),
-        "GPT (ch. 6)": (GPT(vocab_size, 64, 64, 4, 2).eval(), ids),
-        "CharLSTM (ch. 5)": (lstm_lm.eval(), ids),
-    }
+    with seeded(0):
+        ids = torch.randint(0, vocab_size, (batch, 64))
+        lstm_lm = CharLSTM(vocab_size, embed=64, hidden=256)
+        lstm_lm.lstm = LSTM.from_torch(lstm_lm.lstm)  # type: ignore[assignment]  # same interface, countable
+        models = {
+            "SmallResNet (ch. 4)": (SmallResNet(width=32), torch.randn(batch, 1, 8, 8)),
+            "GPT (ch. 6)": (GPT(vocab_size, 64, 64, 4, 2), ids),
+            "CharLSTM (ch. 5)": (lstm_lm, ids),
+        }
+    return {name: (model.to(device).eval(), x.to(device)) for name, (model, x) in models.items()}
 
 
 # --- measured scaling ----------------------------------------------------------------------
 
 
-def min_time_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, clock: str | None = None) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn()`` (:func:`dlarch_lib.measure.timings_ms`), in ms.
-
-    For a scaling law the minimum is the right statistic: other programs on a loaded machine can
-    only make a run slower, so the fastest run is the least disturbed one. ``clock`` defaults to
-    :func:`dlarch_lib.measure.steady_clock` (CPU time for single-threaded CPU work, else wall time).
-    """
-    return min(measure.timings_ms(fn, repeats, warmup, clock=clock or measure.steady_clock()))
-
-
 def loglog_slope(sizes: Sequence[float], times: Sequence[float]) -> float:
     """Least-squares slope of ``log(times)`` against ``log(sizes)``: the exponent ``p`` in ``time ~ size^p``."""
-    sizes, times = np.asarray(sizes, dtype=float), np.asarray(times, dtype=float)
-    if sizes.shape != times.shape or sizes.ndim != 1 or len(sizes) < 2:
-        raise ValueError(
-            f"need two equal-length 1-D sequences of at least 2 points, got {sizes.shape} and {times.shape}"
-        )
-    if (sizes <= 0).any() or (times <= 0).any():
+    n, t = np.asarray(sizes, dtype=float), np.asarray(times, dtype=float)
+    if n.shape != t.shape or n.ndim != 1 or len(n) < 2:
+        raise ValueError(f"need two equal-length 1-D sequences of at least 2 points, got {n.shape} and {t.shape}")
+    if (n <= 0).any() or (t <= 0).any():
         raise ValueError("sizes and times must be positive to take logarithms")
-    return float(np.polyfit(np.log(sizes), np.log(times), 1)[0])
+    return float(np.polyfit(np.log(n), np.log(t), 1)[0])

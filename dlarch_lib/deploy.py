@@ -1,18 +1,20 @@
-"""Chapter 20: deployment -- export to ONNX, run with ONNX Runtime, build TensorRT engines.
+"""Chapter 20: deployment -- inspect ONNX graphs, run and compare engines, build TensorRT engines.
 
-- :func:`export_onnx` writes a model to ONNX with a dynamic batch axis (TorchScript exporter,
-  with only its known-noisy warnings silenced); :func:`check_onnx` loads and validates the
-  file; :func:`graph_summary` counts its operators and reads its input/output signature.
+ONNX export and ONNX Runtime sessions come from chapter 13 (:func:`dlarch_lib.quant.export_onnx`,
+:func:`~dlarch_lib.quant.ort_session`, :func:`~dlarch_lib.quant.ort_predict`,
+:func:`~dlarch_lib.quant.ort_inference_call`); this chapter builds on them:
+
+- :func:`check_onnx` loads and validates an ONNX file; :func:`graph_summary` counts its operators
+  and reads its input/output signature.
 - :func:`fold_batchnorm` is the Conv--BatchNorm folding the exporter applies in eval mode.
 - :class:`DigitsPipeline` puts pre-processing (raw grey levels -> [0, 1]) and post-processing
   (softmax) into the exported graph; :func:`stamp_metadata` / :func:`read_metadata` version it.
-- :func:`ort_session`, :func:`ort_predict` and :func:`ort_latency_ms` run an ONNX file with
-  ONNX Runtime (:mod:`dlarch_lib.quant` re-exports them for chapter 13);
-  :func:`optimized_graph` saves and summarises the graph ORT runs at each optimisation level;
+- :func:`available_opt_levels` lists ONNX Runtime's graph optimisation levels;
+  :func:`optimized_graph` saves and summarises the graph ORT runs at each level;
   :func:`parity` checks ONNX Runtime against PyTorch at several batch sizes.
-- :func:`eager_latency_ms` times a PyTorch forward pass on either clock of :mod:`dlarch_lib.bench`.
-- :func:`latency_sweep` times PyTorch eager against ONNX Runtime over batch sizes and
-  :func:`fit_latency` fits the overhead-plus-throughput model ``t(B) = alpha + beta B``.
+- :func:`latency_sweep` times PyTorch eager against ONNX Runtime over batch sizes (taking turns
+  through :func:`dlarch_lib.core.measure.interleaved_timings_ms`) and :func:`fit_latency` fits the
+  overhead-plus-throughput model ``t(B) = alpha + beta B``.
 - :func:`available_providers` lists ORT execution providers present here, in preference order.
 - :func:`build_trt_engine` and :class:`TensorRTRunner` use the TensorRT 10 API
   (``build_serialized_network``, memory-pool limits, optimisation profiles, named I/O tensors,
@@ -26,8 +28,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import statistics
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,57 +40,10 @@ from torch import nn
 from tqdm import tqdm  # plain text bars, as in dlarch_lib.core.train
 
 from dlarch_lib.core import hardware, measure
+from dlarch_lib.core.train import model_device
+from dlarch_lib.quant import OPT_LEVELS, ort_inference_call, ort_predict, ort_session
 
 # --- export and inspection -----------------------------------------------------------------
-
-
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    example: torch.Tensor,
-    *,
-    opset: int = 17,
-    dynamic_batch: bool = True,
-    input_name: str = "x",
-    output_name: str = "logits",
-) -> str:
-    """Export ``model`` (put in eval mode) to ONNX at ``path``; returns ``path`` as a string.
-
-    Uses the TorchScript exporter (``dynamo=False``): it traces one forward pass on ``example``
-    ``(B, ...)`` and, in eval mode, folds BatchNorm into the preceding convolution (constant
-    folding). ``dynamic_batch`` names axis 0 of the input and output ``"batch"`` (a symbolic
-    dimension) instead of fixing it to ``B``. Two known warnings are silenced, nothing else:
-    the tracer's ``TracerWarning`` about shape checks in ``forward`` (they test fixed
-    dimensions only) and the ``DeprecationWarning`` that the TorchScript exporter is legacy.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(example, torch.Tensor) or example.ndim < 1:
-        raise ValueError("example must be a batched input tensor (B, ...)")
-    if not isinstance(opset, int) or not 7 <= opset <= 23:
-        raise ValueError(f"opset must be an int in 7..23, got {opset!r}")
-    if input_name == output_name:
-        raise ValueError(f"input and output names must differ, both are {input_name!r}")
-    model.eval()
-    axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings(
-            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
-        )
-        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            do_constant_folding=True,
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes=axes,
-        )
-    return str(path)
 
 
 def check_onnx(path: str | os.PathLike) -> Any:
@@ -176,15 +129,17 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         raise ValueError(f"BatchNorm has {bn.num_features} channels, the convolution {conv.out_channels}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], conv.padding[1])
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+        (kh, kw),
+        (sh, sw),
+        padding,
+        (dh, dw),
         conv.groups,
-        bias=True,
+        bias=False,  # the folded bias is set below
         padding_mode=conv.padding_mode,
     )
     with torch.no_grad():
@@ -194,7 +149,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.weight.copy_(conv.weight * gain.view(-1, 1, 1, 1))  # (O, C/g, kh, kw)
-        fused.bias.copy_(shift + (bias - bn.running_mean) * gain)  # (O,)
+        fused.bias = nn.Parameter(shift + (bias - bn.running_mean) * gain)  # (O,)
     return fused.eval()
 
 
@@ -248,85 +203,12 @@ def read_metadata(session: Any) -> tuple[int, dict[str, str]]:
 
 # --- ONNX Runtime ---------------------------------------------------------------------------
 
-OPT_LEVELS: dict[str, str] = {
-    "disabled": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "layout": "ORT_ENABLE_LAYOUT",
-    "all": "ORT_ENABLE_ALL",
-}
-"""ONNX Runtime graph optimisation levels, weakest first: name -> ``GraphOptimizationLevel`` member."""
-
 
 def available_opt_levels() -> list[str]:
     """The names in :data:`OPT_LEVELS` that the installed ONNX Runtime knows (``layout`` is recent)."""
     import onnxruntime as ort
 
     return [name for name, member in OPT_LEVELS.items() if hasattr(ort.GraphOptimizationLevel, member)]
-
-
-def ort_session(
-    path: str | os.PathLike,
-    threads: int | None = None,
-    level: str = "all",
-    optimized_path: str | os.PathLike | None = None,
-    providers: Sequence[Any] | None = None,
-) -> Any:
-    """An ``onnxruntime.InferenceSession`` for the ONNX file ``path``.
-
-    ``threads`` intra-op threads (default: torch's thread count); ``level`` one of
-    :data:`OPT_LEVELS`; ``optimized_path`` saves the graph after optimisation (what ORT
-    really runs); ``providers`` execution providers in preference order (default: the CPU).
-    """
-    import onnxruntime as ort
-
-    if level not in OPT_LEVELS:
-        raise ValueError(f"level must be one of {list(OPT_LEVELS)}, got {level!r}")
-    if not hasattr(ort.GraphOptimizationLevel, OPT_LEVELS[level]):
-        raise ValueError(f"this onnxruntime {ort.__version__} has no optimisation level {level!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
-    options.log_severity_level = 3  # errors only
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-
-
-def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
-    """Outputs of ``session`` on ``x`` (first output, as a float tensor)."""
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
-
-
-def ort_latency_ms(session: Any, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall") -> float:
-    """Median latency (ms) of ``session`` on the batch ``x`` (input converted once, outside the timing).
-
-    ``clock`` is one of :data:`dlarch_lib.measure.CLOCKS`: ``"wall"`` (the default), or ``"cpu"``
-    for the process's CPU time, which other programs on a shared machine cannot inflate directly
-    (right for one intra-op thread; see :func:`dlarch_lib.measure.steady_clock`).
-    """
-    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
-    if clock == "wall":
-        return statistics.median(measure.timings_ms(lambda: session.run(None, feed), repeats, warmup))
-    return float(np.median(measure.timings_ms(lambda: session.run(None, feed), repeats, warmup, clock=clock)))
-
-
-def eager_latency_ms(
-    model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3, clock: str = "wall"
-) -> float:
-    """Median latency (ms) of a PyTorch forward pass of ``model`` on ``x`` (eval mode, no grad).
-
-    With ``clock="wall"`` this is :func:`dlarch_lib.modular.latency_ms`; any other clock of
-    :data:`dlarch_lib.measure.CLOCKS` times the calls with :func:`dlarch_lib.measure.timings_ms`.
-    """
-    if clock == "wall":
-        return statistics.median(measure.timings_ms(measure.inference_call(model, x), repeats, warmup, device=x.device))
-    model.eval()
-    with torch.no_grad():
-        return float(np.median(measure.timings_ms(lambda: model(x), repeats, warmup, device=x.device, clock=clock)))
 
 
 def optimized_graph(path: str | os.PathLike, level: str, out: str | os.PathLike, threads: int = 1) -> GraphSummary:
@@ -342,15 +224,20 @@ def parity(
 
     Every batch must satisfy ``torch.testing.assert_close(ort, torch, atol, rtol)``, i.e.
     ``|y_ort - y_torch| <= atol + rtol |y_torch|`` elementwise, else ``AssertionError``.
-    Different batch sizes exercise the dynamic batch axis.
+    Different batch sizes exercise the dynamic batch axis. The model runs on its own device
+    (eval mode, no gradients); the comparison is made on the CPU.
     """
     errors: dict[int, float] = {}
     model.eval()
+    device = model_device(model)
     for x in inputs:
         with torch.no_grad():
-            expected = model(x)
+            expected = model(x.to(device)).cpu()
         got = ort_predict(session, x)
-        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, msg=lambda m: f"batch {len(x)}: {m}")
+        try:
+            torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+        except AssertionError as error:
+            raise AssertionError(f"batch {len(x)}: {error}") from None
         errors[len(x)] = max(errors.get(len(x), 0.0), (got - expected).abs().max().item())
     if not errors:
         raise ValueError("parity needs at least one input batch")
@@ -370,11 +257,14 @@ def latency_sweep(
     """Median latency of PyTorch eager and ONNX Runtime on batches of ``pool`` ``(N, ...)``.
 
     Returns one row per batch size: ``batch``, ``eager_ms``, ``ort_ms``, ``speedup``
-    (eager / ORT). The two engines are timed alternately in ``rounds`` rounds, so that a burst
-    of load on a shared machine hits both; each round warms up and repeats
-    ``max(4, budget // (rounds (B + 9)))`` calls, so small batches get many repeats and large
-    ones few. Each engine's latency is the median over all its rounds' medians. ``clock`` as in
-    :func:`ort_latency_ms` (the default ``"wall"``; ``"cpu"`` where one thread does the work).
+    (eager / ORT). The two engines take turns (:func:`dlarch_lib.core.measure.interleaved_timings_ms`,
+    after two warm-up calls each) for ``rounds`` rounds, so that a burst of load on a shared
+    machine hits both; each turn times ``max(4, budget // (rounds (B + 9)))`` calls, so small
+    batches get many calls and large ones few. Each engine's latency is the median over its
+    rounds of the median call of the round. The model runs on its own device (eval mode, no
+    gradients: :func:`~dlarch_lib.core.measure.inference_call`), the session on its own
+    provider. ``clock`` is ``"wall"`` or, where one CPU thread does the work, ``"cpu"``
+    (:func:`~dlarch_lib.core.measure.steady_clock`).
     """
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch_sizes must be positive, got {batch_sizes!r}")
@@ -384,14 +274,13 @@ def latency_sweep(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if clock not in measure.CLOCKS:
         raise ValueError(f"clock must be one of {sorted(measure.CLOCKS)}, got {clock!r}")
+    device = model_device(model)
     rows = []
     for b in tqdm(batch_sizes, desc="latency sweep", disable=not progress):
         x, repeats = pool[:b].contiguous(), max(4, budget // (rounds * (b + 9)))
-        eager, onnx_rt = [], []
-        for _ in range(rounds):
-            eager.append(eager_latency_ms(model, x, repeats=repeats, warmup=2, clock=clock))
-            onnx_rt.append(ort_latency_ms(session, x, repeats=repeats, warmup=2, clock=clock))
-        e, o = float(np.median(eager)), float(np.median(onnx_rt))
+        calls = {"eager": measure.inference_call(model, x.to(device)), "ort": ort_inference_call(session, x)}
+        times = measure.interleaved_timings_ms(calls, rounds, 2, repeats=repeats, device=device, clock=clock)
+        e, o = (float(np.median(np.median(np.reshape(times[k], (rounds, repeats)), axis=1))) for k in calls)
         rows.append({"batch": b, "eager_ms": e, "ort_ms": o, "speedup": e / o})
     return rows
 

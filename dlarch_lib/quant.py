@@ -11,11 +11,14 @@
   in the forward pass, gradients through the STE -- quantization-aware training (QAT).
   :func:`to_quantized` swaps every ``nn.Linear`` of a trained model for one, and
   :func:`calibrate` sets their input ranges from a calibration batch (post-training quantization).
+- ONNX and ONNX Runtime, first met here and used again in chapter 20 (:mod:`dlarch_lib.deploy`):
+  :func:`export_onnx` writes a model to an ONNX file, :func:`ort_session` opens one with ONNX
+  Runtime, :func:`ort_predict` runs it on a batch, and :func:`ort_inference_call` is the callable
+  to time with :func:`dlarch_lib.core.measure.timings_ms` (the input converted once, outside it).
 - :func:`ort_quantize_dynamic` and :func:`ort_quantize_static` run post-training
-  quantization with ONNX Runtime's own tools (imported lazily: ``onnx`` and ``onnxruntime``
-  are only needed for those). :func:`export_onnx`, :func:`ort_session`, :func:`ort_predict`
-  and :func:`ort_latency_ms` (timed with :func:`dlarch_lib.measure.median_ms`) come from
-  :mod:`dlarch_lib.deploy` and are re-exported here.
+  quantization with ONNX Runtime's own tools.
+
+``onnx`` and ``onnxruntime`` are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ONNX export and ONNX Runtime sessions live in dlarch_lib.deploy (chapter 20); re-exported here.
-from dlarch_lib.deploy import export_onnx, ort_latency_ms, ort_predict, ort_session  # noqa: F401
+from dlarch_lib.core.train import model_device
 
 # --- affine quantization -------------------------------------------------------------------
 
@@ -206,6 +209,10 @@ class QuantizedLinear(nn.Linear):
     leaves the input in float.
     """
 
+    act_min: torch.Tensor  # buffers: the observed input range and whether a batch set it
+    act_max: torch.Tensor
+    observed: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -231,12 +238,13 @@ class QuantizedLinear(nn.Linear):
     def from_float(
         cls, linear: nn.Linear, bits: int = 8, act_bits: int | None = 8, per_channel: bool = True
     ) -> QuantizedLinear:
-        """A :class:`QuantizedLinear` holding a copy of a trained ``linear``'s weights (start of QAT)."""
+        """A :class:`QuantizedLinear` holding a copy of a trained ``linear``'s weights (start of QAT),
+        on the same device."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float needs an nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, act_bits, per_channel)
         layer.load_state_dict(linear.state_dict(), strict=False)  # weight and bias; observers start empty
-        return layer
+        return layer.to(linear.weight.device)
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric ``(scale, zero_point)`` of the current weight: ``(out,)`` each, or scalars per tensor."""
@@ -269,9 +277,10 @@ class QuantizedLinear(nn.Linear):
 def to_quantized(model: nn.Module, bits: int = 8, act_bits: int | None = 8, per_channel: bool = True) -> nn.Module:
     """A deep copy of ``model`` with every ``nn.Linear`` replaced by a :class:`QuantizedLinear`.
 
-    The copies keep the trained weights (:meth:`QuantizedLinear.from_float`); their input ranges
-    are unknown until :func:`calibrate` (post-training quantization) or a training step (QAT)
-    sets them. ``model`` itself is left unchanged.
+    The copies keep the trained weights (:meth:`QuantizedLinear.from_float`) and their device; their
+    input ranges are unknown until :func:`calibrate` (post-training quantization) or a training step
+    (QAT) sets them. ``model`` itself is left unchanged. The copy is a new model: move it once with
+    ``.to(RUN.device)`` before training it.
     """
     qrange(bits)
     if act_bits is not None:
@@ -296,8 +305,8 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Set every :class:`QuantizedLinear` input range to the min/max it sees on the batch ``x``.
 
     One forward pass in training mode with a fresh observer (the first batch sets the range
-    exactly), without gradients; the model is returned in evaluation mode. This is min/max
-    calibration, as in ONNX Runtime's ``CalibrationMethod.MinMax``.
+    exactly), without gradients, on the model's device; the model is returned in evaluation mode.
+    This is min/max calibration, as in ONNX Runtime's ``CalibrationMethod.MinMax``.
     """
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not layers:
@@ -305,8 +314,117 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
     for layer in layers:
         layer.observed.fill_(False)
     model.train()
-    model(x)
+    model(x.to(model_device(model)))
     return model.eval()
+
+
+# --- ONNX and ONNX Runtime -----------------------------------------------------------------
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example: torch.Tensor,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    input_name: str = "x",
+    output_name: str = "logits",
+) -> str:
+    """Export ``model`` (put in eval mode) to ONNX at ``path``; returns ``path`` as a string.
+
+    Uses the TorchScript exporter (``dynamo=False``): it traces one forward pass on ``example``
+    ``(B, ...)`` and, in eval mode, folds BatchNorm into the preceding convolution (constant
+    folding). ``dynamic_batch`` names axis 0 of the input and output ``"batch"`` (a symbolic
+    dimension) instead of fixing it to ``B``. Two known warnings are silenced, nothing else:
+    the tracer's ``TracerWarning`` about shape checks in ``forward`` (they test fixed
+    dimensions only) and the ``DeprecationWarning`` that the TorchScript exporter is legacy.
+    ``model`` and ``example`` must be on the same device; the file does not record it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example, torch.Tensor) or example.ndim < 1:
+        raise ValueError("example must be a batched input tensor (B, ...)")
+    if not isinstance(opset, int) or not 7 <= opset <= 23:
+        raise ValueError(f"opset must be an int in 7..23, got {opset!r}")
+    if input_name == output_name:
+        raise ValueError(f"input and output names must differ, both are {input_name!r}")
+    model.eval()
+    axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes=axes,
+        )
+    return str(path)
+
+
+OPT_LEVELS: dict[str, str] = {
+    "disabled": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+"""ONNX Runtime graph optimisation levels, weakest first: name -> ``GraphOptimizationLevel`` member."""
+
+
+def ort_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    level: str = "all",
+    optimized_path: str | os.PathLike | None = None,
+    providers: Sequence[Any] | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for the ONNX file ``path``.
+
+    ``threads`` intra-op threads (default: torch's thread count); ``level`` one of
+    :data:`OPT_LEVELS`; ``optimized_path`` saves the graph after optimisation (what ORT
+    really runs); ``providers`` execution providers in preference order (default: the CPU).
+    """
+    import onnxruntime as ort
+
+    if level not in OPT_LEVELS:
+        raise ValueError(f"level must be one of {list(OPT_LEVELS)}, got {level!r}")
+    if not hasattr(ort.GraphOptimizationLevel, OPT_LEVELS[level]):
+        raise ValueError(f"this onnxruntime {ort.__version__} has no optimisation level {level!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
+    options.log_severity_level = 3  # errors only
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def ort_inference_call(session: Any, x: torch.Tensor) -> Callable[[], list[np.ndarray]]:
+    """A callable running ``session`` on the batch ``x`` ``(B, ...)``: what :func:`timings_ms` times.
+
+    ``x`` is converted to a float32 NumPy array (on the CPU) once, here, so the conversion stays
+    out of the timed calls: ``min(timings_ms(ort_inference_call(session, x)))``. The callable
+    returns ONNX Runtime's list of outputs.
+    """
+    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy().astype(np.float32)}
+    return lambda: session.run(None, feed)
+
+
+def ort_predict(session: Any, x: torch.Tensor) -> torch.Tensor:
+    """First output of ``session`` on the batch ``x``, as a CPU float tensor."""
+    return torch.from_numpy(ort_inference_call(session, x)()[0])
 
 
 # --- post-training quantization with ONNX Runtime -----------------------------------------

@@ -210,19 +210,6 @@ def test_to_quantized_and_calibrate():
         calibrate(model, x)
 
 
-def test_bench_median_ms_and_errors():
-    calls = []
-    t = measure.median_ms(lambda: calls.append(1), repeats=5, warmup=2)
-    assert t >= 0 and len(calls) == 7
-    assert len(measure.timings_ms(lambda: None, repeats=4, warmup=0)) == 4
-    with pytest.raises(ValueError, match="repeats must be >= 1"):
-        measure.median_ms(lambda: None, repeats=0)
-    with pytest.raises(ValueError, match="warmup must be >= 0"):
-        measure.median_ms(lambda: None, warmup=-1)
-    with pytest.raises(TypeError, match="callable"):
-        measure.median_ms(3)
-
-
 def test_onnx_runtime_int8_close_to_fp32(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -239,7 +226,8 @@ def test_onnx_runtime_int8_close_to_fp32(tmp_path):
         assert out.shape == (200, 10)
         assert (out - ref).abs().max() < 0.05 * ref.abs().max()
         assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.95
-    assert quant.ort_latency_ms(quant.ort_session(static), x[:4], repeats=3, warmup=1) > 0
+    call = quant.ort_inference_call(quant.ort_session(static), x[:4])
+    assert call()[0].shape == (4, 10) and min(measure.timings_ms(call, repeats=3, warmup=1)) > 0
     with pytest.raises(ValueError, match="non-empty batch"):
         quant.calibration_reader(torch.zeros(0, 64))
     with pytest.raises(ValueError, match="batch_size"):
@@ -247,3 +235,34 @@ def test_onnx_runtime_int8_close_to_fp32(tmp_path):
     reader = quant.calibration_reader(x, batch_size=64)
     batches = [reader.get_next() for _ in range(5)]
     assert [b["x"].shape[0] for b in batches[:4]] == [64, 64, 64, 8] and batches[4] is None
+
+
+def test_export_onnx_errors(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(TypeError, match="nn.Module"):
+        quant.export_onnx(lambda x: x, tmp_path / "a.onnx", torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="opset"):
+        quant.export_onnx(model, tmp_path / "a.onnx", torch.rand(1, 1, 8, 8), opset=3)
+    with pytest.raises(ValueError, match="differ"):
+        quant.export_onnx(model, tmp_path / "a.onnx", torch.rand(1, 1, 8, 8), input_name="y", output_name="y")
+    with pytest.raises(ValueError, match="batched"):
+        quant.export_onnx(model, tmp_path / "a.onnx", torch.tensor(1.0))
+
+
+def test_session_predict_and_inference_call(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).train()
+    x = torch.rand(6, 1, 8, 8)
+    path = quant.export_onnx(model, tmp_path / "m.onnx", x[:1])
+    assert not model.training  # exported in eval mode
+    session = quant.ort_session(path, threads=1)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(quant.ort_predict(session, x), expected, atol=1e-5, rtol=1e-4)
+    call = quant.ort_inference_call(session, x)
+    x.zero_()  # the input was converted when the callable was made, not at each call
+    torch.testing.assert_close(torch.from_numpy(call()[0]), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="level"):
+        quant.ort_session(path, level="max")
+    with pytest.raises(ValueError, match="threads"):
+        quant.ort_session(path, threads=0)
