@@ -124,3 +124,19 @@ def test_fit_with_a_step_that_optimises_itself_and_an_early_stop():
         fit(model, data, lambda m, b: {"n": 1.0}, epochs=1, progress=False)
     with pytest.raises(ValueError, match="epochs=, steps="):
         fit(model, data, step)
+
+
+def test_fit_draws_nothing_from_a_loaders_generator_beyond_its_passes():
+    """Two epochs shuffle exactly as two passes of the hand-written loop over the same loader."""
+    data = TensorDataset(torch.arange(12.0).unsqueeze(1), torch.zeros(12).long())
+    seen = []
+
+    def record(model, batch):
+        seen.append(batch[0].squeeze(1).tolist())
+        return model(batch[0]).sum()
+
+    loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    fit(nn.Linear(1, 2), loader, record, epochs=2, progress=False)
+    loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    expected = [x.squeeze(1).tolist() for _ in range(2) for x, _ in loader]
+    assert seen == expected

@@ -197,8 +197,8 @@ def _batches(data: Iterable[Any], epochs: int | None) -> Iterator[tuple[int, Any
             yield epoch, batch
         if empty:
             raise ValueError("fit() got data that yields no batches")
-        if iter(data) is data:  # a one-shot iterator (a generator): one pass is all there is
-            return
+        if isinstance(data, Iterator):  # a one-shot iterator (a generator): one pass is all there is
+            return  # (not `iter(data) is data`: a new DataLoader iterator draws from the loader's generator)
 
 
 def _record(history: History, out: StepOutput) -> torch.Tensor | None:
