@@ -9,6 +9,7 @@ Everything here is checked against PyTorch's own reference in the tests
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +190,10 @@ class GPT(nn.Module):
 
     Token + learned position embeddings, ``n_layers`` causal pre-LN blocks, a final LayerNorm,
     and an output layer tied to the token embedding. ``forward(idx (B, T)) -> logits (B, T, V)``.
+    Sample from it with :func:`dlarch_lib.rnn.generate`.
     """
+
+    mask: torch.Tensor  # (context, context) causal mask, a buffer
 
     def __init__(
         self, vocab_size: int, context: int, d_model: int, n_heads: int, n_layers: int, dropout: float = 0.0
@@ -201,15 +205,21 @@ class GPT(nn.Module):
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, dropout=dropout) for _ in range(n_layers))
+        blocks = [TransformerBlock(d_model, n_heads, dropout=dropout) for _ in range(n_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # weight tying (GPT-2)
         self.register_buffer("mask", causal_mask(context), persistent=False)  # (context, context)
         self.apply(self._init)
-        for block in self.blocks:  # GPT-2: shrink the residual projections by 1/sqrt(2 * n_layers)
-            for lin in (block.attn.out_proj, block.mlp[2]):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))
+        self.shrink_residual_projections(blocks)
+
+    @staticmethod
+    def shrink_residual_projections(blocks: list[TransformerBlock]) -> None:
+        """GPT-2's initialisation of the layers that write into the residual stream: std 0.02 / sqrt(2 L)."""
+        for block in blocks:
+            for lin in (block.attn.out_proj, cast(nn.Linear, block.mlp[2])):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * len(blocks)))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -237,22 +247,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln_f(x))  # (B, T, V)
-
-    @torch.no_grad()
-    def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx (B, T)``; returns ``(B, T + max_new_tokens)``.
-
-        Only the last ``context`` tokens are fed to the model at each step.
-        """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.context :])[:, -1] / temperature  # (B, V)
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, nxt], dim=1)
-        self.train(was_training)
-        return idx

@@ -1,25 +1,27 @@
 """Language models, two ways: BERT-style masked language modelling with a bidirectional encoder,
-GPT-style causal language modelling with a decoder, and sampling with temperature and top-k.
+and GPT-style causal language modelling with a decoder; the entropy of a sampler's distribution.
 
 The encoder reuses chapter 6's :class:`~dlarch_lib.attention.TransformerBlock` without the causal
-mask; the decoder *is* chapter 6's :class:`~dlarch_lib.attention.GPT`. Character-level data comes from
-:mod:`dlarch_lib.core.text` (the Python reference manual in ``pydoc_data.topics``).
+mask; the decoder *is* chapter 6's :class:`~dlarch_lib.attention.GPT`, trained by chapter 5's
+:func:`~dlarch_lib.rnn.train_char_lm` and sampled by chapter 5's :func:`~dlarch_lib.rnn.generate`
+(temperature and top-k: :func:`~dlarch_lib.rnn.sampling_probs`). The encoder trains through the
+book's ``fit`` with :func:`mlm_step`. Character-level data comes from :mod:`dlarch_lib.core.text`
+(the Python reference manual in ``pydoc_data.topics``).
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlarch_lib import rnn
 from dlarch_lib.attention import GPT, TransformerBlock
 from dlarch_lib.core.text import CharCorpus
-
-IGNORE = -100  # target value of positions that carry no loss (F.cross_entropy's default ignore_index)
+from dlarch_lib.core.train import History, fit, model_device
+from dlarch_lib.distill import IGNORE  # -100: a target that carries no loss (F.cross_entropy's ignore_index)
 
 
 # ----------------------------------------------------------------------------- masking (BERT)
@@ -97,14 +99,13 @@ class Encoder(nn.Module):
         self.tok = nn.Embedding(vocab_size + 1, d_model)  # + [MASK]
         self.pos = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_heads, dropout=dropout) for _ in range(n_layers))
+        blocks = [TransformerBlock(d_model, n_heads, dropout=dropout) for _ in range(n_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size + 1, bias=False)
         self.head.weight = self.tok.weight  # tied, as in GPT and BERT
         self.apply(GPT._init)
-        for block in self.blocks:
-            for lin in (block.attn.out_proj, block.mlp[2]):
-                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))
+        GPT.shrink_residual_projections(blocks)
 
     def features(self, idx: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``(B, T)`` -> contextual vectors ``(B, T, d)``.
@@ -112,7 +113,8 @@ class Encoder(nn.Module):
         ``pad`` (optional, ``(B, T)`` bool, ``True`` = real token, e.g. from
         :func:`~dlarch_lib.attention.padding_mask`) hides padded keys from attention.
         """
-        x = GPT.embed_tokens(self, idx)  # (B, T, d): same checks and embeddings as the GPT
+        # (B, T, d): the GPT's checks and embeddings; an Encoder has the same tok, pos, drop and context
+        x = GPT.embed_tokens(self, idx)  # type: ignore[arg-type]
         mask = None if pad is None else pad[:, None, :]  # (B, 1, T_k): no causal mask
         for block in self.blocks:
             x = block(x, mask)
@@ -124,13 +126,14 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def embed(self, idx: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Mean-pooled features ``(B, d)`` of unmasked passages ``(B, T)`` (for a linear probe).
+        """Mean-pooled features ``(B, d)`` of unmasked passages ``(B, T)`` (for a linear probe), on the model's device.
 
         A passage longer than the context is cut into windows of ``context`` characters (``T`` must
         then be a multiple of it); the features of all its windows are averaged.
         """
         if idx.ndim != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        idx = idx.to(model_device(self))
         B, T = idx.shape
         n = 1
         if T > self.context:
@@ -158,12 +161,23 @@ def mlm_batch(
     return mask_tokens(x, corpus.vocab_size, corpus.vocab_size, generator=generator, **mask_args)
 
 
+def mlm_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The masked language model's training step: cross-entropy at the selected positions only.
+
+    ``batch`` is ``(inputs, targets)`` from :func:`mlm_batch`, each ``(B, T)``: corrupted ids, and
+    the original id at the ~15% selected positions (-100 elsewhere, no loss). The encoder sees the
+    whole window in both directions.
+    """
+    inputs, targets = batch
+    return mlm_loss(model(inputs), targets)  # logits (B, T, V + 1)
+
+
 @torch.no_grad()
-def eval_mlm(model: Encoder, corpus: CharCorpus, *, context: int, windows: int = 128, seed: int = 1234) -> float:
+def eval_mlm(model: nn.Module, corpus: CharCorpus, *, context: int, windows: int = 128, seed: int = 1234) -> float:
     """MLM loss (nats per *selected* character) on ``windows`` fixed, seeded validation windows."""
     gen = torch.Generator().manual_seed(seed)  # the same windows and the same masks every call
     x, y = mlm_batch(corpus, "val", windows, context, gen)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     logits = model(x.to(device))
@@ -184,93 +198,43 @@ def train_mlm(
     eval_windows: int = 128,
     clip_grad_norm: float = 1.0,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Train ``model`` on the MLM objective with AdamW: :func:`dlarch_lib.rnn.train_char_lm`'s loop with the MLM batch, loss and evaluation.
+) -> History:
+    """Train ``model`` on the MLM objective: :func:`mlm_step` on fresh :func:`mlm_batch` es, through ``fit``.
 
-    Returns a dict with ``steps``, ``seconds`` (training time), and the lists ``step``,
-    ``train_loss`` (mean since the last record) and ``val_loss`` (:func:`eval_mlm`), in nats per
-    selected character.
+    The same recipe as :func:`dlarch_lib.rnn.train_char_lm` (AdamW without weight decay, gradient
+    clipping, exactly ``steps`` steps, evaluation every ``eval_every`` steps), with the MLM batch,
+    step and evaluation (:func:`eval_mlm`). Returns the :class:`~dlarch_lib.core.train.History`:
+    ``loss`` per step and ``val_loss`` at ``eval_steps``, in nats per selected character.
     """
-    return rnn.train_char_lm(
+    if min(steps, batch_size, context, eval_every) < 1:
+        raise ValueError(
+            f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}"
+        )
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    gen = torch.Generator().manual_seed(seed)
+    return fit(
         model,
-        corpus,
+        (mlm_batch(corpus, "train", batch_size, context, gen) for _ in itertools.count()),  # (B, T), (B, T)
+        mlm_step,
         steps=steps,
-        batch_size=batch_size,
-        context=context,
+        optimizer="adamw",
         lr=lr,
-        seed=seed,
-        eval_every=eval_every,
-        eval_windows=eval_windows,
         clip_grad_norm=clip_grad_norm,
+        evaluate=lambda m: {"loss": eval_mlm(m, corpus, context=context, windows=eval_windows)},
+        eval_every=eval_every,
         progress=progress,
-        batch_fn=lambda split, b, t, gen: mlm_batch(corpus, split, b, t, gen),
-        loss_fn=lambda m, x, y: mlm_loss(m(x), y),
-        eval_fn=lambda m: eval_mlm(m, corpus, context=context, windows=eval_windows),
         desc="MLM",
     )
 
 
 # ----------------------------------------------------------------------------- sampling (GPT)
-def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """The distribution a sampler draws from: ``softmax(logits / T)`` restricted to the ``top_k`` largest.
-
-    ``logits`` ``(..., V)`` -> probabilities ``(..., V)``. ``temperature == 0`` means greedy: all mass on
-    the argmax. Ties at the k-th value are broken by :func:`torch.topk` (exactly ``k`` entries survive).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    V = logits.shape[-1]
-    if top_k is not None and not 1 <= top_k <= V:
-        raise ValueError(f"top_k must be in [1, {V}] or None, got {top_k}")
-    logits = logits.float()
-    if temperature == 0:
-        return F.one_hot(logits.argmax(dim=-1), V).float()
-    if top_k is not None and top_k < V:
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    return torch.softmax(logits / temperature, dim=-1)
-
-
 def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of distributions ``(..., V)`` -> ``(...)`` (``0 log 0 = 0``)."""
-    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)
+    """Shannon entropy in nats of distributions ``(..., V)`` -> ``(...)`` (``0 log 0 = 0``).
 
-
-def sample_next(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """One draw per row from :func:`sampling_probs`: ``logits (B, V)`` -> ids ``(B, 1)``."""
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be (B, V), got {tuple(logits.shape)}")
-    probs = sampling_probs(logits, temperature, top_k)
-    if temperature == 0:
-        return probs.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator)
-
-
-@torch.no_grad()
-def generate(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Autoregressive sampling from a causal LM with temperature and top-k: ``(B, T) -> (B, T + n)``.
-
-    Like :meth:`dlarch_lib.attention.GPT.generate`, but with ``top_k`` and with ``temperature=0`` (greedy).
+    For the distributions :func:`dlarch_lib.rnn.sampling_probs` gives a sampler.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    was_training = model.training
-    model.eval()
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.context :])[:, -1]  # (B, V)
-        idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
-    model.train(was_training)
-    return idx
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------- a topic classification task

@@ -4,26 +4,27 @@
   compute (same parameter names and gate order i, f, g, o), so weights copy both ways.
 - :func:`input_gradient_norms` measures how much the last output depends on each input,
   the quantity that vanishes in a plain RNN (Bengio et al., 1994).
-- :class:`CharLSTM`, :func:`train_char_lm` and :func:`eval_nats` make a character-level
-  language model trained for a fixed number of steps (chapter 06 reuses the last two
-  for a Transformer at the same compute budget).
+- :class:`CharLSTM`, :func:`lm_step`, :func:`train_char_lm` and :func:`eval_nats` make a
+  character-level language model trained for a fixed number of steps (chapter 6 reuses the
+  last three for a Transformer at the same compute budget).
+- :func:`generate` is the book's one sampler for every language model (chapters 5, 6 and 26),
+  with temperature and top-k (:func:`sampling_probs`).
 
 Shapes: B batch, T time, I input size, H hidden size, L layers, V vocabulary.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # plain text bars, as in dlarch_lib.core.train
 
 from dlarch_lib.core.text import CharCorpus
+from dlarch_lib.core.train import History, fit, model_device
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -137,7 +138,8 @@ class LSTM(nn.Module):
         if ref.bidirectional or ref.proj_size or not ref.bias:
             raise ValueError("only unidirectional nn.LSTM with biases and no projection (proj_size=0) is supported")
         model = cls(ref.input_size, ref.hidden_size, ref.num_layers, ref.batch_first)
-        model.to(ref.weight_ih_l0.device, ref.weight_ih_l0.dtype)
+        first = ref.all_weights[0][0]  # weight_ih_l0
+        model.to(first.device, first.dtype)
         with torch.no_grad():
             for k, cell in enumerate(model.cells):
                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -146,7 +148,7 @@ class LSTM(nn.Module):
 
     def to_torch(self) -> nn.LSTM:
         """An ``nn.LSTM`` holding a copy of these weights (so it runs the fused/cuDNN kernel)."""
-        first = self.cells[0].weight_ih
+        first = next(self.parameters())  # cells[0].weight_ih
         ref = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, batch_first=self.batch_first)
         ref.to(first.device, first.dtype)
         with torch.no_grad():
@@ -162,7 +164,9 @@ def set_forget_bias(lstm: nn.Module, value: float) -> nn.Module:
     The effective bias is ``bias_ih + bias_hh``; rows ``H:2H`` are the forget gate. We put
     ``value`` in ``bias_ih`` and zero in ``bias_hh``. Returns ``lstm`` for chaining.
     """
-    H = lstm.hidden_size
+    H = getattr(lstm, "hidden_size", None)
+    if not isinstance(H, int):
+        raise ValueError(f"set_forget_bias needs an LSTM with an int hidden_size, got {type(lstm).__name__}")
     biases = [(n, p) for n, p in lstm.named_parameters() if n.split(".")[-1].startswith(("bias_ih", "bias_hh"))]
     if not biases:
         raise ValueError("set_forget_bias needs an LSTM with bias_ih/bias_hh parameters")
@@ -181,11 +185,12 @@ def input_gradient_norms(rnn: nn.Module, steps: int, batch: int = 32, seed: int 
     """
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
-    if not getattr(rnn, "batch_first", False):
-        raise ValueError("input_gradient_norms needs a batch_first recurrent module")
+    input_size = getattr(rnn, "input_size", None)
+    if not getattr(rnn, "batch_first", False) or not isinstance(input_size, int):
+        raise ValueError("input_gradient_norms needs a batch_first recurrent module with an int input_size")
     param = next(rnn.parameters())
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, steps, rnn.input_size, generator=g).to(param.device, param.dtype).requires_grad_(True)
+    x = torch.randn(batch, steps, input_size, generator=g).to(param.device, param.dtype).requires_grad_(True)
     out, _ = rnn(x)  # (B, T, H)
     (grad,) = torch.autograd.grad(out[:, -1].sum(), x)  # (B, T, I)
     norms = grad.norm(dim=-1).mean(dim=0)  # (T,)
@@ -216,37 +221,88 @@ class CharLSTM(nn.Module):
         out, state = self.lstm(self.embed(idx), state)  # (B, T, H)
         return self.head(out), state
 
-    @torch.no_grad()
-    def generate(
-        self, prompt: torch.Tensor, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Sample ``n`` characters after ``prompt`` (ids ``(T0,)``, T0 >= 1); returns the new ids ``(n,)``.
 
-        Each character is drawn from ``softmax(logits / temperature)``: below 1 sharper, above 1 flatter.
-        The state is carried forward, so each step costs one LSTM step.
-        """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if prompt.ndim != 1 or len(prompt) == 0:
-            raise ValueError(f"prompt must be a non-empty 1-D tensor of ids, got shape {tuple(prompt.shape)}")
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        logits, state = self(prompt.to(device)[None])  # (1, T0, V)
-        new = []
-        for _ in range(n):
-            probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)  # (V,)
-            nxt = torch.multinomial(probs, 1, generator=generator)  # (1,)
-            new.append(nxt)
-            logits, state = self(nxt.to(device)[None], state)  # (1, 1, V)
-        self.train(was_training)
-        return torch.cat(new) if new else prompt.new_zeros(0)
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """The distribution a sampler draws from: ``softmax(logits / T)`` restricted to the ``top_k`` largest.
+
+    ``logits`` ``(..., V)`` -> probabilities ``(..., V)`` in float32. Below ``T = 1`` the distribution is
+    sharper, above it flatter; ``temperature == 0`` means greedy: all mass on the argmax. Ties at the
+    k-th value are broken by :func:`torch.topk` (exactly ``k`` entries survive).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    V = logits.shape[-1]
+    if top_k is not None and not 1 <= top_k <= V:
+        raise ValueError(f"top_k must be in [1, {V}] or None, got {top_k}")
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), V).float()
+    if top_k is not None and top_k < V:
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    n: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``n`` tokens after ``prompt`` (ids ``(B, T0)``, ``T0 >= 1``) from a language model: ``(B, T0 + n)``.
+
+    The book's one sampler, for every language model. ``model`` maps ids ``(B, T)`` to next-token
+    logits ``(B, T, V)``, or to ``(logits, state)`` like :class:`CharLSTM`. A model with a state
+    reads the prompt once and then only each new token, its state carried forward (one recurrent
+    step per token); a model without one re-reads the sequence so far, cut to its last
+    ``model.context`` tokens if it has that attribute (a Transformer's positions end there).
+    Each token is drawn from :func:`sampling_probs` (``temperature``, ``top_k``; ``temperature=0``
+    is greedy and draws nothing) with ``generator``, which must live on the model's device. The
+    prompt is moved to the model's device; the model samples in eval mode and gets its mode back.
+    """
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be (B, T0) ids with T0 >= 1, got shape {tuple(prompt.shape)}")
+    if n < 0 or temperature < 0:
+        raise ValueError(f"need n >= 0 and temperature >= 0, got n={n}, temperature={temperature}")
+    context = getattr(model, "context", None)
+    idx = prompt.to(model_device(model))  # (B, T0)
+    state: Any = None
+    was_training = model.training
+    model.eval()
+    for _ in range(n):
+        out = model(idx[:, -context:] if context else idx) if state is None else model(idx[:, -1:], state)
+        logits, state = out if isinstance(out, tuple) else (out, None)  # (B, T, V), state or None
+        probs = sampling_probs(logits[:, -1], temperature, top_k)  # (B, V)
+        if temperature == 0:
+            nxt = probs.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
+    return idx
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits ``(B, T, V)`` of a model that returns either logits or ``(logits, extra)``."""
     out = model(x)
     return out[0] if isinstance(out, tuple) else out
+
+
+def lm_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A language model's training step: the mean cross-entropy of the next character at every position.
+
+    ``batch`` is ``(x, y)``: windows of ids ``(B, T)`` and the same windows one character later, so
+    position ``t`` of the logits ``(B, T, V)`` is scored on ``y[:, t] = x[:, t + 1]``. All ``T``
+    predictions come out of one pass. A recurrent model starts every window from a zero state
+    (no state is carried between batches), as :func:`eval_nats` scores it.
+    """
+    x, y = batch
+    logits = _logits(model, x)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()
@@ -263,7 +319,8 @@ def eval_nats(
 
     Deterministic: the windows tile the whole split, or ``max_windows`` of them spread evenly
     over it. Each window starts from a fresh state, as a Transformer with that context would.
-    Works for any model mapping ids ``(B, T)`` to logits ``(B, T, V)`` (or ``(logits, state)``).
+    Works for any model mapping ids ``(B, T)`` to logits ``(B, T, V)`` (or ``(logits, state)``),
+    on the model's device.
     """
     data = {"train": corpus.train, "val": corpus.val}.get(split)
     if data is None:
@@ -274,7 +331,7 @@ def eval_nats(
     index = torch.arange(windows)  # (W,)
     if max_windows is not None and max_windows < windows:
         index = torch.linspace(0, windows - 1, max(max_windows, 1)).long()  # evenly spread
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     starts = index * context  # (W,)
@@ -303,64 +360,36 @@ def train_char_lm(
     eval_windows: int = 128,
     clip_grad_norm: float = 1.0,
     progress: bool = True,
-    batch_fn: Callable[[str, int, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    eval_fn: Callable[[nn.Module], float] | None = None,
     desc: str = "train",
-) -> dict[str, Any]:
-    """Train a next-character model with AdamW on random windows for exactly ``steps`` steps.
+) -> History:
+    """Train a next-character model with :func:`lm_step` on random windows, through the book's ``fit``.
 
-    The objective can be swapped (chapter 26 trains a masked LM with the same loop): ``batch_fn(split,
-    batch_size, context, generator) -> (x, y)`` draws a batch (default ``corpus.batch``), ``loss_fn(model,
-    x, y)`` scores it (default next-character cross-entropy) and ``eval_fn(model)`` is the validation
-    loss (default :func:`eval_nats` on ``eval_windows`` windows).
-
-    The run stops on its step count, never on a clock, so its result does not depend on the speed of
-    the machine or on what else runs on it: a chapter that compares models at equal cost converts the
-    cost into a number of steps first. Every ``eval_every`` steps (and at the end) it records the mean
-    training loss since the last record and :func:`eval_nats` on the ``eval_windows`` validation
-    windows spread over the split. Returns a dict with ``steps`` (done), ``seconds`` (wall time of
-    the training steps, evaluations excluded; for information only), ``step``, ``train_loss`` and
-    ``val_loss`` (lists, nats/char).
+    Each step draws ``batch_size`` random training windows of ``context`` characters (seeded by
+    ``seed``); AdamW without weight decay at ``lr``, gradient norm clipped at ``clip_grad_norm``.
+    The run stops after exactly ``steps`` steps, never on a clock, so its result does not depend on
+    the speed of the machine or on what else runs on it: a chapter that compares models at equal
+    cost converts the cost into a number of steps first. Every ``eval_every`` steps the validation
+    loss :func:`eval_nats` on ``eval_windows`` windows spread over the split is recorded. Returns
+    the :class:`~dlarch_lib.core.train.History`: ``loss`` per step, ``val_loss`` at ``eval_steps``
+    (nats/char). The device is the model's.
     """
-    if steps < 1 or batch_size < 1 or context < 1 or eval_every < 1:
+    if min(steps, batch_size, context, eval_every) < 1:
         raise ValueError(
             f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}"
         )
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    batch_fn = batch_fn or corpus.batch
-    loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(_logits(m, x).flatten(0, 1), y.flatten()))
-    eval_fn = eval_fn or (lambda m: eval_nats(m, corpus, context=context, max_windows=eval_windows))
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    history: dict[str, Any] = {"steps": 0, "seconds": 0.0, "step": [], "train_loss": [], "val_loss": []}
-    running, seen, train_time = 0.0, 0, 0.0
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=0.5)
-    model.train()
-    for step in bar:
-        start = time.perf_counter()
-        x, y = batch_fn("train", batch_size, context, gen)  # (B, T), (B, T)
-        x, y = x.to(device), y.to(device)
-        loss = loss_fn(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        opt.step()
-        running += loss.item()
-        seen += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - start
-        if step % eval_every == 0 or step == steps:
-            val = eval_fn(model)
-            history["step"].append(step)
-            history["train_loss"].append(running / seen)
-            history["val_loss"].append(val)
-            running, seen = 0.0, 0
-            bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{val:.3f}")
-        history["steps"] = step
-    bar.close()
-    history["seconds"] = train_time
-    return history
+    return fit(
+        model,
+        (corpus.batch("train", batch_size, context, gen) for _ in itertools.count()),  # (B, T), (B, T)
+        lm_step,
+        steps=steps,
+        optimizer="adamw",
+        lr=lr,
+        clip_grad_norm=clip_grad_norm,
+        evaluate=lambda m: {"loss": eval_nats(m, corpus, context=context, max_windows=eval_windows)},
+        eval_every=eval_every,
+        progress=progress,
+        desc=desc,
+    )

@@ -8,18 +8,20 @@ by greedy and beam search.
   vector, the encoder's final state. :class:`AttentionSeq2Seq` (Bahdanau et al., 2015;
   Luong et al., 2015) lets every decoder step attend to all encoder states. Both have exactly
   the same parameters; only the way the context vector is formed differs.
-- :func:`train_seq2seq` (teacher forcing), :func:`exact_match`, :func:`accuracy_by_length` and
-  :func:`anti_diagonal_mass` (how close an attention map is to the reversal alignment).
+- :func:`teacher_forcing_step` (the training step), :func:`train_seq2seq` (it through the book's
+  ``fit``), :func:`exact_match`, :func:`accuracy_by_length` and :func:`anti_diagonal_mass` (how
+  close an attention map is to the reversal alignment).
 - :func:`greedy_search`, :func:`beam_search` and :func:`exhaustive_search` work on any
   ``step_fn(prefixes) -> log-probs``; :meth:`Seq2Seq.step_fn` makes one from a trained model
   and a source sequence, :func:`step_fn_from_table` from a hand-written distribution.
 
 Shapes: B batch, S source length, T target length, V vocabulary, E embedding, H hidden size,
-K beams.
+K beams. Training, evaluation and decoding run on the model's device.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -28,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from tqdm import tqdm  # plain text bars, as in dlarch_lib.core.train
 
 from dlarch_lib.attention import padding_mask, scaled_dot_product_attention
+from dlarch_lib.core.train import History, Step, fit, model_device
 
 PAD, BOS, EOS = 0, 1, 2
 DIGIT0 = 3  # token id of the digit "0"; "9" is 12
@@ -182,9 +184,14 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, src_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Pick the most likely token at every step: ``(B, max_len)`` tokens, ``PAD`` after ``EOS``."""
+        """Pick the most likely token at every step: ``(B, <= max_len)`` tokens, ``PAD`` after ``EOS``.
+
+        It stops early once every row has emitted ``EOS``. Runs (and returns) on the model's device.
+        """
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
+        device = model_device(self)
+        src, src_lengths = src.to(device), src_lengths.to(device)
         memory, final = self.encode(src, src_lengths)
         B = src.shape[0]
         y = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
@@ -200,7 +207,12 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def attention_map(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Attention weights ``(B, T, S)`` while reading ``tgt_in`` (raises for the bottleneck model)."""
+        """Attention weights ``(B, T, S)`` while reading ``tgt_in`` (raises for the bottleneck model).
+
+        Runs (and returns) on the model's device.
+        """
+        device = model_device(self)
+        src, src_lengths, tgt_in = src.to(device), src_lengths.to(device), tgt_in.to(device)
         memory, final = self.encode(src, src_lengths)
         weights = self.decode(tgt_in, memory, src_lengths, final)[2]
         if weights is None:
@@ -212,18 +224,21 @@ class Seq2Seq(nn.Module):
         """A ``step_fn`` for :func:`beam_search` on one source ``src (S,)``.
 
         It maps prefixes ``(K, t)`` (each starting with ``BOS``) to next-token log-probs ``(K, V)``
-        by re-reading the prefix with the decoder (simple, and cheap for short outputs).
+        by re-reading the prefix with the decoder (simple, and cheap for short outputs). The model
+        runs on its device; the log-probs come back on the device of the prefixes.
         """
         if src.ndim != 1:
             raise ValueError(f"step_fn takes one source sequence (S,), got shape {tuple(src.shape)}")
-        lengths = torch.tensor([src_length], device=src.device)
-        memory, final = self.encode(src[None], lengths)  # (1, S, H), (1, H)
+        device = model_device(self)
+        lengths = torch.tensor([src_length], device=device)
+        memory, final = self.encode(src[None].to(device), lengths)  # (1, S, H), (1, H)
 
         @torch.no_grad()
         def fn(prefixes: torch.Tensor) -> torch.Tensor:
             K = prefixes.shape[0]
-            logits = self.decode(prefixes, memory.expand(K, -1, -1), lengths.expand(K), final.expand(K, -1))[0]
-            return F.log_softmax(logits[:, -1], dim=-1)  # (K, V)
+            memory_k, lengths_k, final_k = memory.expand(K, -1, -1), lengths.expand(K), final.expand(K, -1)
+            logits = self.decode(prefixes.to(device), memory_k, lengths_k, final_k)[0]  # (K, t, V)
+            return F.log_softmax(logits[:, -1], dim=-1).to(prefixes.device)  # (K, V)
 
         return fn
 
@@ -269,6 +284,17 @@ def sequence_log_prob(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tens
     return (logp * (tgt_out != PAD)).sum(dim=1)
 
 
+def teacher_forcing_step(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The encoder-decoder's training step: teacher forcing.
+
+    The decoder reads the *true* prefix ``tgt_in = [BOS] + y`` and is scored on ``tgt_out = y + [EOS]``:
+    one cross-entropy per target token (:func:`sequence_loss`, ``PAD`` ignored), all ``T`` terms from
+    one pass, with no sampling inside the step.
+    """
+    logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+    return sequence_loss(logits, batch.tgt_out)
+
+
 def train_seq2seq(
     model: Seq2Seq,
     *,
@@ -278,41 +304,34 @@ def train_seq2seq(
     max_len: int = 12,
     lr: float = 3e-3,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    step: Step = teacher_forcing_step,
     progress: bool = True,
     desc: str = "train",
-) -> list[float]:
-    """Train on fresh reversal batches with teacher forcing.
+) -> History:
+    """Train on fresh reversal batches with ``step`` (:func:`teacher_forcing_step`), through the book's ``fit``.
 
-    Adam with a one-cycle learning-rate schedule (warm-up over the first 10% of the steps to
-    ``lr``, then cosine decay) and gradient clipping at norm 1.
-
-    Every step draws a new batch, so there are no epochs; ``dlarch_lib.core.train.fit`` expects a
-    loader of ``(x, y)`` pairs and is not used. Returns the loss of every step.
+    Every step draws a new :class:`Batch` (seeded by ``seed``), so there are no epochs: ``fit`` runs
+    for ``steps`` steps. Adam with a one-cycle learning-rate schedule (warm-up over the first 10% of
+    the steps to ``lr``, then cosine decay) and gradient clipping at norm 1. Another ``step(model,
+    batch) -> loss`` changes the objective and keeps the rest. Returns the
+    :class:`~dlarch_lib.core.train.History` (``loss``: the loss of every step). The device is the model's.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     gen = torch.Generator().manual_seed(seed)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
-    for _ in bar:
-        src, src_lengths, tgt_in, tgt_out = (
-            t.to(device) for t in make_reversal_batch(batch_size, min_len, max_len, gen)
-        )
-        loss = sequence_loss(model(src, src_lengths, tgt_in), tgt_out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        losses.append(loss.item())
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
-    model.eval()
-    return losses
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    return fit(
+        model,
+        (make_reversal_batch(batch_size, min_len, max_len, gen) for _ in itertools.count()),
+        step,
+        steps=steps,
+        optimizer=optimizer,
+        scheduler=schedule,
+        clip_grad_norm=1.0,
+        progress=progress,
+        desc=desc,
+    )
 
 
 def exact_match(pred: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
@@ -329,16 +348,21 @@ def exact_match(pred: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy_by_length(
-    model: Seq2Seq, lengths: Sequence[int], n_per_length: int = 200, seed: int = 1, device: torch.device | str = "cpu"
+    model: Seq2Seq, lengths: Sequence[int], n_per_length: int = 200, seed: int = 1
 ) -> dict[int, float]:
-    """Exact-match accuracy of greedy decoding on ``n_per_length`` fresh strings of each length."""
+    """Exact-match accuracy of greedy decoding on ``n_per_length`` fresh strings of each length.
+
+    The model is put in eval mode and gets its mode back; the strings are seeded by ``seed``.
+    """
     gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
     model.eval()
     result = {}
     for L in lengths:
-        src, src_lengths, _, tgt_out = (t.to(device) for t in make_reversal_batch(n_per_length, L, L, gen))
-        pred = model.greedy_decode(src, src_lengths, max_len=L + 2)
-        result[int(L)] = exact_match(pred, tgt_out).float().mean().item()
+        src, src_lengths, _, tgt_out = make_reversal_batch(n_per_length, L, L, gen)
+        pred = model.greedy_decode(src, src_lengths, max_len=L + 2)  # (B, <= L + 2), on the model's device
+        result[int(L)] = exact_match(pred.cpu(), tgt_out).float().mean().item()
+    model.train(was_training)
     return result
 
 
@@ -352,7 +376,8 @@ def anti_diagonal_mass(weights: torch.Tensor, src_lengths: torch.Tensor, band: i
     """
     if weights.ndim != 3 or src_lengths.shape != (weights.shape[0],):
         raise ValueError(
-            f"expected weights (B, T, S) and src_lengths (B,), got {tuple(weights.shape)} and {tuple(src_lengths.shape)}"
+            "expected weights (B, T, S) and src_lengths (B,), "
+            f"got {tuple(weights.shape)} and {tuple(src_lengths.shape)}"
         )
     if band < 0:
         raise ValueError(f"band must be >= 0, got {band}")

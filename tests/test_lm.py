@@ -1,4 +1,4 @@
-"""Tests for dlarch_lib.lm: BERT masking, the bidirectional encoder, sampling, the topic task."""
+"""Tests for dlarch_lib.lm: BERT masking, the bidirectional encoder, MLM training, sampling a GPT, the topic task."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlarch_lib import attention, lm
+from dlarch_lib import attention, lm, rnn
 from dlarch_lib.core import text
+from dlarch_lib.core.train import History
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +136,24 @@ def test_train_mlm_lowers_the_loss(corpus):
     h = lm.train_mlm(
         enc, corpus, steps=40, batch_size=16, context=16, lr=3e-3, eval_every=20, eval_windows=32, progress=False
     )
-    assert h["steps"] == 40 and h["step"] == [20, 40] and len(h["val_loss"]) == 2
-    assert h["val_loss"][-1] < before - 0.3
-    assert lm.eval_mlm(enc, corpus, context=16, windows=32) == pytest.approx(h["val_loss"][-1])  # fixed windows
+    assert isinstance(h, History)
+    assert h.steps == 40 and h.eval_steps == [20, 40] and len(h.val_loss) == 2 and len(h.loss) == 40
+    assert h.val_loss[-1] < before - 0.3
+    assert lm.eval_mlm(enc, corpus, context=16, windows=32) == pytest.approx(h.val_loss[-1])  # fixed windows
     with pytest.raises(ValueError, match="lr"):
         lm.train_mlm(enc, corpus, steps=1, batch_size=2, context=8, lr=0.0)
     with pytest.raises(ValueError, match="steps"):
         lm.train_mlm(enc, corpus, steps=0, batch_size=2, context=8, lr=1e-3)
+
+
+def test_mlm_step_scores_the_selected_positions_only(corpus):
+    torch.manual_seed(0)
+    enc = lm.Encoder(corpus.vocab_size, 16, 32, 4, 1)
+    x, y = lm.mlm_batch(corpus, "train", 4, 16, torch.Generator().manual_seed(0))
+    logits = enc(x)  # (4, 16, V + 1)
+    sel = y != lm.IGNORE
+    want = F.cross_entropy(logits[sel], y[sel])
+    torch.testing.assert_close(lm.mlm_step(enc, (x, y)), want)
 
 
 def test_mlm_batch(corpus):
@@ -151,39 +163,9 @@ def test_mlm_batch(corpus):
 
 
 # ---------------------------------------------------------------- sampling
-def test_top_k_never_samples_outside_the_k_largest():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 30, generator=g)
-    top = logits.topk(5, dim=-1).indices  # (64, 5)
-    for _ in range(20):
-        s = lm.sample_next(logits, temperature=2.0, top_k=5, generator=g)  # high T spreads the mass
-        assert (s == top).any(dim=-1).all()
-    p = lm.sampling_probs(logits, 1.0, top_k=5)
-    assert ((p > 0).sum(-1) == 5).all()
-    torch.testing.assert_close(p.sum(-1), torch.ones(64))
-
-
-def test_top_k_renormalises_the_softmax():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    expected = torch.tensor([[*torch.softmax(torch.tensor([2.0, 1.0]), 0).tolist(), 0.0, 0.0]])
-    torch.testing.assert_close(lm.sampling_probs(logits, 1.0, top_k=2), expected)
-    torch.testing.assert_close(lm.sampling_probs(logits, 1.0), torch.softmax(logits, -1))  # no top-k: plain softmax
-    torch.testing.assert_close(lm.sampling_probs(logits, 2.0), torch.softmax(logits / 2, -1))
-
-
-def test_temperature_to_zero_is_greedy():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(32, 20, generator=g)
-    greedy = logits.argmax(-1, keepdim=True)
-    assert torch.equal(lm.sample_next(logits, temperature=0.0), greedy)
-    assert torch.equal(lm.sample_next(logits, temperature=1e-3, generator=g), greedy)
-    gaps = [(lm.sampling_probs(logits, t).max(-1).values).mean().item() for t in (1.0, 0.3, 0.1, 0.01)]
-    assert gaps == sorted(gaps) and gaps[-1] > 0.99  # the argmax's mass rises to 1
-
-
 def test_entropy_rises_with_temperature():
     logits = torch.randn(16, 40, generator=torch.Generator().manual_seed(2))
-    h = torch.stack([lm.entropy(lm.sampling_probs(logits, t)) for t in (0.25, 0.5, 1.0, 2.0, 8.0)])  # (5, 16)
+    h = torch.stack([lm.entropy(rnn.sampling_probs(logits, t)) for t in (0.25, 0.5, 1.0, 2.0, 8.0)])  # (5, 16)
     assert (h.diff(dim=0) > 0).all()
     assert (h[-1] < torch.log(torch.tensor(40.0))).all()  # bounded by log V
     torch.testing.assert_close(
@@ -192,32 +174,25 @@ def test_entropy_rises_with_temperature():
     assert lm.entropy(torch.tensor([1.0, 0.0])).item() == 0.0
 
 
-def test_sampling_errors():
-    logits = torch.randn(2, 5)
-    with pytest.raises(ValueError, match="temperature"):
-        lm.sampling_probs(logits, -1.0)
-    with pytest.raises(ValueError, match="top_k"):
-        lm.sampling_probs(logits, 1.0, top_k=6)
-    with pytest.raises(ValueError, match=r"\(B, V\)"):
-        lm.sample_next(logits[0])
-
-
-def test_generate_greedy_and_top_k():
+def test_generate_from_a_gpt_greedy_and_top_k():
     torch.manual_seed(0)
     gpt = attention.GPT(12, 8, 16, 2, 1)
     prompt = torch.randint(0, 12, (2, 3))
-    out = lm.generate(gpt, prompt, 10, temperature=0.0)
+    out = rnn.generate(gpt, prompt, 10, temperature=0.0)
     assert out.shape == (2, 13) and torch.equal(out[:, :3], prompt)
-    # greedy by hand: argmax of the last logits, fed back
+    # greedy by hand: argmax of the last logits, fed back; the GPT sees its last 8 (its context) tokens
     idx = prompt
     with torch.no_grad():
         for _ in range(10):
             idx = torch.cat([idx, gpt(idx[:, -8:])[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, idx)
-    a = lm.generate(gpt, prompt, 5, top_k=1, generator=torch.Generator().manual_seed(0))
+    a = rnn.generate(gpt, prompt, 5, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, out[:, :8])  # top-1 sampling is greedy
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        lm.generate(gpt, prompt, -1)
+    b = rnn.generate(gpt, prompt, 10, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    c = rnn.generate(gpt, prompt, 10, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b, c) and int(b.max()) < 12
+    with pytest.raises(ValueError, match="n >= 0"):
+        rnn.generate(gpt, prompt, -1)
 
 
 # ---------------------------------------------------------------- topic task

@@ -4,6 +4,7 @@ from torch import nn
 
 from dlarch_lib import rnn
 from dlarch_lib.core.text import char_corpus
+from dlarch_lib.core.train import History
 
 
 @pytest.fixture(autouse=True)
@@ -107,23 +108,105 @@ def corpus():
     return char_corpus("the cat sat on the mat. " * 60)
 
 
-def test_char_lstm_shapes_generate_and_errors(corpus):
+def test_char_lstm_shapes_and_errors(corpus):
     model = rnn.CharLSTM(corpus.vocab_size, embed=8, hidden=16, layers=2)
     logits, (h, c) = model(torch.zeros(3, 5, dtype=torch.long))
     assert logits.shape == (3, 5, corpus.vocab_size) and h.shape == (2, 3, 16)
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a = model.generate(corpus.encode("the"), 20, 0.7, g1)
-    b = model.generate(corpus.encode("the"), 20, 0.7, g2)
-    assert a.shape == (20,) and torch.equal(a, b) and int(a.max()) < corpus.vocab_size
-    assert model.training  # generate restores the mode
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(corpus.encode("t"), 3, 0.0)
-    with pytest.raises(ValueError, match="prompt"):
-        model.generate(torch.zeros(0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="must be >= 1"):
         rnn.CharLSTM(0)
+
+
+class _Stateless(nn.Module):
+    """A CharLSTM that forgets its state: generate must re-read the whole sequence every step."""
+
+    def __init__(self, lstm: rnn.CharLSTM) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lstm(idx)[0]
+
+
+def test_generate_is_reproducible_and_restores_the_mode(corpus):
+    model = rnn.CharLSTM(corpus.vocab_size, embed=8, hidden=16, layers=2)
+    prompt = corpus.encode("the")[None]  # (1, 3)
+    a = rnn.generate(model, prompt, 20, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    b = rnn.generate(model, prompt, 20, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (1, 23) and torch.equal(a, b) and int(a.max()) < corpus.vocab_size
+    assert torch.equal(a[:, :3], prompt)
+    assert model.training  # generate restores the mode
+    assert rnn.generate(model, prompt, 0).shape == (1, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        rnn.generate(model, prompt, 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="prompt"):
+        rnn.generate(model, corpus.encode("t"), 3)  # (T0,) instead of (B, T0)
+    with pytest.raises(ValueError, match="prompt"):
+        rnn.generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+def test_generate_carries_the_state_or_rereads_the_sequence(corpus):
+    model = rnn.CharLSTM(corpus.vocab_size, embed=8, hidden=16)
+    prompt = torch.stack([corpus.encode("the "), corpus.encode("mat.")])  # (2, 4)
+    with_state = rnn.generate(model, prompt, 12, temperature=0.0)  # greedy: one LSTM step per token
+    rereading = rnn.generate(_Stateless(model), prompt, 12, temperature=0.0)  # the whole prefix every step
+    assert torch.equal(with_state, rereading)
+    idx = prompt  # greedy by hand
+    with torch.no_grad():
+        for _ in range(12):
+            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(with_state, idx)
+    sampled = [
+        rnn.generate(m, prompt, 12, generator=torch.Generator().manual_seed(3)) for m in (model, _Stateless(model))
+    ]
+    assert torch.equal(*sampled)  # the same draws either way
+
+
+def test_top_k_never_samples_outside_the_k_largest():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 30, generator=g)
+    top = logits.topk(5, dim=-1).indices  # (64, 5)
+    p = rnn.sampling_probs(logits, 2.0, top_k=5)  # high T spreads the mass
+    draws = torch.multinomial(p, 20, replacement=True, generator=g)  # (64, 20)
+    assert (draws[..., None] == top[:, None, :]).any(-1).all()
+    assert ((p > 0).sum(-1) == 5).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(64))
+
+
+def test_top_k_renormalises_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    expected = torch.tensor([[*torch.softmax(torch.tensor([2.0, 1.0]), 0).tolist(), 0.0, 0.0]])
+    torch.testing.assert_close(rnn.sampling_probs(logits, 1.0, top_k=2), expected)
+    torch.testing.assert_close(rnn.sampling_probs(logits, 1.0), torch.softmax(logits, -1))  # no top-k: plain softmax
+    torch.testing.assert_close(rnn.sampling_probs(logits, 2.0), torch.softmax(logits / 2, -1))
+
+
+def test_temperature_to_zero_is_greedy():
+    logits = torch.randn(32, 20, generator=torch.Generator().manual_seed(1))
+    greedy = logits.argmax(-1)
+    assert torch.equal(rnn.sampling_probs(logits, 0.0), torch.nn.functional.one_hot(greedy, 20).float())
+    gaps = [(rnn.sampling_probs(logits, t).max(-1).values).mean().item() for t in (1.0, 0.3, 0.1, 0.01)]
+    assert gaps == sorted(gaps) and gaps[-1] > 0.99  # the argmax's mass rises to 1
+
+
+def test_sampling_errors():
+    logits = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="temperature"):
+        rnn.sampling_probs(logits, -1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        rnn.sampling_probs(logits, 1.0, top_k=6)
+    with pytest.raises(ValueError, match="top_k"):
+        rnn.sampling_probs(logits, 1.0, top_k=0)
+
+
+def test_lm_step_is_the_next_character_cross_entropy(corpus):
+    model = rnn.CharLSTM(corpus.vocab_size, embed=8, hidden=16)
+    x, y = corpus.batch("train", 4, 10, torch.Generator().manual_seed(0))
+    logits = model(x)[0]  # (4, 10, V)
+    want = -torch.log_softmax(logits, -1).gather(-1, y[..., None]).mean()
+    torch.testing.assert_close(rnn.lm_step(model, (x, y)), want)
+    assert torch.equal(y[:, :-1], x[:, 1:])  # the targets are the inputs one character later
 
 
 def test_train_char_lm_learns_and_stops_on_its_step_count(corpus):
@@ -133,17 +216,27 @@ def test_train_char_lm_learns_and_stops_on_its_step_count(corpus):
         model, corpus, steps=120, batch_size=16, context=16, lr=1e-2, eval_every=40, progress=False
     )
     after = rnn.eval_nats(model, corpus, context=16)
-    assert hist["steps"] == 120 and hist["step"] == [40, 80, 120]
-    assert len(hist["train_loss"]) == len(hist["val_loss"]) == 3
+    assert isinstance(hist, History)
+    assert hist.steps == 120 and len(hist.loss) == 120 and hist.eval_steps == [40, 80, 120]
+    assert len(hist.val_loss) == 3 and hist.val_loss[-1] < hist.val_loss[0]
     assert after < 0.5 * before
     short = rnn.train_char_lm(model, corpus, steps=5, batch_size=4, context=8, lr=1e-3, eval_every=100, progress=False)
-    assert short["steps"] == 5 and short["step"] == [5] and len(short["val_loss"]) == 1 and short["seconds"] >= 0
+    assert short.steps == 5 and short.val_loss == [] and short.seconds >= 0
     with pytest.raises(TypeError, match="max_seconds"):  # no wall-clock budget: results must not depend on load
         rnn.train_char_lm(model, corpus, steps=1, batch_size=1, context=4, lr=1e-3, max_seconds=1.0)
     with pytest.raises(ValueError, match="lr"):
         rnn.train_char_lm(model, corpus, steps=1, batch_size=1, context=4, lr=0.0)
     with pytest.raises(ValueError, match="steps, batch_size"):
         rnn.train_char_lm(model, corpus, steps=0, batch_size=1, context=4, lr=1e-3)
+
+
+def test_train_char_lm_is_reproducible_from_its_seed(corpus):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = rnn.CharLSTM(corpus.vocab_size, embed=8, hidden=16)
+        runs.append(rnn.train_char_lm(model, corpus, steps=6, batch_size=4, context=8, lr=1e-2, progress=False).loss)
+    assert runs[0] == runs[1]
 
 
 def test_eval_nats_is_deterministic_and_checks_input(corpus):

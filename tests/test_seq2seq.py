@@ -206,12 +206,28 @@ def test_exact_match_handles_widths_and_errors():
 
 def test_training_learns_short_reversals_and_accuracy_by_length():
     model = AttentionSeq2Seq(emb=8, hidden=16)
-    losses = s2s.train_seq2seq(model, steps=60, batch_size=32, max_len=3, lr=3e-2, progress=False)
-    assert len(losses) == 60 and sum(losses[-10:]) < 0.4 * sum(losses[:10])  # measured: 0.15
+    history = s2s.train_seq2seq(model, steps=60, batch_size=32, max_len=3, lr=3e-2, progress=False)
+    losses = history.loss
+    assert history.steps == 60 and len(losses) == 60 and sum(losses[-10:]) < 0.4 * sum(losses[:10])  # measured: 0.15
     acc = s2s.accuracy_by_length(model, [1, 2], n_per_length=50)
     assert list(acc) == [1, 2] and acc[1] >= 0.9 and acc[2] >= 0.7  # measured: 1.0 and 0.94
     with pytest.raises(ValueError, match="steps and batch_size"):
         s2s.train_seq2seq(model, steps=0)
+
+
+def test_teacher_forcing_step_scores_the_true_prefix():
+    model = AttentionSeq2Seq(emb=8, hidden=16)
+    b = batch(6, 1, 5, seed=3)
+    want = s2s.sequence_loss(model(b.src, b.src_lengths, b.tgt_in), b.tgt_out)
+    torch.testing.assert_close(s2s.teacher_forcing_step(model, b), want)
+    digits = b.tgt_out[:, :-1] >= s2s.DIGIT0  # the decoder reads y_{t-1} where it predicts y_t
+    assert torch.equal(b.tgt_in[:, 1:][digits], b.tgt_out[:, :-1][digits])
+
+
+def test_accuracy_by_length_restores_the_mode_and_is_seeded():
+    model = AttentionSeq2Seq(emb=8, hidden=16).train()
+    a = s2s.accuracy_by_length(model, [2, 3], n_per_length=20, seed=4)
+    assert model.training and a == s2s.accuracy_by_length(model, [2, 3], n_per_length=20, seed=4)
 
 
 def test_anti_diagonal_mass_on_known_maps_and_errors():
