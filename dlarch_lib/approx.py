@@ -4,19 +4,24 @@
 - :func:`interpolating_relu_net` is the constructive proof of the universal approximation
   theorem in one dimension: a one-hidden-layer ReLU network equal to the piecewise-linear
   interpolant of ``f`` on a uniform grid.
+- :func:`fit_one_hidden_layer` trains such a network with the book's engine
+  (:func:`dlarch_lib.core.train.fit`), to compare what gradient descent finds with the construction.
 - :func:`sawtooth_net` is the depth-separation example: ``k`` layers of 2 units give
   ``2**k`` linear pieces.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus)
+from dlarch_lib.core.runtime import seeded
+from dlarch_lib.core.train import fit, loss_step, model_device
 
 
 @dataclass(frozen=True)
@@ -41,18 +46,32 @@ class FiveTuple:
         return count
 
 
+def is_activation(module: nn.Module) -> bool:
+    """True for PyTorch's activation layers: the classes defined in ``torch.nn.modules.activation``.
+
+    That module is PyTorch's own list of non-linearities (``ReLU``, ``GELU``, ``Tanh``, ``SiLU``,
+    ``Softmax``, ``PReLU``, ...), so no table has to be kept here. Subclasses count too; an
+    activation written as a plain ``nn.Module`` of your own does not. ``MultiheadAttention``,
+    which PyTorch keeps in the same file, is a layer, not an activation.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return False
+    return any(cls.__module__ == nn.modules.activation.__name__ for cls in type(module).__mro__)
+
+
 def five_tuple(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> FiveTuple:
     """Read the five-tuple off ``model`` (and ``optimizer``, if given).
 
-    Layers are the leaf modules that own parameters; activations are the leaf modules
-    of the usual activation types; W and B are the parameters named ``*weight``/``*bias``.
+    Layers are the leaf modules that own parameters; activations are the leaf modules that
+    :func:`is_activation` recognises; W and B are the parameters named ``*weight``/``*bias``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     layers = [f"{name}: {m.__class__.__name__}" for name, m in leaves if list(m.parameters(recurse=False))]
-    activations = [f"{name}: {m.__class__.__name__}" for name, m in leaves if isinstance(m, ACTIVATIONS)]
-    weights, biases = {}, {}
+    activations = [f"{name}: {m.__class__.__name__}" for name, m in leaves if is_activation(m)]
+    weights: dict[str, tuple[int, ...]] = {}
+    biases: dict[str, tuple[int, ...]] = {}
     for name, p in model.named_parameters():
         (biases if name.endswith("bias") else weights)[name] = tuple(p.shape)
     opt: dict[str, object] = {}
@@ -101,12 +120,15 @@ def one_hidden_layer(width: int, activation: type[nn.Module] = nn.ReLU) -> nn.Se
 def sup_error(
     f: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, lo: float = 0.0, hi: float = 1.0, n: int = 10_001
 ) -> float:
-    """Sup-norm error ``max |f(x) - model(x)|`` estimated on a fine uniform grid of ``n`` points."""
+    """Sup-norm error ``max |f(x) - model(x)|`` estimated on a fine uniform grid of ``n`` points.
+
+    ``model`` maps ``(n, 1) -> (n, 1)``; it runs on its own device, in its own dtype.
+    """
     x = torch.linspace(lo, hi, n, dtype=torch.float64)[:, None]  # (n, 1)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float64
     with torch.no_grad():
-        y = model(x.to(dtype)).double()
+        y = model(x.to(model_device(model), dtype)).double().cpu()
     return (f(x) - y).abs().max().item()
 
 
@@ -114,9 +136,12 @@ def spread_kinks_(model: nn.Sequential, lo: float = 0.0, hi: float = 1.0, max_sl
     """Re-initialise the hidden layer so every ReLU kink ``-b/w`` falls inside [lo, hi].
 
     PyTorch's default init draws ``w, b ~ U(-1, 1)``: many kinks then sit outside the
-    domain and those units are linear (or dead) there, wasting width.
+    domain and those units are linear (or dead) there, wasting width. Draws from torch's
+    global generator (seed it, or call this inside :func:`dlarch_lib.core.runtime.seeded`).
     """
     hidden = model[0]
+    if not isinstance(hidden, nn.Linear) or hidden.in_features != 1:
+        raise TypeError(f"expected a model whose first layer is nn.Linear(1, width), got {hidden}")
     width = hidden.out_features
     with torch.no_grad():
         sign = torch.where(torch.rand(width) < 0.5, -1.0, 1.0)
@@ -130,31 +155,35 @@ def spread_kinks_(model: nn.Sequential, lo: float = 0.0, hi: float = 1.0, max_sl
 def fit_one_hidden_layer(
     f: Callable[[torch.Tensor], torch.Tensor],
     width: int,
+    *,
+    device: torch.device | str,
     steps: int = 3000,
     lr: float = 1e-2,
     n_train: int = 512,
     seed: int = 0,
     kinks_in_domain: bool = True,
 ) -> nn.Sequential:
-    """Train a width-``width`` ReLU network on ``f`` over [0, 1] (Adam, full batch, MSE, cosine lr).
+    """Train a width-``width`` ReLU network on ``f`` over [0, 1]: full batch, MSE, Adam, cosine lr.
 
+    The network is initialised from ``seed`` (:func:`dlarch_lib.core.runtime.seeded`: the caller's
+    random stream is left alone), built on ``device`` and trained there by
+    :func:`dlarch_lib.core.train.fit`, one step per full pass over ``n_train`` grid points.
     ``kinks_in_domain`` applies :func:`spread_kinks_` before training; ``False`` keeps
-    PyTorch's default initialisation.
+    PyTorch's default initialisation. Returns the trained network.
     """
-    torch.manual_seed(seed)
-    model = one_hidden_layer(width)
-    if kinks_in_domain:
-        spread_kinks_(model)
-    x = torch.linspace(0, 1, n_train)[:, None]  # (n_train, 1)
+    if steps < 1 or n_train < 2:
+        raise ValueError(f"need steps >= 1 and n_train >= 2, got {steps} and {n_train}")
+    with seeded(seed):
+        model = one_hidden_layer(width)
+        if kinks_in_domain:
+            spread_kinks_(model)
+    model.to(device)
+    x = torch.linspace(0, 1, n_train, device=model_device(model))[:, None]  # (n_train, 1)
     y = f(x.double()).float()  # (n_train, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        loss = ((model(x) - y) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    full_batch = itertools.repeat((x, y))  # the same batch at every step
+    fit(model, full_batch, loss_step(F.mse_loss), steps=steps, optimizer=optimizer, scheduler=schedule, progress=False)
     return model
 
 
@@ -166,7 +195,7 @@ def sawtooth_net(depth: int) -> nn.Sequential:
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     layers: list[nn.Module] = []
-    for i in range(depth):
+    for _ in range(depth):
         up = nn.Linear(1, 2).double()
         with torch.no_grad():
             up.weight.fill_(1.0)
@@ -183,7 +212,7 @@ def count_linear_pieces(model: nn.Module, lo: float = 0.0, hi: float = 1.0, n: i
     """Number of linear pieces of a 1-D piecewise-linear ``model`` on [lo, hi] (slope changes + 1)."""
     x = torch.linspace(lo, hi, n, dtype=torch.float64)[:, None]
     with torch.no_grad():
-        y = model(x.to(next(model.parameters()).dtype)).double().squeeze(1)
+        y = model(x.to(model_device(model), next(model.parameters()).dtype)).double().cpu().squeeze(1)
     slopes = torch.diff(y) / torch.diff(x.squeeze(1))
     changes = (torch.diff(slopes).abs() > 1e-6 * slopes.abs().max().clamp_min(1.0)).long()
     # a kink strictly inside a grid cell shows up as two consecutive changes: count runs

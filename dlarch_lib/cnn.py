@@ -30,7 +30,7 @@ def _pair(value: IntOrPair, name: str, minimum: int) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
@@ -137,8 +137,8 @@ def measured_receptive_field(model: nn.Module, in_channels: int = 1, size: int =
     y = probe(x)  # (1, O, Ho, Wo)
     if y.ndim != 4:
         raise ValueError(f"model must map images to feature maps (1, O, H, W), got {tuple(y.shape)}")
-    y[0, 0, y.shape[2] // 2, y.shape[3] // 2].backward()
-    touched = (x.grad[0].abs().sum(dim=(0, 1)) > 0).nonzero()  # columns with non-zero gradient
+    (grad,) = torch.autograd.grad(y[0, 0, y.shape[2] // 2, y.shape[3] // 2], x)  # (1, C, size, size)
+    touched = (grad[0].abs().sum(dim=(0, 1)) > 0).nonzero()  # columns with non-zero gradient
     if touched.numel() and (touched.min() == 0 or touched.max() == size - 1):
         raise ValueError(f"receptive field reaches the border of the {size}x{size} probe; use a larger size")
     return int(touched.numel())

@@ -17,12 +17,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dlarch_lib.core.train import model_device
 
 
 class SqueezeExcite(nn.Module):
@@ -248,12 +252,17 @@ def few_shot_indices(labels: torch.Tensor | np.ndarray, per_class: int, seed: in
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """Give ``model`` (with ``head`` and ``num_features``) a fresh linear head for ``num_classes``; returns it."""
+    """Give ``model`` (with ``head`` and ``num_features``) a fresh linear head for ``num_classes``; returns it.
+
+    The head is initialised on the CPU (the same weights on every device) and put on the model's
+    device. A chapter still moves the result with ``.to(RUN.device)``, as every model it trains.
+    """
     if not hasattr(model, "head") or not hasattr(model, "num_features"):
         raise TypeError(f"{type(model).__name__} has no 'head' and 'num_features' to replace")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    model.head = nn.Linear(model.num_features, num_classes)
+    device = model_device(model)
+    model.head = nn.Linear(cast(int, model.num_features), num_classes).to(device)
     return model
 
 
@@ -262,6 +271,7 @@ def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -
     """``model.features(x)`` in eval mode without gradients: ``(N, C, H, W) -> (N, num_features)``.
 
     Feature extraction (a frozen backbone) is then a linear classifier fitted on these rows.
+    The model runs on its own device, ``batch_size`` rows at a time; the features come back on the CPU.
     """
     if not hasattr(model, "features"):
         raise TypeError(f"{type(model).__name__} has no 'features' method")
@@ -269,8 +279,9 @@ def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    out = torch.cat([model.features(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    device = model_device(model)
+    features = cast(Callable[[torch.Tensor], torch.Tensor], model.features)
+    out = torch.cat([features(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
 

@@ -227,12 +227,9 @@ class MLPConfig:
     def blocks(self) -> list[nn.Module]:
         """The model's blocks, in order."""
         dims = [self.in_features] + [self.width] * self.depth
-        hidden: list[nn.Module] = [
-            mlp_block(a, b, self.norm, self.activation, self.dropout) for a, b in zip(dims, dims[1:])
-        ]
-        if self.skip:
-            hidden = hidden[:1] + [Residual(block) for block in hidden[1:]]
-        return [nn.Flatten(), *hidden, nn.Linear(self.width, self.num_classes)]
+        hidden = [mlp_block(a, b, self.norm, self.activation, self.dropout) for a, b in zip(dims, dims[1:])]
+        rest: list[nn.Module] = [Residual(block) for block in hidden[1:]] if self.skip else list(hidden[1:])
+        return [nn.Flatten(), hidden[0], *rest, nn.Linear(self.width, self.num_classes)]
 
 
 @MODELS.register("cnn")
@@ -253,7 +250,8 @@ class CNNConfig:
             _check_positive(name, getattr(self, name))
         if self.image_size % 2**self.depth:
             raise ValueError(
-                f"depth {self.depth} halves the image {self.depth} times; image_size {self.image_size} is not divisible by {2**self.depth}"
+                f"depth {self.depth} halves the image {self.depth} times; "
+                f"image_size {self.image_size} is not divisible by {2**self.depth}"
             )
         NORMS.get(self.norm), ACTIVATIONS.get(self.activation)
 

@@ -8,9 +8,13 @@ difference. Inputs are flattened images ``(N, C, H, W)`` or vectors ``(N, D)``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dlarch_lib.core.train import model_device
 
 
 class Block(nn.Module):
@@ -81,13 +85,17 @@ class DeepNet(nn.Module):
         """Logits ``(N, num_classes)``."""
         return self.head(F.relu(self.head_norm(self.hidden_states(x)[-1])))
 
+    def block_list(self) -> list[Block]:
+        """The blocks, in order (``self.blocks`` typed as :class:`Block`)."""
+        return [cast(Block, block) for block in self.blocks]
+
 
 def he_init_(model: DeepNet) -> DeepNet:
     """Re-initialise every block in place with He et al.'s ReLU init: ``W ~ N(0, 2/width)``, ``b = 0``.
 
     This keeps a *plain* ReLU stack's signal and gradient norms constant with depth (in expectation).
     """
-    for block in model.blocks:
+    for block in model.block_list():
         nn.init.kaiming_normal_(block.linear.weight, nonlinearity="relu")
         nn.init.zeros_(block.linear.bias)
     return model
@@ -98,30 +106,35 @@ def layer_grad_norms(model: DeepNet, x: torch.Tensor, y: torch.Tensor, wrt: str 
 
     ``wrt="weight"``: ``||dL/dW_l||`` of block ``l``'s weight matrix (what the optimiser sees);
     ``wrt="hidden"``: ``||dL/dh_l||`` of the block's input ``h_l`` (what the theory predicts).
-    Parameter gradients already stored in ``model`` are left unchanged. The norms are
-    float64: squaring float32 entries of ~1e-20 would underflow to a norm of 0.
+    Parameter gradients already stored in ``model`` are left unchanged. ``x`` and ``y`` are
+    moved to the model's device; the norms come back float64 on the CPU (squaring float32
+    entries of ~1e-20 would underflow to a norm of 0).
     """
     if wrt not in ("weight", "hidden"):
         raise ValueError(f"wrt must be 'weight' or 'hidden', got {wrt!r}")
-    states = model.hidden_states(x)
+    device = model_device(model)
+    states = model.hidden_states(x.to(device))
     logits = model.head(F.relu(model.head_norm(states[-1])))
-    loss = F.cross_entropy(logits, y)
-    inputs = [b.linear.weight for b in model.blocks] if wrt == "weight" else states[:-1]
+    loss = F.cross_entropy(logits, y.to(device))
+    inputs = [b.linear.weight for b in model.block_list()] if wrt == "weight" else states[:-1]
     grads = torch.autograd.grad(loss, inputs)
-    return torch.stack([g.double().norm() for g in grads]).detach()  # (depth,)
+    return torch.stack([g.double().norm() for g in grads]).detach().cpu()  # (depth,)
 
 
 def block_jacobians(model: DeepNet, x: torch.Tensor) -> list[torch.Tensor]:
     """The branch Jacobians ``J_l = dF_l/dh_l`` at one example ``x`` (shape ``(in_features,)`` or an image).
 
-    Returns ``depth`` matrices ``(width, width)``, evaluated along the model's own forward pass.
-    Put a model with BatchNorm in eval mode first (a single example has no batch statistics).
+    Returns ``depth`` matrices ``(width, width)`` on the model's device (``x`` is moved there),
+    evaluated along the model's own forward pass. Put a model with BatchNorm in eval mode first
+    (a single example has no batch statistics).
     """
-    states = model.hidden_states(x.reshape(1, -1))
-    return [
-        torch.autograd.functional.jacobian(lambda h, b=block: b.branch(h[None])[0], s[0].detach(), vectorize=True)
-        for block, s in zip(model.blocks, states[:-1])
-    ]
+    states = model.hidden_states(x.reshape(1, -1).to(model_device(model)))
+    jacobians = []
+    for block, state in zip(model.block_list(), states[:-1]):
+        branch = lambda h, b=block: b.branch(h[None])[0]  # (width,) -> (width,)
+        jacobian = torch.autograd.functional.jacobian(branch, state[0].detach(), vectorize=True)
+        jacobians.append(cast(torch.Tensor, jacobian))
+    return jacobians
 
 
 def jacobian_by_path_length(jacobians: list[torch.Tensor]) -> torch.Tensor:
@@ -135,8 +148,8 @@ def jacobian_by_path_length(jacobians: list[torch.Tensor]) -> torch.Tensor:
     d = jacobians[0].shape[0]
     if any(j.shape != (d, d) for j in jacobians):
         raise ValueError(f"all Jacobians must be square ({d}, {d}), got {[tuple(j.shape) for j in jacobians]}")
-    terms = torch.zeros(len(jacobians) + 1, d, d, dtype=jacobians[0].dtype)
-    terms[0] = torch.eye(d, dtype=jacobians[0].dtype)
+    terms = jacobians[0].new_zeros(len(jacobians) + 1, d, d)  # dtype and device of the Jacobians
+    terms[0] = torch.eye(d, dtype=terms.dtype, device=terms.device)
     for i, jac in enumerate(jacobians, start=1):  # multiply (I + J_i) on the left
         terms[1 : i + 1] = terms[1 : i + 1] + jac @ terms[:i]  # a path either skips block i or goes through it
     return terms

@@ -10,24 +10,26 @@ is tested against:
 - :class:`BatchNorm1d`                                           ~ ``nn.BatchNorm1d``
 - ``clip_grad_norm``                                             ~ ``nn.utils.clip_grad_norm_``
 
-The experiments use :class:`DigitsMLP` with :func:`train_classifier` (a small loop that steps a
-schedule every batch) and a plain RNN on the adding problem (:func:`adding_problem`,
-:func:`train_rnn`).
+The experiments train with the book's engine, :func:`dlarch_lib.core.train.fit`: the digits MLP
+(``modular.MLPConfig``) with :func:`train_classifier`, whose step :func:`scheduled_step` logs the
+learning rate a ``LambdaLR`` schedule sets at every step, and a plain RNN on the adding problem
+(:func:`adding_problem`, :func:`train_rnn`), whose step :func:`clipped_sgd_step` clips the
+gradient and records its norm.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from dlarch_lib.core.data import Split
-from dlarch_lib.core.train import accuracy, make_optimizer
+from dlarch_lib.core.runtime import seeded
+from dlarch_lib.core.train import History, Step, evaluate, fit, make_optimizer, model_device
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 
@@ -233,6 +235,9 @@ class BatchNorm1d(nn.Module):
     *unbiased* variance, as PyTorch does). Eval mode normalises with the running statistics.
     """
 
+    running_mean: torch.Tensor  # (C,) buffers, registered in __init__
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
         if num_features < 1:
@@ -280,54 +285,53 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
+    total = torch.stack([(g.detach() ** 2).sum() for g in grads]).sum().sqrt()
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch adds the same 1e-6
     for g in grads:
         g.mul_(scale)
     return total
 
 
-# --------------------------------------------------------------------------- the digits MLP
+# --------------------------------------------------------------------------- training with a schedule
 
 
-class DigitsMLP(nn.Module):
-    """An MLP for 8x8 digits: ``depth`` blocks of Linear -> [BatchNorm] -> ReLU -> [Dropout].
+class TensorBatches:
+    """Mini-batches ``(x[idx], y[idx])`` of a fresh random permutation on every pass.
 
-    The batch-norm layers drop the linear bias (it would cancel, chapter 4).
+    Slicing tensors that already sit on the model's device is much cheaper than a ``DataLoader``
+    for 8x8 images. ``x`` ``(N, ...)``, ``y`` ``(N,)``; the last batch may be smaller.
     """
 
-    def __init__(
-        self, hidden: int = 256, depth: int = 2, dropout: float = 0.0, batchnorm: bool = False, num_classes: int = 10
-    ) -> None:
-        super().__init__()
-        if hidden < 1 or depth < 1:
-            raise ValueError(f"hidden and depth must be >= 1, got {hidden} and {depth}")
-        layers: list[nn.Module] = [nn.Flatten()]  # (N, 1, 8, 8) -> (N, 64)
-        width = 64
-        for _ in range(depth):
-            layers.append(nn.Linear(width, hidden, bias=not batchnorm))
-            if batchnorm:
-                layers.append(nn.BatchNorm1d(hidden))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = hidden
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        if len(x) != len(y) or len(y) == 0:
+            raise ValueError(f"x and y need the same non-zero length, got {len(x)} and {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` for images ``(N, 1, 8, 8)`` (or flat ``(N, 64)``)."""
-        return self.net(x)
+    def __len__(self) -> int:
+        """Batches per pass."""
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.y), generator=self.generator).to(self.y.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.x[idx], self.y[idx]
 
 
-@dataclass
-class RunRecord:
-    """What :func:`train_classifier` returns: per-step learning rate and loss, test accuracy."""
+def scheduled_step(optimizer: torch.optim.Optimizer) -> Step:
+    """The classifier's step, logging the learning rate ``optimizer`` uses for it.
 
-    lrs: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    epoch_loss: list[float] = field(default_factory=list)
-    test_acc: float = float("nan")
+    :func:`fit` back-propagates the loss, steps ``optimizer`` and then the scheduler, so the
+    rate read here, before the update, is the one the schedule set for this step.
+    """
+
+    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        x, y = batch  # (B, 1, 8, 8), (B,)
+        return {"loss": F.cross_entropy(model(x), y), "lr": optimizer.param_groups[0]["lr"]}
+
+    return step
 
 
 def train_classifier(
@@ -342,47 +346,41 @@ def train_classifier(
     warmup_frac: float = 0.1,
     batch_size: int = 64,
     seed: int = 0,
-    device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "train",
-) -> RunRecord:
+) -> History:
     """Train on ``split`` with a per-step ``schedule`` (``LambdaLR`` over :func:`schedule_factor`).
 
-    ``dlarch_lib.core.train.fit`` steps no scheduler, hence this small loop. It batches by slicing a
-    seeded permutation of the tensors (much cheaper than a ``DataLoader`` for 8x8 images). The
-    test set is used once, at the end, in eval mode.
+    The model trains on its own device (move it to ``RUN.device`` first). Batches come from
+    :class:`TensorBatches`, dropout from the global generator, both seeded by ``seed``
+    (:func:`seeded`: the caller's stream is left alone). The history logs ``"lr"`` at every
+    step; the test set is used once, at the end: ``history.evals["test_acc"]`` (and
+    ``"test_loss"``), one entry each.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    x_train, y_train = split.x_train.to(device), split.y_train.to(device)
-    n = len(y_train)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    batches = TensorBatches(split.x_train.to(device), split.y_train.to(device), batch_size, generator)
+    total = epochs * len(batches)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(schedule, total, max(1, int(warmup_frac * total))))
-    model.to(device)
-    record = RunRecord()
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, mininterval=0.5):
-        model.train()
-        order = torch.randperm(n, generator=g).to(device)
-        running = 0.0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            record.lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-            record.losses.append(loss.item())
-            running += record.losses[-1]
-        record.epoch_loss.append(running / steps_per_epoch)
-    model.eval()
-    with torch.no_grad():
-        record.test_acc = accuracy(model(split.x_test.to(device)), split.y_test.to(device))
-    return record
+    factor = schedule_factor(schedule, total, max(1, int(warmup_frac * total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    with seeded(seed):
+        history = fit(
+            model,
+            batches,
+            scheduled_step(opt),
+            epochs=epochs,
+            optimizer=opt,
+            scheduler=sched,
+            progress=progress,
+            desc=desc,
+        )
+    test = evaluate(model, [(split.x_test, split.y_test)])
+    history.evals.update(test_loss=[test["loss"]], test_acc=[test["acc"]])
+    history.eval_steps.append(history.steps)
+    return history
 
 
 # --------------------------------------------------------------------------- an exploding RNN
@@ -414,9 +412,10 @@ class RNNRegressor(nn.Module):
     def __init__(self, hidden: int = 64, nonlinearity: str = "tanh", recurrent_scale: float = 1.0) -> None:
         super().__init__()
         self.rnn = nn.RNN(2, hidden, batch_first=True, nonlinearity=nonlinearity)
+        recurrent = self.rnn.get_parameter("weight_hh_l0")  # (H, H)
         with torch.no_grad():  # orthogonal recurrent matrix times a scale: spectral radius = scale
-            nn.init.orthogonal_(self.rnn.weight_hh_l0)
-            self.rnn.weight_hh_l0.mul_(recurrent_scale)
+            nn.init.orthogonal_(recurrent)
+            recurrent.mul_(recurrent_scale)
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -425,6 +424,29 @@ class RNNRegressor(nn.Module):
             raise ValueError(f"expected (N, T, 2), got {tuple(x.shape)}")
         out, _ = self.rnn(x)  # (N, T, H)
         return self.head(out[:, -1]).squeeze(-1)
+
+
+def clipped_sgd_step(optimizer: torch.optim.Optimizer, clip: float | None) -> Step:
+    """A regression step that updates the parameters itself: back-propagate, measure, clip, step.
+
+    It records the global gradient norm *before* clipping (``nn.utils.clip_grad_norm_`` with
+    ``max_norm=clip``; ``None``: no clipping), which the engine's own clipping does not report,
+    so it runs under :func:`fit` with ``optimizer=None``. A non-finite loss is recorded without
+    an update: the weights are lost anyway.
+    """
+
+    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        x, y = batch  # (B, T, 2), (B,)
+        loss = F.mse_loss(model(x), y)
+        if not math.isfinite(loss.item()):
+            return {"loss": loss.item()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else math.inf)
+        optimizer.step()
+        return {"loss": loss.item(), "grad_norm": norm.item()}
+
+    return step
 
 
 def train_rnn(
@@ -437,24 +459,29 @@ def train_rnn(
     batch_size: int = 64,
     clip: float | None = None,
     seed: int = 0,
-) -> tuple[list[float], list[float]]:
-    """Train with SGD on mini-batches of ``(x, y)``; returns per-step (losses, gradient norms).
+) -> History:
+    """Train with SGD on random mini-batches of ``(x, y)`` drawn with ``seed``; :func:`clipped_sgd_step`.
 
-    ``clip`` is the ``max_norm`` for ``nn.utils.clip_grad_norm_`` (``None``: no clipping). A
-    non-finite loss stops training early (the rest of the run is lost anyway).
+    The model trains on its own device. ``history.loss`` holds the loss of every step and
+    ``history.logs["grad_norm"]`` the gradient norm before clipping. A non-finite loss stops
+    training: it is the last loss recorded, and has no gradient norm.
     """
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    losses, norms = [], []
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (batch_size,), generator=g)
-        loss = F.mse_loss(model(x[idx]), y[idx])
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip is not None else float("inf"))
-        norms.append(norm.item())
-        opt.step()
-    return losses, norms
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            idx = torch.randint(0, len(y), (batch_size,), generator=generator)
+            yield x[idx], y[idx]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return fit(
+        model,
+        batches(),
+        clipped_sgd_step(optimizer, clip),
+        steps=steps,
+        optimizer=None,
+        stop=lambda history: not math.isfinite(history.loss[-1]),
+        progress=False,
+    )

@@ -9,6 +9,7 @@ from dlarch_lib.approx import (
     fit_one_hidden_layer,
     five_tuple,
     interpolating_relu_net,
+    is_activation,
     one_hidden_layer,
     sawtooth_net,
     spread_kinks_,
@@ -30,6 +31,23 @@ def test_five_tuple_reads_layers_activations_parameters_and_optimizer():
     assert t.num_parameters == sum(p.numel() for p in model.parameters())
     with pytest.raises(TypeError, match="nn.Module"):
         five_tuple("not a model")
+
+
+def test_activations_are_recognised_by_where_pytorch_defines_them():
+    class Swish(nn.SiLU):  # a subclass of a PyTorch activation is one
+        pass
+
+    class Square(nn.Module):  # an activation of one's own is not (there is no table to extend)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+    for layer in (nn.ReLU(), nn.GELU(), nn.SiLU(), nn.Mish(), nn.Hardswish(), nn.Softplus(), nn.PReLU(), Swish()):
+        assert is_activation(layer), layer
+    not_activations = (nn.Linear(2, 2), nn.Dropout(), nn.BatchNorm1d(2), nn.Flatten(), nn.Identity(), Square())
+    for layer in (*not_activations, nn.MultiheadAttention(4, 2)):
+        assert not is_activation(layer), layer
+    model = nn.Sequential(nn.Linear(3, 4), nn.Mish(), nn.Dropout(0.1), nn.Linear(4, 4), nn.Hardswish(), nn.Linear(4, 1))
+    assert five_tuple(model).activations == ["1: Mish", "4: Hardswish"]
 
 
 def test_interpolating_net_hits_the_knots_and_is_piecewise_linear():
@@ -73,5 +91,19 @@ def test_spread_kinks_puts_every_kink_inside_the_domain():
 def test_training_reduces_error():
     torch.manual_seed(0)
     untrained = sup_error(f, one_hidden_layer(32))
-    trained = sup_error(f, fit_one_hidden_layer(f, 32, steps=400))
+    trained = sup_error(f, fit_one_hidden_layer(f, 32, steps=400, device="cpu"))
     assert trained < 0.5 * untrained
+
+
+def test_fit_one_hidden_layer_is_seeded_and_leaves_the_callers_stream_alone():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    a = fit_one_hidden_layer(f, 8, steps=20, seed=1, device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+    b = fit_one_hidden_layer(f, 8, steps=20, seed=1, device=torch.device("cpu"))
+    c = fit_one_hidden_layer(f, 8, steps=20, seed=2, device="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a[0].weight, c[0].weight)
+    assert a[0].weight.device.type == "cpu"
+    with pytest.raises(ValueError, match="steps"):
+        fit_one_hidden_layer(f, 8, steps=0, device="cpu")

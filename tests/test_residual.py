@@ -65,6 +65,7 @@ def test_layer_grad_norms_match_backward_and_leave_grads_alone():
     x, y = torch.randn(10, 16), torch.randint(0, 4, (10,))
     norms = layer_grad_norms(net, x, y)
     assert norms.shape == (5,) and all(b.linear.weight.grad is None for b in net.blocks)
+    assert norms.dtype == torch.float64 and norms.device.type == "cpu"
     F.cross_entropy(net(x), y).backward()
     assert_close(norms, torch.stack([b.linear.weight.grad.double().norm() for b in net.blocks]))
     assert layer_grad_norms(net, x, y, wrt="hidden").shape == (5,)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from dlarch_lib import modular
 from dlarch_lib import techniques as T
 from dlarch_lib.core.data import load_digits_split
 
@@ -242,32 +243,67 @@ def test_clipping_rescues_an_exploding_rnn():
     plain = T.RNNRegressor(hidden=32)
     torch.manual_seed(0)
     clipped = T.RNNRegressor(hidden=32)
-    losses_plain, _ = T.train_rnn(plain, x, y, steps=60, lr=0.5, seed=0)
-    losses_clip, norms = T.train_rnn(clipped, x, y, steps=60, lr=0.5, clip=0.5, seed=0)
-    assert not math.isfinite(losses_plain[-1]) and len(losses_plain) < 60
-    assert len(losses_clip) == 60 and all(math.isfinite(v) for v in losses_clip) and max(norms) > 0.5
+    plain_run = T.train_rnn(plain, x, y, steps=60, lr=0.5, seed=0)
+    clip_run = T.train_rnn(clipped, x, y, steps=60, lr=0.5, clip=0.5, seed=0)
+    assert not math.isfinite(plain_run.loss[-1]) and plain_run.steps == len(plain_run.loss) < 60  # stopped
+    assert len(plain_run.logs["grad_norm"]) == len(plain_run.loss) - 1  # no update after the overflow
+    assert all(math.isfinite(v) for p in plain.parameters() for v in p.detach().flatten().tolist())
+    norms = clip_run.logs["grad_norm"]
+    assert len(clip_run.loss) == len(norms) == 60 and all(math.isfinite(v) for v in clip_run.loss) and max(norms) > 0.5
 
 
-# ----------------------------------------------------------------- the digits MLP and its loop
+def test_clipped_sgd_step_records_the_norm_before_clipping_and_clips():
+    torch.manual_seed(0)
+    model, reference = nn.Linear(3, 1), nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3), 100 * torch.randn(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = T.clipped_sgd_step(opt, clip=0.5)(nn.Sequential(model, nn.Flatten(0)), (x, y))
+    torch.nn.functional.mse_loss(reference(x).squeeze(1), y).backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+    assert out["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > 0.5
+    for p, q, g in zip(model.parameters(), reference.parameters(), grads):  # one SGD step of length 0.1 * 0.5
+        torch.testing.assert_close(p.detach(), q.detach() - 0.1 * g * 0.5 / norm, rtol=1e-4, atol=1e-6)
 
 
-def test_digits_mlp_layers_and_shapes():
-    model = T.DigitsMLP(hidden=16, depth=3, dropout=0.2, batchnorm=True)
-    assert model(torch.zeros(4, 1, 8, 8)).shape == (4, 10)
-    kinds = [type(m) for m in model.net]
-    assert kinds.count(nn.BatchNorm1d) == 3 and kinds.count(nn.Dropout) == 3
-    assert all(m.bias is None for m in model.net[:-1] if isinstance(m, nn.Linear))
-    with pytest.raises(ValueError, match="hidden and depth"):
-        T.DigitsMLP(hidden=0)
+# ----------------------------------------------------------------- the digits MLP and its training
 
 
-def test_train_classifier_records_the_schedule_and_learns():
+def test_tensor_batches_cover_every_row_once_per_pass_in_a_new_order():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    batches = T.TensorBatches(x, y, 4, torch.Generator().manual_seed(0))
+    first, second = list(batches), list(batches)
+    assert len(batches) == 3 and [len(b[1]) for b in first] == [4, 4, 2]
+    assert sorted(torch.cat([b[1] for b in first]).tolist()) == list(range(10))
+    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in first)
+    assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in second]))
+    with pytest.raises(ValueError, match="same non-zero length"):
+        T.TensorBatches(x, y[:3], 4, torch.Generator())
+
+
+def test_train_classifier_logs_the_schedule_and_learns():
     split = load_digits_split(seed=0)
     torch.manual_seed(0)
-    record = T.train_classifier(T.DigitsMLP(hidden=32), split, epochs=3, lr=1e-2, schedule="warmup_cosine")
+    model = modular.build_model(modular.MLPConfig(width=32, dropout=0.1))
+    before = torch.get_rng_state()
+    history = T.train_classifier(model, split, epochs=3, lr=1e-2, schedule="warmup_cosine")
+    assert torch.equal(torch.get_rng_state(), before)  # dropout drew inside seeded(seed)
     steps = 3 * math.ceil(len(split.y_train) / 64)
     expected = [1e-2 * T.schedule_factor("warmup_cosine", steps, int(0.1 * steps))(t) for t in range(steps)]
-    assert record.lrs == pytest.approx(expected) and len(record.losses) == steps
-    assert record.epoch_loss[-1] < record.epoch_loss[0] and record.test_acc > 0.8
+    assert history.logs["lr"] == pytest.approx(expected) and len(history.loss) == history.steps == steps
+    assert history.epochs == 3 and history.epoch_loss[-1] < history.epoch_loss[0]
+    assert history.last("test_acc") > 0.8 and len(history.evals["test_acc"]) == 1
+    assert not model.training  # evaluated on the test set, in eval mode
     with pytest.raises(ValueError, match="epochs"):
-        T.train_classifier(T.DigitsMLP(), split, epochs=0)
+        T.train_classifier(model, split, epochs=0)
+
+
+def test_train_classifier_is_reproducible_from_its_seed():
+    split = load_digits_split(seed=0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = modular.build_model(modular.MLPConfig(width=16, norm="batch", dropout=0.2))
+        runs.append(T.train_classifier(model, split, epochs=1, seed=3).loss)
+    assert runs[0] == runs[1]
