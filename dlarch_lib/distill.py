@@ -5,23 +5,28 @@
 - :func:`distillation_loss`      ``alpha CE(y, softmax(z_s)) + (1 - alpha) T^2 KL(...)``; unlabelled rows
   carry the label ``IGNORE`` and only feel the soft term
 - :func:`soft_target_grad`       the closed-form gradient ``(q - p) / T`` and its high-T limit
-- :class:`KDLoss`, :func:`pack_targets`   the loss in the ``loss_fn(logits, target)`` form ``train.fit`` calls
-- :class:`StudentMLP`            a one-hidden-layer MLP student with a ``hidden`` (guided) layer
+- :func:`distillation_step`      the student's training step for ``train.fit`` on batches ``(x, y, teacher_logits)``
 - :class:`HintRegressor`, :func:`hint_loss`   FitNets feature distillation (Romero et al. 2015)
 - :func:`labelled_subset`        a few labels per class, the rest of the indices unlabelled
-- :func:`teacher_logits`, :func:`train_student`   precompute the frozen teacher once; train a student with ``fit``
+- :func:`teacher_logits`         run the frozen teacher once over the data (logits or hint features)
+- :func:`shuffled_batches`       a loader of whole shuffled batches of tensors, seeded
+
+The student is any classifier; the chapter's is chapter 2's one-hidden-layer MLP
+(``modular.MLPConfig(width=32, depth=1)``), whose guided layer for FitNets is the output of its
+hidden block, ``student(x, return_all=True)[-2]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from dlarch_lib.core.train import History, fit
+from dlarch_lib.core.train import Step, model_device
 
 IGNORE = -100  # label of an unlabelled (transfer-set) example; the value F.cross_entropy ignores by default
 
@@ -112,75 +117,22 @@ def soft_target_grad(
     return (softmax_t(student_logits, T) - softmax_t(teacher_logits, T)) / T
 
 
-def pack_targets(teacher_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """One target tensor ``(B, C + 1)``: the teacher's logits, then the label (:data:`IGNORE` if none).
+def distillation_step(T: float = 4.0, alpha: float = 0.5) -> Step:
+    """The student's training step for ``train.fit``: :func:`distillation_loss` on a batch ``(x, y, z_t)``.
 
-    ``train.fit`` hands the loss one target per batch; packing lets a ``TensorDataset`` carry
-    both the soft and the hard target. :class:`KDLoss` unpacks it.
+    ``x`` are the inputs, ``y`` ``(B,)`` the labels (:data:`IGNORE` for a transfer-set image whose
+    label the student may not see) and ``z_t`` ``(B, C)`` the teacher's logits, precomputed once
+    with :func:`teacher_logits`. ``alpha = 1`` is plain cross-entropy on the labelled rows.
     """
-    if teacher_logits.ndim != 2:
-        raise ValueError(f"teacher_logits must be (B, C), got {tuple(teacher_logits.shape)}")
-    if labels is None:
-        labels = torch.full(teacher_logits.shape[:1], IGNORE, dtype=torch.long)
-    if labels.shape != teacher_logits.shape[:1]:
-        raise ValueError(f"labels must be ({teacher_logits.shape[0]},), got {tuple(labels.shape)}")
-    return torch.cat([teacher_logits.float(), labels.to(teacher_logits.device).float()[:, None]], dim=1)
+    _check_temperature(T)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
+    def step(student: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y, z_teacher = batch  # (B, ...), (B,), (B, C)
+        return distillation_loss(student(x), z_teacher, y, T, alpha)
 
-class KDLoss:
-    """:func:`distillation_loss` as ``loss_fn(student_logits, packed_targets)`` for ``train.fit``.
-
-    ``hard_only=True`` ignores the teacher and trains on the labels alone (plain cross-entropy on
-    the labelled rows), so every variant of the experiment runs through the same code path.
-    """
-
-    def __init__(self, T: float = 4.0, alpha: float = 0.5, hard_only: bool = False) -> None:
-        _check_temperature(T)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.T, self.alpha, self.hard_only = T, alpha, hard_only
-
-    def __call__(self, student_logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        """Loss of logits ``(B, C)`` against targets packed by :func:`pack_targets` ``(B, C + 1)``."""
-        if packed.ndim != 2 or packed.shape[1] != student_logits.shape[1] + 1:
-            raise ValueError(
-                f"packed targets must be (B, C + 1) = (B, {student_logits.shape[1] + 1}), got {tuple(packed.shape)}"
-            )
-        teacher, labels = packed[:, :-1], packed[:, -1].round().long()  # (B, C), (B,)
-        if self.hard_only:
-            labelled = labels != IGNORE  # (B,) bool
-            if not labelled.any():  # a batch of unlabelled rows only: no signal, zero loss (not nan)
-                return student_logits.sum() * 0.0
-            return F.cross_entropy(student_logits[labelled], labels[labelled])
-        return distillation_loss(student_logits, teacher, labels, self.T, self.alpha)
-
-
-class StudentMLP(nn.Module):
-    """A small student: ``(B, 1, 8, 8) -> flatten 64 -> hidden (ReLU) -> C`` logits.
-
-    :meth:`hidden` is the guided layer that FitNets' hint loss trains to predict the teacher's
-    features (through a :class:`HintRegressor`).
-    """
-
-    def __init__(self, hidden: int = 32, num_classes: int = 10, in_features: int = 64) -> None:
-        super().__init__()
-        if hidden < 1 or num_classes < 2 or in_features < 1:
-            raise ValueError(
-                f"need hidden >= 1, num_classes >= 2, in_features >= 1; got {hidden}, {num_classes}, {in_features}"
-            )
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())  # (B, hidden)
-        self.head = nn.Linear(hidden, num_classes)
-        self.in_features = in_features
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Guided-layer features ``(B, hidden)``."""
-        if x[0].numel() != self.in_features:
-            raise ValueError(f"StudentMLP expects {self.in_features} inputs per example, got shape {tuple(x.shape)}")
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)``."""
-        return self.head(self.hidden(x))
+    return step
 
 
 class HintRegressor(nn.Module):
@@ -247,52 +199,30 @@ def labelled_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> tupl
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, features: bool = False, batch_size: int = 512) -> torch.Tensor:
-    """Run the frozen teacher once over ``x`` (eval mode): logits ``(N, C)``, or ``teacher.features`` with ``features=True``.
+    """Run the frozen teacher once over ``x`` (eval mode): logits ``(N, C)``, or ``teacher.features(x)``.
 
     The teacher does not change while the student trains, so its outputs are computed once
-    instead of at every step.
+    instead of at every step; ``features=True`` gives the hint features (FitNets). The batches run
+    on the teacher's device; the outputs are returned on the device of ``x``, beside the data.
     """
     teacher.eval()
-    fn = teacher.features if features else teacher
-    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = model_device(teacher)
+    fn = cast(Callable[[torch.Tensor], torch.Tensor], teacher.features) if features else teacher
+    return torch.cat([fn(x[i : i + batch_size].to(device)).to(x.device) for i in range(0, len(x), batch_size)])
 
 
-def train_student(
-    student: nn.Module,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    epochs: int = 60,
-    lr: float = 3e-3,
-    batch_size: int = 128,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    progress: bool = False,
-    desc: str = "student",
-) -> History:
-    """Train ``student`` with ``train.fit`` on images ``x`` ``(N, 1, 8, 8)`` and ``targets`` ``(N, ...)``.
+def shuffled_batches(*tensors: torch.Tensor, batch_size: int, seed: int = 0) -> DataLoader:
+    """A loader of shuffled mini-batches of rows of ``tensors`` (all of length ``N``), reshuffled each epoch.
 
-    With a :class:`KDLoss`, rows of ``targets`` come from :func:`pack_targets`: the teacher's
-    logits and the true label, or :data:`IGNORE` for a transfer-set image whose label the
-    student may not see. Any ``loss_fn(output, target)`` works (FitNets' hint stage uses
-    ``F.mse_loss`` against the teacher's features).
+    Whole batches are sliced out of the tensors at once (``batch_size=None`` and a ``BatchSampler``
+    over a ``RandomSampler`` seeded by ``seed``) instead of collated row by row. Each batch is a
+    tuple with one ``(B, ...)`` slice per tensor.
     """
-    if len(x) != len(targets):
-        raise ValueError(f"x and targets must have the same length, got {len(x)} and {len(targets)}")
-    generator = torch.Generator().manual_seed(seed)
-    # Whole batches are sliced out of the tensors at once (``batch_size=None`` + a BatchSampler):
-    # the same shuffled batches as ``DataLoader(..., shuffle=True)``, without collating row by row.
-    sampler = BatchSampler(RandomSampler(range(len(x)), generator=generator), batch_size, drop_last=False)
-    loader = DataLoader(TensorDataset(x, targets), sampler=sampler, batch_size=None)
-    return fit(
-        student,
-        loader,
-        epochs=epochs,
-        lr=lr,
-        optimizer="adamw",
-        weight_decay=weight_decay,
-        loss_fn=loss_fn,
-        progress=progress,
-        desc=desc,
+    if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+        raise ValueError(f"need tensors of the same length, got lengths {[len(t) for t in tensors]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shuffle = RandomSampler(range(len(tensors[0])), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        TensorDataset(*tensors), sampler=BatchSampler(shuffle, batch_size, drop_last=False), batch_size=None
     )

@@ -1,25 +1,29 @@
 """Chapter 17: hyperparameter search by grid, random sampling, Bayesian optimisation and CMA-ES.
 
-Every search *minimises* an objective ``f(config) -> float`` over a :class:`SearchSpace`.
-The searches written here work in the unit cube ``[0, 1]^d``; the space maps a point of
-the cube to a configuration (log scales, integer rounding) and back.
+The searches share chapter 15's search core (:mod:`dlarch_lib.nas`): an objective
+``f(config) -> float``, a :class:`~dlarch_lib.nas.SearchSpace`, a ``mode`` (``"min"`` for the
+validation error this chapter tunes) and a :class:`~dlarch_lib.nas.SearchResult`; every search is
+called ``search(objective, space, budget, *, mode, ...)``, and ``nas.random_search`` is the baseline.
+The searches written here work in the unit cube ``[0, 1]^d`` of a space of
+:class:`~dlarch_lib.nas.Param` s, which maps a point of the cube to a configuration (log scales,
+integer rounding) and back.
 
-- :func:`grid_search` and :func:`random_search`: the two baselines.
+- :func:`grid_search`: the other baseline; :func:`grid_points`, :func:`random_points` and
+  :func:`distinct_values` show why random points beat a grid when few hyperparameters matter.
 - :class:`GaussianProcess` (RBF kernel, Cholesky posterior), :func:`fit_gp` (length scale and
   noise by marginal likelihood), :func:`expected_improvement` and :func:`gp_ei_search`:
   Bayesian optimisation from scratch.
 - :class:`CMAES` and :func:`cma_es_search`: the covariance matrix adaptation evolution strategy.
 - :func:`optuna_search`: any optuna sampler (TPE for real use) on the same space and budget.
-- :class:`DigitsObjective`: the validation error of a small digits MLP after a short, seeded
-  training run, the objective the chapter tunes.
+- :class:`DigitsObjective`: the validation error of chapter 2's digits MLP after a short, seeded
+  training run with ``train.fit``, the objective the chapter tunes (:data:`DIGITS_HPARAM_SPACE`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,145 +31,38 @@ import torch
 from scipy.linalg import cho_solve, solve_triangular
 from scipy.stats import norm
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from dlarch_lib.core.data import Split
+from dlarch_lib.core.runtime import seeded
 from dlarch_lib.core.train import accuracy, fit
+from dlarch_lib.distill import shuffled_batches
+from dlarch_lib.modular import MLPConfig, build_model
+from dlarch_lib.nas import Config, Objective, Param, SearchResult, SearchSpace, check_budget, check_mode
 
-Config = dict[str, Any]
-Objective = Callable[[Config], float]
-
-
-# ----------------------------------------------------------------------------- search space
-
-
-@dataclass(frozen=True)
-class Param:
-    """One hyperparameter in ``[low, high]``; ``log`` searches its logarithm, ``integer`` rounds it."""
-
-    name: str
-    low: float
-    high: float
-    log: bool = False
-    integer: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.low < self.high:
-            raise ValueError(f"param {self.name!r}: need low < high, got [{self.low}, {self.high}]")
-        if self.log and self.low <= 0:
-            raise ValueError(f"param {self.name!r}: a log scale needs low > 0, got {self.low}")
-
-    def decode(self, u: float) -> float | int:
-        """The value at position ``u`` in ``[0, 1]`` (0 is ``low``, 1 is ``high``)."""
-        u = min(max(float(u), 0.0), 1.0)
-        if self.log:
-            value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
-        else:
-            value = self.low + u * (self.high - self.low)
-        return int(round(value)) if self.integer else value
-
-    def encode(self, value: float) -> float:
-        """Inverse of :meth:`decode`: the position of ``value`` in ``[0, 1]``."""
-        if not self.low <= value <= self.high:
-            raise ValueError(f"param {self.name!r}: {value} is outside [{self.low}, {self.high}]")
-        if self.log:
-            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
-        return (value - self.low) / (self.high - self.low)
+# ----------------------------------------------------------------------------- points of the unit cube
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """An ordered set of :class:`Param`; point ``u`` of ``[0, 1]^d`` <-> configuration dict."""
-
-    params: tuple[Param, ...]
-
-    def __post_init__(self) -> None:
-        names = [p.name for p in self.params]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"a search space needs at least one param and unique names, got {names}")
-
-    @property
-    def dim(self) -> int:
-        """Number of hyperparameters ``d``."""
-        return len(self.params)
-
-    @property
-    def names(self) -> list[str]:
-        """The parameter names, in order."""
-        return [p.name for p in self.params]
-
-    def decode(self, u: np.ndarray) -> Config:
-        """Configuration at the point ``u`` of shape ``(d,)``."""
-        u = np.asarray(u, dtype=float)
-        if u.shape != (self.dim,):
-            raise ValueError(f"expected a point of shape ({self.dim},), got {u.shape}")
-        return {p.name: p.decode(ui) for p, ui in zip(self.params, u)}
-
-    def encode(self, config: Config) -> np.ndarray:
-        """The point ``(d,)`` of a configuration (inverse of :meth:`decode` up to rounding)."""
-        missing = set(self.names) - set(config)
-        if missing:
-            raise ValueError(f"config lacks {sorted(missing)}")
-        return np.array([p.encode(config[p.name]) for p in self.params])
-
-    def suggest(self, trial: Any) -> Config:
-        """Ask an optuna ``trial`` for a configuration of this space."""
-        config: Config = {}
-        for p in self.params:
-            if p.integer:
-                config[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
-            else:
-                config[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
-        return config
+def _check_box(space: SearchSpace) -> None:
+    """Raise unless every dimension of ``space`` is a :class:`Param` (the searches here work in the unit cube)."""
+    for dim in space.dimensions:
+        if not isinstance(dim, Param):
+            raise ValueError(f"this search works in the unit cube of a space of Params; {dim.name!r} is a Choice")
 
 
-@dataclass
-class SearchResult:
-    """What a search tried, in order: configurations, unit-cube points ``(n, d)``, values ``(n,)``."""
-
-    method: str
-    configs: list[Config] = field(default_factory=list)
-    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
-    values: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    def best_so_far(self) -> np.ndarray:
-        """``(n,)``: the lowest value among the first ``t + 1`` trials, for each ``t``."""
-        return np.minimum.accumulate(self.values)
-
-    @property
-    def best_index(self) -> int:
-        """Index of the best (lowest) trial; the first one on ties."""
-        if len(self.values) == 0:
-            raise ValueError("the search has no trials")
-        return int(np.argmin(self.values))
-
-    @property
-    def best_value(self) -> float:
-        """The lowest objective value found."""
-        return float(self.values[self.best_index])
-
-    @property
-    def best_config(self) -> Config:
-        """The configuration with the lowest value."""
-        return self.configs[self.best_index]
-
-
-def _check_budget(budget: int) -> None:
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget (number of trials) must be a positive int, got {budget!r}")
-
-
-def evaluate_points(objective: Objective, space: SearchSpace, points: np.ndarray, method: str) -> SearchResult:
-    """Evaluate ``objective`` at each row of ``points`` ``(n, d)`` and record the trials."""
+def evaluate_points(
+    objective: Objective, space: SearchSpace, points: np.ndarray, *, mode: str, method: str
+) -> SearchResult:
+    """Evaluate ``objective`` at each row of ``points`` ``(n, d)`` (positions in the unit cube); record the trials."""
     points = np.atleast_2d(np.asarray(points, dtype=float))
-    if points.shape[1] != space.dim:
-        raise ValueError(f"points must be (n, {space.dim}), got {points.shape}")
-    configs = [space.decode(u) for u in points]
-    values = np.array([float(objective(c)) for c in configs])
-    return SearchResult(method, configs, points, values)
+    if points.shape[1] != space.ndim:
+        raise ValueError(f"points must be (n, {space.ndim}), got {points.shape}")
+    result = SearchResult(mode, method)
+    for u in points:
+        result.evaluate(objective, space, u)
+    return result
 
 
-# ----------------------------------------------------------------------------- grid and random
+# ----------------------------------------------------------------------------- grid
 
 
 def grid_levels(budget: int, dim: int) -> tuple[int, ...]:
@@ -174,7 +71,7 @@ def grid_levels(budget: int, dim: int) -> tuple[int, ...]:
     Start from ``k = floor(budget^(1/d))`` on every axis, then give axes (first ones first)
     one more level while the product stays within the budget: ``grid_levels(24, 4) == (3, 2, 2, 2)``.
     """
-    _check_budget(budget)
+    check_budget(budget)
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
     k = max(1, int(math.floor(budget ** (1.0 / dim) + 1e-9)))
@@ -194,7 +91,7 @@ def grid_points(levels: Sequence[int]) -> np.ndarray:
 
 
 def random_points(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    """``(n, dim)`` points drawn uniformly from the unit cube (seeded)."""
+    """``(n, dim)`` points drawn uniformly from the unit cube (seeded): the points ``nas.random_search`` tries."""
     if n < 0 or dim < 1:
         raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
     return np.random.default_rng(seed).random((n, dim))
@@ -208,22 +105,17 @@ def distinct_values(values: np.ndarray, decimals: int = 9) -> int:
     return len(np.unique(np.round(values, decimals)))
 
 
-def grid_search(objective: Objective, space: SearchSpace, budget: int) -> SearchResult:
+def grid_search(objective: Objective, space: SearchSpace, budget: int, *, mode: str) -> SearchResult:
     """Evaluate the grid of :func:`grid_levels` (at most ``budget`` trials)."""
-    return evaluate_points(objective, space, grid_points(grid_levels(budget, space.dim)), "grid")
-
-
-def random_search(objective: Objective, space: SearchSpace, budget: int, seed: int = 0) -> SearchResult:
-    """Evaluate ``budget`` uniformly random points of the unit cube."""
-    _check_budget(budget)
-    return evaluate_points(objective, space, random_points(budget, space.dim, seed), "random")
+    _check_box(space)
+    return evaluate_points(objective, space, grid_points(grid_levels(budget, space.ndim)), mode=mode, method="grid")
 
 
 # ----------------------------------------------------------------------------- Gaussian process
 
 
 def rbf_kernel(a: np.ndarray, b: np.ndarray, lengthscale: float, variance: float = 1.0) -> np.ndarray:
-    """``k(a_i, b_j) = variance * exp(-|a_i - b_j|^2 / (2 lengthscale^2))``; a ``(n, d)``, b ``(m, d)`` -> ``(n, m)``."""
+    """``k(a_i, b_j) = variance * exp(-|a_i - b_j|^2 / (2 lengthscale^2))``; a (n, d), b (m, d) -> (n, m)."""
     a, b = np.atleast_2d(a), np.atleast_2d(b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b need the same number of columns, got {a.shape} and {b.shape}")
@@ -247,7 +139,7 @@ class GaussianProcess:
         self.x: np.ndarray | None = None
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> GaussianProcess:
-        """Condition on observations x ``(n, d)``, y ``(n,)``: ``L L^T = K + noise I``, ``alpha = (K + noise I)^-1 y``."""
+        """Condition on x ``(n, d)``, y ``(n,)``: ``L L^T = K + noise I``, ``alpha = (K + noise I)^-1 y``."""
         x, y = np.atleast_2d(np.asarray(x, float)), np.asarray(y, float)
         if y.ndim != 1 or len(y) != len(x) or len(y) == 0:
             raise ValueError(f"expected x (n, d) and y (n,) with n >= 1, got {x.shape} and {y.shape}")
@@ -320,6 +212,8 @@ def gp_ei_search(
     objective: Objective,
     space: SearchSpace,
     budget: int,
+    *,
+    mode: str,
     seed: int = 0,
     n_init: int = 4,
     n_candidates: int = 2000,
@@ -328,23 +222,22 @@ def gp_ei_search(
     """Bayesian optimisation: ``n_init`` random trials, then each trial maximises EI over random candidates.
 
     Before each proposal a :class:`GaussianProcess` is refitted (:func:`fit_gp`) to all trials so far.
+    The GP models the loss to minimise: the value itself (``mode="min"``) or its negative (``"max"``).
     """
-    _check_budget(budget)
+    check_budget(budget)
+    check_mode(mode)
+    _check_box(space)
     if not 1 <= n_init <= budget:
         raise ValueError(f"need 1 <= n_init <= budget, got n_init={n_init}, budget={budget}")
+    sign = 1.0 if mode == "min" else -1.0
     rng = np.random.default_rng(seed)
-    result = evaluate_points(objective, space, rng.random((n_init, space.dim)), "GP-EI")
-    points, values = list(result.points), list(result.values)
-    while len(values) < budget:
-        gp = fit_gp(np.array(points), np.array(values), noises=noises)
-        candidates = rng.random((n_candidates, space.dim))  # (c, d)
+    result = evaluate_points(objective, space, rng.random((n_init, space.ndim)), mode=mode, method="GP-EI")
+    while len(result.values) < budget:
+        losses = sign * np.array(result.values)  # (n,)
+        gp = fit_gp(np.array(result.points), losses, noises=noises)
+        candidates = rng.random((n_candidates, space.ndim))  # (c, d)
         mean, std = gp.predict(candidates)
-        u = candidates[np.argmax(expected_improvement(mean, std, min(values)))]
-        config = space.decode(u)
-        points.append(u)
-        values.append(float(objective(config)))
-        result.configs.append(config)
-    result.points, result.values = np.array(points), np.array(values)
+        result.evaluate(objective, space, candidates[np.argmax(expected_improvement(mean, std, losses.min()))])
     return result
 
 
@@ -423,6 +316,8 @@ def cma_es_search(
     objective: Objective,
     space: SearchSpace,
     budget: int,
+    *,
+    mode: str,
     seed: int = 0,
     sigma0: float = 0.3,
     popsize: int | None = None,
@@ -430,10 +325,14 @@ def cma_es_search(
     """CMA-ES from the centre of the unit cube; out-of-cube samples are redrawn (up to 20 times), then clipped.
 
     The last generation is cut short when the budget runs out (its points are evaluated, not told).
+    CMA-ES minimises the value itself (``mode="min"``) or its negative (``"max"``).
     """
-    _check_budget(budget)
-    es = CMAES(np.full(space.dim, 0.5), sigma0, popsize=popsize, seed=seed)
-    result = SearchResult("CMA-ES", [], np.zeros((0, space.dim)), np.zeros(0))
+    check_budget(budget)
+    check_mode(mode)
+    _check_box(space)
+    sign = 1.0 if mode == "min" else -1.0
+    es = CMAES(np.full(space.ndim, 0.5), sigma0, popsize=popsize, seed=seed)
+    result = SearchResult(mode, "CMA-ES")
     while len(result.values) < budget:
         x = es.ask()
         for _ in range(20):  # resample the points that left the cube
@@ -442,29 +341,33 @@ def cma_es_search(
                 break
             x[bad] = es.ask()[: bad.sum()]
         x = np.clip(x, 0.0, 1.0)[: budget - len(result.values)]
-        batch = evaluate_points(objective, space, x, "CMA-ES")
-        result.configs += batch.configs
-        result.points = np.vstack([result.points, batch.points])
-        result.values = np.concatenate([result.values, batch.values])
+        values = [result.evaluate(objective, space, u) for u in x]
         if len(x) == es.popsize:
-            es.tell(x, batch.values)
+            es.tell(x, sign * np.array(values))
     return result
 
 
 # ----------------------------------------------------------------------------- optuna
 
 
-def optuna_search(objective: Objective, space: SearchSpace, budget: int, sampler: Any, method: str) -> SearchResult:
+def optuna_search(
+    objective: Objective, space: SearchSpace, budget: int, *, mode: str, sampler: Any, method: str = "optuna"
+) -> SearchResult:
     """Run an optuna study with ``sampler`` for ``budget`` trials on ``space`` (optuna's logging silenced)."""
     import optuna
 
-    _check_budget(budget)
+    check_budget(budget)
+    check_mode(mode)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=sampler)
     study.optimize(lambda trial: objective(space.suggest(trial)), n_trials=budget)
-    configs = [dict(t.params) for t in study.trials]
-    values = np.array([t.value for t in study.trials], dtype=float)
-    return SearchResult(method, configs, np.array([space.encode(c) for c in configs]), values)
+    result = SearchResult(mode, method)
+    for trial in study.trials:
+        if trial.value is None:
+            raise RuntimeError(f"optuna trial {trial.number} ended without a value ({trial.state})")
+        config = dict(trial.params)
+        result.add(space.encode(config), config, trial.value)
+    return result
 
 
 # ----------------------------------------------------------------------------- test functions and the digits objective
@@ -476,7 +379,7 @@ def forrester(x: np.ndarray | float) -> np.ndarray:
     return (6 * x - 2) ** 2 * np.sin(12 * x - 4)
 
 
-DIGITS_SPACE = SearchSpace(
+DIGITS_HPARAM_SPACE = SearchSpace(
     (
         Param("lr", 1e-4, 1.0, log=True),
         Param("weight_decay", 1e-6, 1.0, log=True),
@@ -484,65 +387,62 @@ DIGITS_SPACE = SearchSpace(
         Param("dropout", 0.0, 0.8),
     )
 )
-"""The chapter's search space for :class:`DigitsObjective` (AdamW learning rate and weight decay, MLP width, dropout)."""
+"""Chapter 17's space for :class:`DigitsObjective`: AdamW learning rate and weight decay, MLP width, dropout."""
 
 DIGITS_DEFAULT: Config = {"lr": 1e-3, "weight_decay": 1e-2, "width": 64, "dropout": 0.0}
 """The configuration one would start from without tuning: AdamW's default lr and weight decay."""
 
-
-def digits_mlp(width: int, dropout: float) -> nn.Sequential:
-    """``(N, 1, 8, 8) -> (N, 10)``: flatten, Linear(64, width), ReLU, Dropout, Linear(width, 10)."""
-    if int(width) < 1 or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"need width >= 1 and dropout in [0, 1), got width={width}, dropout={dropout}")
-    width = int(width)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, 10))
+HPARAM_KEYS = ("lr", "weight_decay", "width", "dropout")
 
 
 class DigitsObjective:
-    """Validation error of :func:`digits_mlp` after ``epochs`` of AdamW on the digits train split.
+    """Validation error of a one-hidden-layer digits MLP after ``epochs`` of AdamW, trained on ``device``.
 
-    Each call is a fresh, seeded training run, so the objective is a deterministic function of the
+    The model is chapter 2's ``MLPConfig(width=..., depth=1, dropout=...)``: flatten, ``Linear(64,
+    width)``, ReLU, dropout, ``Linear(width, 10)``. Each call is a fresh training run seeded by ``seed``
+    (initialisation, shuffling, dropout), so the objective is a deterministic function of the
     configuration; results are cached, and ``calls`` / ``trainings`` count the work done.
     """
 
-    def __init__(self, split: Split, epochs: int = 4, batch_size: int = 64, seed: int = 0):
+    def __init__(
+        self, split: Split, *, device: torch.device | str, epochs: int = 4, batch_size: int = 64, seed: int = 0
+    ) -> None:
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
         self.split, self.epochs, self.batch_size, self.seed = split, epochs, batch_size, seed
+        self.device = torch.device(device)
+        self.train_data = (split.x_train.to(self.device), split.y_train.to(self.device))  # (N, 1, 8, 8), (N,)
         self.cache: dict[tuple, float] = {}
         self.calls = self.trainings = 0
 
     def train(self, config: Config) -> nn.Module:
-        """Train a fresh model with ``config`` (keys ``lr``, ``weight_decay``, ``width``, ``dropout``)."""
-        missing = {"lr", "weight_decay", "width", "dropout"} - set(config)
+        """Train a fresh model with ``config`` (keys ``lr``, ``weight_decay``, ``width``, ``dropout``); eval mode."""
+        missing = set(HPARAM_KEYS) - set(config)
         if missing:
             raise ValueError(f"config lacks {sorted(missing)}")
-        torch.manual_seed(self.seed)
-        model = digits_mlp(config["width"], config["dropout"])
-        data = TensorDataset(self.split.x_train, self.split.y_train)
-        # Batches by index lists: one tensor gather per batch instead of per-sample collation.
-        sampler = BatchSampler(
-            RandomSampler(data, generator=torch.Generator().manual_seed(self.seed)), self.batch_size, drop_last=False
-        )
-        loader = DataLoader(data, batch_size=None, sampler=sampler)
-        fit(
-            model,
-            loader,
-            epochs=self.epochs,
-            lr=config["lr"],
-            optimizer="adamw",
-            weight_decay=config["weight_decay"],
-            progress=False,
-        )
+        mlp = MLPConfig(width=int(config["width"]), depth=1, dropout=float(config["dropout"]))
+        with seeded(self.seed):  # initialisation and dropout
+            model = build_model(mlp).to(self.device)
+            loader = shuffled_batches(*self.train_data, batch_size=self.batch_size, seed=self.seed)
+            fit(
+                model,
+                loader,
+                epochs=self.epochs,
+                lr=config["lr"],
+                optimizer="adamw",
+                weight_decay=config["weight_decay"],
+                progress=False,
+            )
         return model.eval()
 
     @torch.no_grad()
     def error(self, model: nn.Module, part: str = "val") -> float:
-        """Classification error of ``model`` on the ``"val"`` or ``"test"`` split."""
+        """Classification error of ``model`` (on ``device``) on the ``"val"`` or ``"test"`` split."""
         if part not in ("val", "test"):
             raise ValueError(f"part must be 'val' or 'test', got {part!r}")
         x, y = (self.split.x_val, self.split.y_val) if part == "val" else (self.split.x_test, self.split.y_test)
-        return 1.0 - accuracy(model(x), y)
+        model.eval()
+        return 1.0 - accuracy(model(x.to(self.device)), y.to(self.device))
 
     def __call__(self, config: Config) -> float:
         """Validation error of ``config`` (cached)."""

@@ -152,6 +152,7 @@ NORMS.register("layer")(lambda features, dims: nn.GroupNorm(1, features) if dims
 ACTIVATIONS.register("relu")(nn.ReLU)
 ACTIVATIONS.register("gelu")(nn.GELU)
 ACTIVATIONS.register("tanh")(nn.Tanh)
+ACTIVATIONS.register("sigmoid")(nn.Sigmoid)
 
 
 # --- reusable blocks -----------------------------------------------------------------------

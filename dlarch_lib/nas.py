@@ -1,19 +1,29 @@
-"""Neural architecture search on a small, tabulated space of digits networks.
+"""Chapters 15 and 16: architecture search, on top of the book's one search core (chapters 15-17).
 
-An architecture is a sequence of tokens, one choice index per decision of a
-:class:`SearchSpace` (depth, width, activation, skip connections, learning rate).
-:func:`train_and_evaluate` trains one such network briefly on the digits and returns its
-validation accuracy. :func:`load_table` evaluates the whole space once and caches the
-result on disk, so that a search only *looks up* rewards and many searches over many
-seeds fit in a CPU budget (the idea of NAS-Bench-101/201).
+**The search core** (used again by chapter 17's :mod:`dlarch_lib.hpo`). A search evaluates an
+objective ``f(config) -> float`` at the points it chooses and keeps the best, maximising or
+minimising (``mode="max"`` or ``"min"``); every search is called the same way,
+``search(objective, space, budget, *, mode, seed, ...)``, and returns a :class:`SearchResult`.
 
-Three search strategies share one interface, ``(space, objective, budget, seed)``:
+- :class:`SearchSpace`: a product of named dimensions, each a :class:`Choice` among a tuple of
+  options (its coordinate is the option's index, a *token*) or a numeric range :class:`Param`
+  (its coordinate is a position in ``[0, 1]``, mapped onto the range on a linear or log scale).
+  ``space.decode(point)`` is the configuration ``{name: value}`` the objective sees.
+- :class:`SearchResult`: the points, configurations and values a search evaluated, in order;
+  ``best_so_far``, ``best_value``, ``best_config`` read them in the result's ``mode``.
+- :func:`random_search`: uniform samples, the baseline every method must beat.
 
-- :func:`random_search`: uniform samples, the baseline every method must beat;
-- :func:`reinforce_search`: an LSTM :class:`Controller` that samples token by token,
-  feeding back the embedding of its previous action, trained with REINFORCE and a
-  moving-average baseline (Zoph & Le, 2017);
-- :func:`regularized_evolution`: tournament selection, mutation and aging (Real et al., 2019).
+**Chapter 15.** An architecture is a point of a space of choices (:data:`DIGITS_ARCH_SPACE`:
+depth, width, activation, skip connections, learning rate). :func:`train_and_evaluate` trains
+one such network (chapter 2's ``MLPConfig``) briefly with ``train.fit`` and returns its accuracy.
+:func:`load_table` evaluates the whole space once and caches the result on disk, so that a search
+only *looks up* rewards and many searches over many seeds fit in a CPU budget (the idea of
+NAS-Bench-101/201). :func:`reinforce_search` trains an LSTM :class:`Controller`, which samples
+token by token, feeding back the embedding of its previous action, with REINFORCE and a
+moving-average baseline (Zoph & Le, 2017); :func:`reinforce_step` is its training step.
+
+**Chapter 16.** :func:`regularized_evolution`: tournament selection, :func:`mutate` and aging
+(Real et al., 2019).
 """
 
 from __future__ import annotations
@@ -21,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,111 +49,313 @@ from tqdm import tqdm
 
 from dlarch_lib.core.data import Split, load_digits_split
 from dlarch_lib.core.measure import count_parameters
-from dlarch_lib.core.train import accuracy
+from dlarch_lib.core.runtime import seeded
+from dlarch_lib.core.train import Step, accuracy, fit
+from dlarch_lib.modular import Chain, MLPConfig, build_model
+
+Config = dict[str, Any]
+"""A configuration: ``{dimension name: value}``, what an objective is evaluated at."""
+
+Point = tuple[Any, ...]
+"""A point of a space: one coordinate per dimension (an option's index, or a position in ``[0, 1]``)."""
 
 Arch = tuple[int, ...]
-"""An architecture: one token (the index of the chosen option) per decision of the space."""
+"""An architecture: a point of a space of choices, one token (option index) per decision."""
 
-Objective = Callable[[Arch], float]
-"""Maps an architecture to its reward (here: validation accuracy)."""
+Objective = Callable[[Config], float]
+"""Maps a configuration to the number a search maximises (a reward) or minimises (an error)."""
 
+MODES = ("max", "min")
 TABLE_FORMAT = 2  # bump when the stored table layout or the evaluation procedure changes (2: cpu_seconds)
 
 
-# --------------------------------------------------------------------------- search space
+def check_mode(mode: str) -> None:
+    """Raise unless ``mode`` is ``"max"`` or ``"min"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+
+
+def check_budget(budget: int) -> None:
+    """Raise unless ``budget`` (the number of evaluations) is a positive int."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget (the number of evaluations) must be a positive int, got {budget!r}")
+
+
+def _sign(mode: str) -> float:
+    """``+1`` when larger values are better (``"max"``), ``-1`` when smaller are (``"min"``)."""
+    check_mode(mode)
+    return 1.0 if mode == "max" else -1.0
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A decision among ``options``; its coordinate is the index of the chosen option (a token)."""
+
+    name: str
+    options: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, tuple) or len(self.options) == 0:
+            raise ValueError(f"decision {self.name!r} needs a non-empty tuple of options, got {self.options!r}")
+
+    def decode(self, token: int) -> Any:
+        """The option at index ``token``."""
+        if not 0 <= int(token) < len(self.options):
+            raise ValueError(f"token for {self.name!r} must be in 0..{len(self.options) - 1}, got {token}")
+        return self.options[int(token)]
+
+    def encode(self, value: Any) -> int:
+        """The index of the option ``value`` (inverse of :meth:`decode`)."""
+        if value not in self.options:
+            raise ValueError(f"{self.name}={value!r} is not an option; options are {self.options}")
+        return self.options.index(value)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A number in ``[low, high]``; ``log`` searches its logarithm, ``integer`` rounds it.
+
+    Its coordinate is a position ``u`` in ``[0, 1]``: 0 is ``low``, 1 is ``high``.
+    """
+
+    name: str
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"param {self.name!r}: need low < high, got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"param {self.name!r}: a log scale needs low > 0, got {self.low}")
+
+    def decode(self, u: float) -> float | int:
+        """The value at position ``u`` in ``[0, 1]`` (clipped into the range)."""
+        u = min(max(float(u), 0.0), 1.0)
+        if self.log:
+            value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        else:
+            value = self.low + u * (self.high - self.low)
+        return int(round(value)) if self.integer else value
+
+    def encode(self, value: float) -> float:
+        """Inverse of :meth:`decode`: the position of ``value`` in ``[0, 1]``."""
+        if not self.low <= value <= self.high:
+            raise ValueError(f"param {self.name!r}: {value} is outside [{self.low}, {self.high}]")
+        if self.log:
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (value - self.low) / (self.high - self.low)
+
+
+Dimension = Choice | Param
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """A product of named decisions, each with a tuple of options.
+    """A product of named dimensions: ``point`` (one coordinate each) <-> configuration ``{name: value}``.
 
-    ``SearchSpace.from_dict({"depth": (1, 2), "lr": (1e-3, 1e-2)})`` has 4 architectures;
-    the architecture ``(1, 0)`` means depth 2 and learning rate 1e-3.
+    ``SearchSpace.from_dict({"depth": (1, 2), "lr": (1e-3, 1e-2)})`` is a space of choices with
+    4 points; the point ``(1, 0)`` means depth 2 and learning rate 1e-3. A space of choices is
+    finite: it has a size, an order (:meth:`index`) and can list every point (:meth:`all`).
+    ``SearchSpace((Param("lr", 1e-4, 1.0, log=True), ...))`` is a box: its points are the unit cube.
     """
 
-    decisions: tuple[tuple[str, tuple[Any, ...]], ...]
+    dimensions: tuple[Dimension, ...]
 
     def __post_init__(self) -> None:
-        if not self.decisions:
-            raise ValueError("a search space needs at least one decision")
-        names = [name for name, _ in self.decisions]
-        if len(set(names)) != len(names):
-            raise ValueError(f"decision names must be unique, got {names}")
-        for name, options in self.decisions:
-            if not isinstance(options, tuple) or len(options) == 0:
-                raise ValueError(f"decision {name!r} needs a non-empty tuple of options, got {options!r}")
+        if not self.dimensions:
+            raise ValueError("a search space needs at least one dimension")
+        for dim in self.dimensions:
+            if not isinstance(dim, (Choice, Param)):
+                raise TypeError(f"a dimension is a Choice or a Param, got {type(dim).__name__}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"dimension names must be unique, got {list(self.names)}")
 
     @classmethod
-    def from_dict(cls, decisions: dict[str, Sequence[Any]]) -> SearchSpace:
-        """Build a space from ``{name: options}`` (order of the dict = order of the tokens)."""
-        return cls(tuple((name, tuple(options)) for name, options in decisions.items()))
+    def from_dict(cls, choices: dict[str, Sequence[Any]]) -> SearchSpace:
+        """A space of choices from ``{name: options}`` (the order of the dict is the order of the tokens)."""
+        return cls(tuple(Choice(name, tuple(options)) for name, options in choices.items()))
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Decision names, in token order."""
-        return tuple(name for name, _ in self.decisions)
+        """Dimension names, in coordinate order."""
+        return tuple(dim.name for dim in self.dimensions)
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions (coordinates of a point)."""
+        return len(self.dimensions)
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        """Number of options of each decision (the controller's vocabulary per step)."""
-        return tuple(len(options) for _, options in self.decisions)
+        """Number of options of each decision (the controller's vocabulary per step); choices only."""
+        sizes = []
+        for dim in self.dimensions:
+            if not isinstance(dim, Choice):
+                raise ValueError(f"dimension {dim.name!r} is a continuous Param: the space is not finite")
+            sizes.append(len(dim.options))
+        return tuple(sizes)
 
     def __len__(self) -> int:
-        return int(np.prod(self.sizes))
+        """Number of points of a space of choices."""
+        return math.prod(self.sizes)
 
-    def validate(self, arch: Sequence[int]) -> Arch:
-        """Return ``arch`` as a tuple of ints, or raise ``ValueError`` if it is not in the space."""
-        arch = tuple(int(t) for t in arch)
-        if len(arch) != len(self.sizes):
-            raise ValueError(f"an architecture has {len(self.sizes)} tokens {self.names}, got {len(arch)}: {arch}")
-        for token, size, name in zip(arch, self.sizes, self.names):
-            if not 0 <= token < size:
-                raise ValueError(f"token for {name!r} must be in 0..{size - 1}, got {token}")
-        return arch
+    def __bool__(self) -> bool:  # a box has no len(); a space is never empty
+        return True
 
-    def decode(self, arch: Sequence[int]) -> dict[str, Any]:
-        """Tokens -> ``{name: option}``."""
-        arch = self.validate(arch)
-        return {name: options[t] for (name, options), t in zip(self.decisions, arch)}
+    def validate(self, point: Sequence[Any]) -> Point:
+        """``point`` as a tuple (ints for choices, floats for params), or ``ValueError`` if it is not in the space."""
+        point = tuple(point)
+        if len(point) != self.ndim:
+            raise ValueError(f"a point has {self.ndim} coordinates {self.names}, got {len(point)}: {point}")
+        coords: list[Any] = []
+        for dim, coordinate in zip(self.dimensions, point):
+            if isinstance(dim, Choice):
+                dim.decode(coordinate)  # range check
+                coords.append(int(coordinate))
+            else:
+                coords.append(float(coordinate))
+        return tuple(coords)
 
-    def encode(self, config: dict[str, Any]) -> Arch:
-        """``{name: option}`` -> tokens (inverse of :meth:`decode`)."""
+    def decode(self, point: Sequence[Any]) -> Config:
+        """Point -> ``{name: value}``."""
+        return {dim.name: dim.decode(c) for dim, c in zip(self.dimensions, self.validate(point))}
+
+    def encode(self, config: Config) -> Point:
+        """``{name: value}`` -> point (inverse of :meth:`decode`, up to a param's rounding)."""
         if set(config) != set(self.names):
-            raise ValueError(f"config keys must be {sorted(self.names)}, got {sorted(config)}")
-        arch = []
-        for name, options in self.decisions:
-            if config[name] not in options:
-                raise ValueError(f"{name}={config[name]!r} is not an option; options are {options}")
-            arch.append(options.index(config[name]))
-        return tuple(arch)
+            missing, extra = sorted(set(self.names) - set(config)), sorted(set(config) - set(self.names))
+            raise ValueError(f"config keys must be {sorted(self.names)}; it lacks {missing} and has extra {extra}")
+        return tuple(dim.encode(config[dim.name]) for dim in self.dimensions)
 
-    def index(self, arch: Sequence[int]) -> int:
-        """Position of ``arch`` in :meth:`all` (mixed-radix number, last token fastest)."""
+    def index(self, point: Sequence[int]) -> int:
+        """Position of a point of a space of choices in :meth:`all` (mixed radix, last token fastest)."""
         index = 0
-        for token, size in zip(self.validate(arch), self.sizes):
+        for token, size in zip(self.validate(point), self.sizes):
             index = index * size + token
         return index
 
-    def arch_at(self, index: int) -> Arch:
-        """The architecture at position ``index`` of :meth:`all`."""
+    def point_at(self, index: int) -> Arch:
+        """The point at position ``index`` of :meth:`all`."""
         if not 0 <= index < len(self):
             raise ValueError(f"index must be in 0..{len(self) - 1}, got {index}")
         return tuple(int(t) for t in np.unravel_index(index, self.sizes))
 
     def all(self) -> list[Arch]:
-        """Every architecture, in index order."""
+        """Every point of a space of choices, in index order."""
         return list(itertools.product(*(range(n) for n in self.sizes)))
 
-    def sample(self, rng: np.random.Generator) -> Arch:
-        """One architecture drawn uniformly at random."""
-        return tuple(int(rng.integers(n)) for n in self.sizes)
+    def sample(self, rng: np.random.Generator) -> Point:
+        """One point drawn uniformly at random: a uniform option of each choice, a uniform position of each param."""
+        return tuple(
+            int(rng.integers(len(dim.options))) if isinstance(dim, Choice) else float(rng.random())
+            for dim in self.dimensions
+        )
+
+    def suggest(self, trial: Any) -> Config:
+        """Ask an optuna ``trial`` for a configuration of this space."""
+        config: Config = {}
+        for dim in self.dimensions:
+            if isinstance(dim, Choice):
+                config[dim.name] = trial.suggest_categorical(dim.name, dim.options)
+            elif dim.integer:
+                config[dim.name] = trial.suggest_int(dim.name, int(dim.low), int(dim.high), log=dim.log)
+            else:
+                config[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=dim.log)
+        return config
 
     def to_json(self) -> list[list[Any]]:
-        """A JSON-ready description (used in the cache key)."""
-        return [[name, list(options)] for name, options in self.decisions]
+        """A JSON-ready description (used in the cache key of a :class:`Table`)."""
+        return [
+            [dim.name, list(dim.options)] if isinstance(dim, Choice) else [dim.name, asdict(dim)]
+            for dim in self.dimensions
+        ]
 
 
-DIGITS_SPACE = SearchSpace.from_dict(
+# --------------------------------------------------------------------------- results and random search
+
+
+@dataclass
+class SearchResult:
+    """What a search evaluated, in order: ``points``, their ``configs`` and the objective's ``values``.
+
+    ``mode`` says which values are better: ``"max"`` (rewards, accuracies) or ``"min"`` (errors).
+    ``extra`` holds whatever else a search returns (a trained controller, its training history).
+    """
+
+    mode: str
+    method: str = ""
+    points: list[Point] = field(default_factory=list)
+    configs: list[Config] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+
+    def add(self, point: Point, config: Config, value: float) -> None:
+        """Record one evaluation."""
+        self.points.append(point)
+        self.configs.append(config)
+        self.values.append(float(value))
+
+    def evaluate(self, objective: Objective, space: SearchSpace, point: Sequence[Any]) -> float:
+        """Evaluate ``objective`` at the configuration of ``point``, record it and return its value."""
+        point = space.validate(point)
+        config = space.decode(point)
+        value = float(objective(config))
+        self.add(point, config, value)
+        return value
+
+    @property
+    def best_so_far(self) -> np.ndarray:
+        """``(n,)``: the best value among the first ``t + 1`` evaluations, for each ``t``."""
+        values = np.asarray(self.values, dtype=np.float64)
+        if len(values) == 0:
+            raise ValueError("the search has no evaluations")
+        return np.maximum.accumulate(values) if self.mode == "max" else np.minimum.accumulate(values)
+
+    @property
+    def best_index(self) -> int:
+        """Index of the best evaluation (the first one on ties)."""
+        if not self.values:
+            raise ValueError("the search has no evaluations")
+        values = np.asarray(self.values)
+        return int(np.argmax(values) if self.mode == "max" else np.argmin(values))
+
+    @property
+    def best_value(self) -> float:
+        """The best value found."""
+        return self.values[self.best_index]
+
+    @property
+    def best_point(self) -> Point:
+        """The point of the best value."""
+        return self.points[self.best_index]
+
+    @property
+    def best_config(self) -> Config:
+        """The configuration of the best value."""
+        return self.configs[self.best_index]
+
+
+def random_search(objective: Objective, space: SearchSpace, budget: int, *, mode: str, seed: int = 0) -> SearchResult:
+    """Evaluate ``budget`` points drawn uniformly (with replacement): the baseline every search must beat."""
+    check_budget(budget)
+    rng = np.random.default_rng(seed)
+    result = SearchResult(mode, "random")
+    for _ in range(budget):
+        result.evaluate(objective, space, space.sample(rng))
+    return result
+
+
+# --------------------------------------------------------------------------- chapter 15: the digits space
+
+DIGITS_ARCH_SPACE = SearchSpace.from_dict(
     {
         "depth": (1, 2, 3),  # hidden layers
         "width": (16, 32, 64, 128),  # units per hidden layer
@@ -151,70 +364,44 @@ DIGITS_SPACE = SearchSpace.from_dict(
         "lr": (1e-3, 3e-3, 1e-2, 3e-2),  # Adam learning rate
     }
 )
-"""The book's search space: 3 * 4 * 3 * 2 * 4 = 288 architectures."""
+"""Chapters 15-16's space of digits MLPs: 3 * 4 * 3 * 2 * 4 = 288 architectures."""
+
+
+NETWORK_KEYS = ("depth", "width", "activation", "skip")
 
 
 def mutate(arch: Sequence[int], space: SearchSpace, rng: np.random.Generator) -> Arch:
     """Change one uniformly chosen decision to a different option (the evolution's mutation)."""
-    arch = list(space.validate(arch))
+    tokens = list(space.validate(arch))
     mutable = [i for i, n in enumerate(space.sizes) if n > 1]
     if not mutable:
         raise ValueError("cannot mutate: every decision of the space has a single option")
     i = mutable[int(rng.integers(len(mutable)))]
     new = int(rng.integers(space.sizes[i] - 1))
-    arch[i] = new if new < arch[i] else new + 1  # uniform over the *other* options
-    return tuple(arch)
+    tokens[i] = new if new < tokens[i] else new + 1  # uniform over the *other* options
+    return tuple(tokens)
 
 
-# --------------------------------------------------------------------------- the networks
+def build_network(config: Config) -> Chain:
+    """The digits MLP of a decoded architecture: chapter 2's :class:`~dlarch_lib.modular.MLPConfig`.
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-}
-NETWORK_KEYS = ("depth", "width", "activation", "skip")
-
-
-class DigitsMLP(nn.Module):
-    """An MLP on flattened 8x8 digits: ``depth`` hidden layers of ``width`` units.
-
-    With ``skip`` every hidden layer after the first adds its input back (a residual
-    connection, ``h <- h + act(W h)``); with ``depth == 1`` there is nothing to skip.
+    ``depth`` hidden layers of ``width`` units; with ``skip`` every hidden layer after the first
+    adds its input back (``h + act(W h)``). Keys ``depth, width, activation, skip``; others are ignored.
     """
-
-    def __init__(
-        self, depth: int, width: int, activation: str = "relu", skip: bool = False, num_classes: int = 10
-    ) -> None:
-        super().__init__()
-        if depth < 1 or width < 1:
-            raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        self.skip = bool(skip) and depth > 1
-        self.inp = nn.Sequential(nn.Linear(64, width), ACTIVATIONS[activation]())
-        self.hidden = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, width), ACTIVATIONS[activation]()) for _ in range(depth - 1)
-        )
-        self.out = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x.flatten(1))  # (B, 64) -> (B, width)
-        for layer in self.hidden:
-            h = h + layer(h) if self.skip else layer(h)  # (B, width)
-        return self.out(h)  # (B, num_classes)
-
-
-def build_network(config: dict[str, Any]) -> DigitsMLP:
-    """The network of a decoded architecture (keys ``depth, width, activation, skip``; others ignored)."""
     missing = [k for k in NETWORK_KEYS if k not in config]
     if missing:
         raise ValueError(f"architecture config lacks {missing}; it has {sorted(config)}")
-    return DigitsMLP(int(config["depth"]), int(config["width"]), str(config["activation"]), bool(config["skip"]))
+    return build_model(
+        MLPConfig(
+            width=int(config["width"]),
+            depth=int(config["depth"]),
+            activation=str(config["activation"]),
+            skip=bool(config["skip"]),
+        )
+    )
 
 
-def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
+def canonical_config(config: Config) -> Config:
     """The config with decisions that change nothing normalised (``skip`` is moot at depth 1).
 
     Two architectures with the same canonical config build the same network and, trained
@@ -245,32 +432,35 @@ class EvalSettings:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
 
-def train_and_evaluate(
-    config: dict[str, Any], split: Split, settings: EvalSettings = EvalSettings()
-) -> dict[str, float]:
-    """Train the network of ``config`` for ``settings.steps`` steps; return its accuracies.
+def random_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless mini-batches ``(x[i], y[i])``, each ``i`` drawn with replacement: ``(B, ...)``, ``(B,)``."""
+    while True:
+        i = torch.randint(len(y), (batch_size,), generator=generator)  # (B,) on the CPU
+        yield x[i], y[i]
 
-    Returns ``{"val_acc", "test_acc", "params"}``. Seeded: the same config, split and
-    settings give the same numbers (on the same machine).
+
+def train_and_evaluate(
+    config: Config, split: Split, settings: EvalSettings = EvalSettings(), *, device: torch.device | str
+) -> dict[str, float]:
+    """Build the network of ``config`` on ``device``, train it for ``settings.steps`` steps; return its accuracies.
+
+    Returns ``{"val_acc", "test_acc", "params"}``. Seeded: the same config, split and settings
+    give the same numbers (on the same machine).
     """
     if "lr" not in config:
         raise ValueError(f"architecture config lacks 'lr'; it has {sorted(config)}")
-    torch.manual_seed(settings.seed)
-    model = build_network(config)
-    opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), fused=True)  # fused: ~20% faster on tiny nets
-    generator = torch.Generator().manual_seed(settings.seed)
-    x, y = split.x_train, split.y_train  # (N, 1, 8, 8), (N,)
-    model.train()
-    for _ in range(settings.steps):
-        batch = torch.randint(len(y), (settings.batch_size,), generator=generator)  # sampled with replacement
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with seeded(settings.seed):
+        model = build_network(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), fused=True)  # fused: faster on tiny nets
+    x, y = split.x_train.to(device), split.y_train.to(device)  # (N, 1, 8, 8), (N,)
+    batches = random_batches(x, y, settings.batch_size, torch.Generator().manual_seed(settings.seed))
+    fit(model, batches, steps=settings.steps, optimizer=optimizer, progress=False)
     model.eval()
     with torch.no_grad():
-        val_acc = accuracy(model(split.x_val), split.y_val)
-        test_acc = accuracy(model(split.x_test), split.y_test)
+        val_acc = accuracy(model(split.x_val.to(device)), split.y_val.to(device))
+        test_acc = accuracy(model(split.x_test.to(device)), split.y_test.to(device))
     return {"val_acc": val_acc, "test_acc": test_acc, "params": float(count_parameters(model))}
 
 
@@ -281,7 +471,8 @@ def train_and_evaluate(
 class Table:
     """Evaluations of every architecture of a space, indexed by :meth:`SearchSpace.index`.
 
-    Calling the table is the search objective: ``table(arch)`` is the validation accuracy.
+    Calling the table is the search objective (``mode="max"``): ``table(config)`` is the
+    validation accuracy of the architecture with that configuration.
     """
 
     space: SearchSpace
@@ -298,17 +489,20 @@ class Table:
                 raise ValueError(f"{name} must have shape ({len(self.space)},), got {values.shape}")
             setattr(self, name, values)
 
-    def __call__(self, arch: Sequence[int]) -> float:
-        return float(self.val_acc[self.space.index(arch)])
+    def _index(self, config: Config) -> int:
+        return self.space.index(self.space.encode(config))
 
-    def test(self, arch: Sequence[int]) -> float:
-        """Test accuracy of ``arch`` (report it only for the architecture a search returns)."""
-        return float(self.test_acc[self.space.index(arch)])
+    def __call__(self, config: Config) -> float:
+        return float(self.val_acc[self._index(config)])
+
+    def test(self, config: Config) -> float:
+        """Test accuracy of ``config`` (report it only for the architecture a search returns)."""
+        return float(self.test_acc[self._index(config)])
 
     @property
-    def best_arch(self) -> Arch:
-        """The architecture with the highest validation accuracy (first one on ties)."""
-        return self.space.arch_at(int(np.argmax(self.val_acc)))
+    def best_config(self) -> Config:
+        """The configuration with the highest validation accuracy (first one on ties)."""
+        return self.space.decode(self.space.point_at(int(np.argmax(self.val_acc))))
 
     @property
     def optimum(self) -> float:
@@ -346,8 +540,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "dlarch"
 
 
-def compute_table(space: SearchSpace, settings: EvalSettings = EvalSettings(), progress: bool = True) -> Table:
-    """Train and evaluate every architecture of ``space`` (on the CPU; each network is tiny).
+def compute_table(
+    space: SearchSpace, settings: EvalSettings = EvalSettings(), *, device: torch.device | str, progress: bool = True
+) -> Table:
+    """Train and evaluate every architecture of ``space`` on ``device`` (each network is tiny).
 
     Architectures with the same :func:`canonical_config` are trained once. The table records the
     CPU time of this process spent computing it (``cpu_seconds``), a cost that other programs on
@@ -361,23 +557,21 @@ def compute_table(space: SearchSpace, settings: EvalSettings = EvalSettings(), p
         config = canonical_config(space.decode(arch))
         key = json.dumps(config, sort_keys=True)
         if key not in done:
-            done[key] = train_and_evaluate(config, split, settings)
+            done[key] = train_and_evaluate(config, split, settings, device=device)
         rows.append(done[key])
-    return Table(
-        space,
-        settings,
-        *(np.array([r[k] for r in rows]) for k in ("val_acc", "test_acc", "params")),
-        cpu_seconds=time.process_time() - start,
-    )
+    val_acc, test_acc, params = (np.array([r[k] for r in rows]) for k in ("val_acc", "test_acc", "params"))
+    return Table(space, settings, val_acc, test_acc, params, cpu_seconds=time.process_time() - start)
 
 
 def load_table(
-    space: SearchSpace = DIGITS_SPACE,
+    space: SearchSpace = DIGITS_ARCH_SPACE,
     settings: EvalSettings = EvalSettings(),
+    *,
+    device: torch.device | str,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Table:
-    """The table of ``space`` under ``settings``: read from the cache, or computed and cached.
+    """The table of ``space`` under ``settings``: read from the cache, or computed on ``device`` and cached.
 
     The file is ``<cache_dir>/nas/table-<table_key>.json``; it is written atomically, so two
     notebooks computing the same table at once cannot leave a half-written file.
@@ -402,7 +596,7 @@ def load_table(
                 )
         except (ValueError, KeyError):
             pass  # unreadable or foreign file: recompute and overwrite it
-    table = compute_table(space, settings, progress=progress)
+    table = compute_table(space, settings, device=device, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
         json.dump(table.to_json(), tmp)
@@ -410,98 +604,50 @@ def load_table(
     return table
 
 
-# --------------------------------------------------------------------------- searches
-
-
-@dataclass
-class SearchResult:
-    """The architectures a search evaluated, in order, and their rewards."""
-
-    archs: list[Arch] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, arch: Arch, reward: float) -> None:
-        """Record one evaluation."""
-        self.archs.append(arch)
-        self.rewards.append(float(reward))
-
-    @property
-    def best_so_far(self) -> np.ndarray:
-        """``(budget,)`` best reward after each evaluation."""
-        return best_so_far(self.rewards)
-
-    @property
-    def best_arch(self) -> Arch:
-        """The evaluated architecture with the highest reward (first one on ties)."""
-        if not self.archs:
-            raise ValueError("empty search result")
-        return self.archs[int(np.argmax(self.rewards))]
-
-
-def best_so_far(rewards: Sequence[float]) -> np.ndarray:
-    """Running maximum of ``rewards``: entry ``i`` is the best of the first ``i + 1``."""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    if rewards.ndim != 1 or len(rewards) == 0:
-        raise ValueError(f"rewards must be a non-empty 1-D sequence, got shape {rewards.shape}")
-    return np.maximum.accumulate(rewards)
-
-
-def _check_budget(budget: int) -> None:
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
-
-
-def random_search(space: SearchSpace, objective: Objective, budget: int, seed: int = 0) -> SearchResult:
-    """Evaluate ``budget`` architectures drawn uniformly (with replacement)."""
-    _check_budget(budget)
-    rng = np.random.default_rng(seed)
-    result = SearchResult()
-    for _ in range(budget):
-        arch = space.sample(rng)
-        result.add(arch, objective(arch))
-    return result
+# --------------------------------------------------------------------------- chapter 16: evolution
 
 
 def regularized_evolution(
-    space: SearchSpace,
     objective: Objective,
+    space: SearchSpace,
     budget: int,
+    *,
+    mode: str,
     seed: int = 0,
     population_size: int = 20,
     sample_size: int = 5,
     aging: bool = True,
 ) -> SearchResult:
-    """Regularized (aging) evolution (Real et al., 2019).
+    """Regularized (aging) evolution (Real et al., 2019) over a space of choices.
 
     Start from ``population_size`` random architectures. Then repeat: draw ``sample_size``
     members at random (a tournament), mutate the best of them, evaluate the child, add it and
     remove the *oldest* member (``aging=True``) or the *worst* (``aging=False``, classic
     tournament evolution). Every evaluation, the initial ones included, counts toward ``budget``.
     """
-    _check_budget(budget)
+    check_budget(budget)
+    sign = _sign(mode)
     if not 1 <= sample_size <= population_size:
         raise ValueError(f"need 1 <= sample_size <= population_size, got {sample_size}, {population_size}")
     rng = np.random.default_rng(seed)
-    result = SearchResult()
-    population: deque[tuple[Arch, float]] = deque()  # oldest on the left
-    while len(population) < population_size and len(result.archs) < budget:
+    result = SearchResult(mode, "regularized evolution" if aging else "evolution, remove worst")
+    population: deque[tuple[Point, float]] = deque()  # oldest on the left
+    while len(population) < population_size and len(result.values) < budget:
         arch = space.sample(rng)
-        reward = objective(arch)
-        population.append((arch, reward))
-        result.add(arch, reward)
-    while len(result.archs) < budget:
+        population.append((arch, result.evaluate(objective, space, arch)))
+    while len(result.values) < budget:
         contenders = rng.choice(len(population), size=sample_size, replace=False)
-        parent = max((population[i] for i in contenders), key=lambda member: member[1])
+        parent = max((population[i] for i in contenders), key=lambda member: sign * member[1])
         child = mutate(parent[0], space, rng)
-        reward = objective(child)
-        population.append((child, reward))
-        result.add(child, reward)
+        population.append((child, result.evaluate(objective, space, child)))
         if aging:
             population.popleft()  # the oldest dies, however good it is
         else:
-            population.remove(min(population, key=lambda member: member[1]))
+            population.remove(min(population, key=lambda member: sign * member[1]))
     return result
+
+
+# --------------------------------------------------------------------------- chapter 15: the controller
 
 
 class Controller(nn.Module):
@@ -523,10 +669,11 @@ class Controller(nn.Module):
         self.start = nn.Parameter(torch.zeros(1, embed))
         self.embeddings = nn.ModuleList(nn.Embedding(n, embed) for n in self.sizes)
         self.cell = nn.LSTMCell(embed, hidden)
-        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in self.sizes)
-        for head in self.heads:
+        heads = [nn.Linear(hidden, n) for n in self.sizes]
+        for head in heads:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleList(heads)
 
     def forward(
         self, batch: int = 1, actions: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -535,6 +682,7 @@ class Controller(nn.Module):
 
         Returns ``actions (B, T)`` int64, their ``log_prob (B,)`` = sum over steps of
         ``log pi(a_t | a_<t)`` (differentiable), and the ``entropy (B,)`` summed over steps.
+        A ``generator`` for sampling must be on the controller's device.
         """
         if actions is not None:
             if actions.ndim != 2 or actions.shape[1] != len(self.sizes):
@@ -569,13 +717,53 @@ class Controller(nn.Module):
         """``(len(space),)`` probability of every architecture, in :meth:`SearchSpace.index` order."""
         if space.sizes != self.sizes:
             raise ValueError(f"space sizes {space.sizes} do not match the controller's {self.sizes}")
-        return self.log_prob(torch.tensor(space.all())).exp().numpy().astype(np.float64)
+        actions = torch.tensor(space.all(), device=self.start.device)  # (len(space), T)
+        return self.log_prob(actions).exp().cpu().numpy().astype(np.float64)
+
+
+def reinforce_step(
+    objective: Objective,
+    space: SearchSpace,
+    result: SearchResult,
+    *,
+    baseline_decay: float = 0.9,
+    entropy_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Step:
+    """The controller's training step for ``train.fit``: a batch is the number ``n`` of architectures to sample.
+
+    The step samples ``n`` architectures, evaluates each (recording it in ``result``) and returns
+    the surrogate loss ``-mean((R - b) log pi(a)) - entropy_weight * mean(H)``, whose gradient is
+    minus the REINFORCE estimate; the engine's optimizer descends it. The reward ``R`` is the
+    objective's value, negated when ``result.mode == "min"``. The baseline ``b`` is a moving average
+    of past mean rewards, updated only after the loss is formed, so it never depends on the current samples.
+    """
+    if not 0.0 <= baseline_decay < 1.0:
+        raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+    sign = _sign(result.mode)
+    baseline: float | None = None
+
+    def step(controller: nn.Module, n: int) -> dict[str, Any]:
+        nonlocal baseline
+        actions, log_prob, entropy = controller(n, generator=generator)  # (n, T), (n,), (n,)
+        values = [result.evaluate(objective, space, a) for a in actions.tolist()]
+        rewards = sign * torch.tensor(values, dtype=torch.float32, device=log_prob.device)  # (n,)
+        if baseline is None:  # the first batch has no history: its advantages average to 0
+            baseline = rewards.mean().item()
+        loss = -((rewards - baseline) * log_prob).mean() - entropy_weight * entropy.mean()
+        baseline = baseline_decay * baseline + (1 - baseline_decay) * rewards.mean().item()
+        return {"loss": loss, "reward": rewards.mean().item(), "baseline": baseline}
+
+    return step
 
 
 def reinforce_search(
-    space: SearchSpace,
     objective: Objective,
+    space: SearchSpace,
     budget: int,
+    *,
+    mode: str,
+    device: torch.device | str,
     seed: int = 0,
     batch_size: int = 4,
     lr: float = 0.05,
@@ -583,42 +771,26 @@ def reinforce_search(
     entropy_weight: float = 0.0,
     hidden: int = 32,
 ) -> SearchResult:
-    """Train a :class:`Controller` with REINFORCE while it searches.
+    """Train a :class:`Controller` (built on ``device``) with REINFORCE while it searches a space of choices.
 
-    Each update samples ``batch_size`` architectures, evaluates them, and descends
-    ``-mean((R - b) * log pi(a)) - entropy_weight * mean(H)``. The baseline ``b`` is an
-    exponential moving average of past rewards, updated *after* the step so it does not
-    depend on the current samples. ``result.extra`` holds the trained ``controller``, the
-    ``baseline`` trace and, when the objective is a :class:`Table`, the final policy's
-    ``expected_reward`` (exact, summed over the whole space).
+    ``train.fit`` runs :func:`reinforce_step` with Adam on batches of ``batch_size`` samples until
+    ``budget`` architectures have been evaluated. ``result.extra`` holds the trained ``controller``,
+    its training ``history`` (``history.logs["baseline"]`` is the baseline after each step) and, when
+    the objective is a :class:`Table`, the final policy's ``expected_reward`` (exact, summed over the space).
     """
-    _check_budget(budget)
-    if not 0.0 <= baseline_decay < 1.0:
-        raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
-    torch.manual_seed(seed)
-    controller = Controller(space.sizes, hidden=hidden)
-    opt = torch.optim.Adam(controller.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    result = SearchResult()
-    baseline: float | None = None
-    baselines = []
-    while len(result.archs) < budget:
-        n = min(batch_size, budget - len(result.archs))
-        actions, log_prob, entropy = controller(n, generator=generator)  # (n, T), (n,), (n,)
-        archs = [tuple(a) for a in actions.tolist()]
-        rewards = torch.tensor([objective(a) for a in archs], dtype=torch.float32)  # (n,)
-        for arch, reward in zip(archs, rewards.tolist()):
-            result.add(arch, reward)
-        if baseline is None:
-            baseline = float(rewards.mean())  # first batch: no history yet, advantage averages to 0
-        advantage = rewards - baseline  # (n,)
-        loss = -(advantage * log_prob).mean() - entropy_weight * entropy.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        baseline = baseline_decay * baseline + (1 - baseline_decay) * float(rewards.mean())
-        baselines.append(baseline)
-    result.extra.update(controller=controller, baseline=np.array(baselines))
+    check_budget(budget)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    result = SearchResult(mode, "REINFORCE")
+    with seeded(seed):
+        controller = Controller(space.sizes, hidden=hidden).to(device)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    step = reinforce_step(
+        objective, space, result, baseline_decay=baseline_decay, entropy_weight=entropy_weight, generator=generator
+    )
+    batches = [min(batch_size, budget - done) for done in range(0, budget, batch_size)]  # samples per step
+    history = fit(controller, batches, step, epochs=1, lr=lr, progress=False, desc="controller")
+    result.extra.update(controller=controller, history=history)
     if isinstance(objective, Table):
         result.extra["expected_reward"] = float(controller.distribution(space) @ objective.val_acc)
     return result

@@ -15,20 +15,21 @@
   neurons) by L1 norm; :func:`mask_channels` zeroes the weakest ones with
   ``prune.ln_structured``; :func:`prune_channels` really removes them, rebuilding every layer
   of a chain (``Conv2d``/``Linear`` with channel-wise layers in between) smaller.
-- :func:`interleaved_latency_ms` times several variants of a model fairly on a busy machine.
+
+Timing the variants is :mod:`dlarch_lib.core.measure`'s job: ``measure.best_ms`` over
+``measure.inference_call(model, x)`` of each variant, the variants taking turns.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from dlarch_lib.core import measure
 from dlarch_lib.modular import Chain
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
@@ -42,7 +43,7 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, Chain)
 # --- measuring sparsity --------------------------------------------------------------------
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
     """``(name, layer)`` for every ``Linear`` and ``Conv2d`` in ``model``, in registration order."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
     if not layers:
@@ -212,22 +213,30 @@ def channel_keep_indices(weight: torch.Tensor, amount: float) -> torch.Tensor:
     return torch.topk(norms, n_keep).indices.sort().values
 
 
+def _conv_like(conv: nn.Conv2d, c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
+    """A fresh ``Conv2d`` with ``conv``'s kernel, stride, padding and dilation but ``c_in -> c_out`` channels."""
+    pair = lambda t: (t[0], t[1])  # torch stores these as tuples of any length; a 2-d conv has two
+    padding = conv.padding if isinstance(conv.padding, str) else pair(conv.padding)
+    return nn.Conv2d(
+        c_in,
+        c_out,
+        pair(conv.kernel_size),
+        pair(conv.stride),
+        padding,
+        pair(conv.dilation),
+        bias=bias,
+        padding_mode=conv.padding_mode,
+    )
+
+
 def _seed_prune_channels(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
     """A new, smaller ``Conv2d`` with only the output channels ``keep`` (correct on its own)."""
-    small = nn.Conv2d(
-        conv.in_channels,
-        len(keep),
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        bias=conv.bias is not None,
-    )
+    small = _conv_like(conv, conv.in_channels, len(keep), bias=conv.bias is not None)
     with torch.no_grad():
         small.weight.copy_(conv.weight[keep])
-        if conv.bias is not None:
+        if conv.bias is not None and small.bias is not None:
             small.bias.copy_(conv.bias[keep])
-    return small
+    return small.to(conv.weight.device)
 
 
 def seed_structured_pruning(model: nn.Module, pruning_ratio: float = 0.5) -> nn.Module:
@@ -278,7 +287,7 @@ def mask_channels(model: nn.Module, amount: float) -> nn.Module:
     for pos, nxt in zip(positions, positions[1:]):
         layer = leaves[pos][2]
         prune.ln_structured(layer, "weight", amount=amount, n=1, dim=0)
-        channel_mask = layer.weight_mask.flatten(1)[:, 0]  # (O,)
+        channel_mask = layer.get_buffer("weight_mask").flatten(1)[:, 0]  # (O,)
         for _, _, module in [leaves[pos]] + leaves[pos + 1 : nxt]:
             for name in ("bias", "weight") if isinstance(module, _NORMS) else ("bias",):
                 if getattr(module, name, None) is not None:
@@ -287,8 +296,8 @@ def mask_channels(model: nn.Module, amount: float) -> nn.Module:
 
 
 def _slice_layer(
-    layer: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None, channels_in: int
-) -> nn.Module:
+    layer: nn.Linear | nn.Conv2d, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None, channels_in: int
+) -> nn.Linear | nn.Conv2d:
     """A new ``Linear``/``Conv2d`` with only the input channels ``keep_in`` and output channels ``keep_out``."""
     w = layer.weight.detach()  # (O, I, ...) for both layer types
     b = None if layer.bias is None else layer.bias.detach()
@@ -301,29 +310,21 @@ def _slice_layer(
             if w.shape[1] % channels_in:
                 raise ValueError(f"{w.shape[1]} input features are not a multiple of the {channels_in} channels before")
             w = w.view(w.shape[0], channels_in, -1)[:, keep_in].flatten(1)  # (O, C, S) -> (O, C' * S)
+    new: nn.Linear | nn.Conv2d
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"grouped convolutions (groups={layer.groups}) are not supported")
-        new = nn.Conv2d(
-            w.shape[1],
-            w.shape[0],
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            bias=b is not None,
-            padding_mode=layer.padding_mode,
-        )
+        new = _conv_like(layer, w.shape[1], w.shape[0], bias=b is not None)
     else:
         new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     with torch.no_grad():
         new.weight.copy_(w)
-        if b is not None:
+        if b is not None and new.bias is not None:
             new.bias.copy_(b)
     return new.to(layer.weight.device)
 
 
-def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
+def _slice_norm(norm: nn.BatchNorm1d | nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm1d | nn.BatchNorm2d:
     """A BatchNorm over the channels ``keep`` only, with their statistics."""
     new = type(norm)(len(keep), norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
     with torch.no_grad():
@@ -350,54 +351,16 @@ def prune_channels(model: nn.Module, amount: float) -> nn.Module:
     positions = [i for i, (_, _, m) in enumerate(leaves) if isinstance(m, PRUNABLE)]
     if len(positions) < 2:
         raise ValueError("channel pruning needs at least two Linear/Conv2d layers (the last one is kept whole)")
-    keep_in, channels_in = None, 0
+    keep_in: torch.Tensor | None = None
+    channels_in = 0
     for k, pos in enumerate(positions):
-        parent, name, layer = leaves[pos]
-        last = k == len(positions) - 1
-        keep_out = None if last else channel_keep_indices(layer.weight, amount)
+        parent, name, _ = leaves[pos]
+        layer = cast("nn.Linear | nn.Conv2d", leaves[pos][2])  # a position of a prunable layer
+        keep_out = channel_keep_indices(layer.weight, amount) if k < len(positions) - 1 else None  # last: whole
         setattr(parent, name, _slice_layer(layer, keep_in, keep_out, channels_in))
-        if not last:
+        if keep_out is not None:
             for norm_parent, norm_name, module in leaves[pos + 1 : positions[k + 1]]:
                 if isinstance(module, _NORMS):
                     setattr(norm_parent, norm_name, _slice_norm(module, keep_out))
         keep_in, channels_in = keep_out, layer.weight.shape[0]
     return small
-
-
-# --- timing variants fairly ------------------------------------------------------------------
-
-
-def interleaved_latency_ms(
-    models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 5, repeats: int = 5, clock: str = "wall"
-) -> dict[str, float]:
-    """Latency (ms) of each model on ``x``: the best of ``rounds`` medians, the models taking turns.
-
-    Taking turns spreads slow phases of a shared machine over all variants instead of
-    penalising whichever was timed at the wrong moment; the minimum over rounds is the
-    least disturbed estimate. With the default ``clock="wall"`` each round is
-    :func:`~dlarch_lib.modular.latency_ms`. Any other clock of :data:`dlarch_lib.measure.CLOCKS`
-    (``"cpu"``: the process's CPU time, which other programs cannot inflate directly; see
-    :func:`dlarch_lib.measure.steady_clock`) times each round's forward passes (eval mode, no grad,
-    one warm-up call) with :func:`dlarch_lib.measure.timings_ms`, keeping the median.
-    """
-    if not models:
-        raise ValueError("interleaved_latency_ms needs at least one model")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if clock not in measure.CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(measure.CLOCKS)}, got {clock!r}")
-    best = {name: float("inf") for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            if clock == "wall":
-                ms = statistics.median(
-                    measure.timings_ms(measure.inference_call(model, x), repeats, 1, device=x.device)
-                )
-            else:
-                model.eval()
-                with torch.no_grad():
-                    ms = statistics.median(
-                        measure.timings_ms(lambda: model(x), repeats, 1, device=x.device, clock=clock)
-                    )
-            best[name] = min(best[name], ms)
-    return best

@@ -1,4 +1,5 @@
-"""Tests for dlarch_lib.distill: temperature softmax, the KD loss against PyTorch, its gradient, FitNets, training."""
+"""Tests for dlarch_lib.distill: temperature softmax, the KD loss against PyTorch, its gradient, FitNets, training
+with the distillation step through train.fit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlarch_lib import distill as kd
+from dlarch_lib import modular
+from dlarch_lib.core.train import fit, loss_step
 
 
 def _logits(b: int = 5, c: int = 7, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -99,33 +102,29 @@ def test_high_temperature_limit_is_logit_matching():
     assert math.isclose(kd.soft_target_loss(zs, zt, 1000.0).item(), target.item(), rel_tol=1e-2)
 
 
-def test_pack_targets_and_kdloss_roundtrip():
-    zs, zt = _logits(seed=12).float(), _logits(seed=13).float()
+def test_distillation_step_is_the_loss_on_x_y_teacher_batches():
+    torch.manual_seed(0)
+    student = modular.build_model(modular.MLPConfig(width=16, depth=1))
+    x, zt = torch.rand(5, 1, 8, 8), _logits(c=10, seed=13).float()
     y = torch.tensor([1, kd.IGNORE, 3, 0, kd.IGNORE])
-    packed = kd.pack_targets(zt, y)
-    assert packed.shape == (5, 8)
-    torch.testing.assert_close(kd.KDLoss(4.0, 0.2)(zs, packed), kd.distillation_loss(zs, zt, y, 4.0, 0.2))
-    torch.testing.assert_close(kd.KDLoss(hard_only=True)(zs, packed), F.cross_entropy(zs, y, ignore_index=kd.IGNORE))
-    assert kd.pack_targets(zt)[:, -1].eq(kd.IGNORE).all()
-    empty = kd.KDLoss(hard_only=True)(zs, kd.pack_targets(zt))
-    assert empty.item() == 0.0 and not torch.isnan(empty)
-    with pytest.raises(ValueError, match=r"\(B, C \+ 1\)"):
-        kd.KDLoss()(zs, zt)
-    with pytest.raises(ValueError, match="labels must be"):
-        kd.pack_targets(zt, y[:3])
+    step = kd.distillation_step(4.0, 0.2)
+    torch.testing.assert_close(step(student, (x, y, zt)), kd.distillation_loss(student(x), zt, y, 4.0, 0.2))
+    hard = kd.distillation_step(alpha=1.0)(student, (x, y, zt))  # alpha = 1: cross-entropy on the labelled rows
+    torch.testing.assert_close(hard, F.cross_entropy(student(x), y, ignore_index=kd.IGNORE))
+    unlabelled = kd.distillation_step(alpha=1.0)(student, (x, torch.full((5,), kd.IGNORE), zt))
+    assert unlabelled.item() == 0.0 and not torch.isnan(unlabelled)
     with pytest.raises(ValueError, match="alpha"):
-        kd.KDLoss(alpha=-0.1)
+        kd.distillation_step(alpha=-0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        kd.distillation_step(T=0.0)
 
 
-def test_student_mlp_shapes_and_errors():
-    st = kd.StudentMLP(hidden=16)
+def test_guided_layer_is_the_hidden_block_of_the_chain():
+    student = modular.build_model(modular.MLPConfig(width=16, depth=1))
     x = torch.rand(4, 1, 8, 8)
-    assert st(x).shape == (4, 10) and st.hidden(x).shape == (4, 16)
-    assert (st.hidden(x) >= 0).all()
-    with pytest.raises(ValueError, match="64 inputs"):
-        st(torch.rand(4, 1, 7, 7))
-    with pytest.raises(ValueError, match="hidden >= 1"):
-        kd.StudentMLP(hidden=0)
+    hidden = student(x, return_all=True)[-2]  # FitNets' guided layer: (B, width), after the ReLU
+    assert hidden.shape == (4, 16) and (hidden >= 0).all()
+    torch.testing.assert_close(student.blocks[-1](hidden), student(x))
 
 
 def test_hint_regressor_and_loss():
@@ -156,24 +155,48 @@ def test_teacher_logits_batches_and_eval_mode():
     assert not teacher.training and z.shape == (7, 10) and not z.requires_grad
     torch.testing.assert_close(z, teacher(x))  # eval mode: dropout off, so deterministic
     assert kd.teacher_logits(teacher, x, features=True).shape == (7, 5)
+    assert z.device == x.device
 
 
-def test_train_student_learns_to_copy_a_teacher():
+def test_a_student_learns_to_copy_a_teacher_through_fit():
     torch.manual_seed(0)
     x = torch.rand(256, 1, 8, 8)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     zt = kd.teacher_logits(teacher, 4 * x)
-    student = kd.StudentMLP(hidden=32)
-    targets = kd.pack_targets(zt)  # no labels at all: pure soft targets
-    before = kd.KDLoss(2.0, 0.0)(student(x), targets).item()
-    history = kd.train_student(student, x, targets, kd.KDLoss(2.0, 0.0), epochs=30, lr=1e-2, batch_size=128)
-    after = kd.KDLoss(2.0, 0.0)(student(x), targets).item()
+    student = modular.build_model(modular.MLPConfig(width=32, depth=1))
+    no_labels = torch.full((256,), kd.IGNORE)  # pure soft targets
+    loss = lambda: kd.distillation_loss(student(x), zt, no_labels, 2.0, 0.0).item()
+    before = loss()
+    data = kd.shuffled_batches(x, no_labels, zt, batch_size=128, seed=0)
+    history = fit(student, data, kd.distillation_step(2.0, 0.0), epochs=30, lr=1e-2, optimizer="adamw", progress=False)
     assert history.epochs == 30 and history.steps == 30 * 2
-    assert after < 0.3 * before
+    assert loss() < 0.3 * before
     agree = (student(x).argmax(1) == zt.argmax(1)).float().mean().item()
     assert agree > 0.8
+
+
+def test_fitnets_hint_stage_trains_the_guided_layers_and_the_regressor():
+    torch.manual_seed(0)
+    x, hints = torch.rand(128, 1, 8, 8), torch.randn(128, 12)
+    student, regressor = modular.build_model(modular.MLPConfig(width=16, depth=1)), kd.HintRegressor(16, 12)
+    guided = nn.Sequential(*student.blocks[:-1], regressor)  # the student up to its guided layer, then r
+    before = kd.hint_loss(student(x, return_all=True)[-2], hints, regressor).item()
+    head = student.blocks[-1].weight.detach().clone()
+    fit(guided, kd.shuffled_batches(x, hints, batch_size=32), loss_step(F.mse_loss), epochs=5, lr=1e-2, progress=False)
+    assert kd.hint_loss(student(x, return_all=True)[-2], hints, regressor).item() < before
+    assert torch.equal(student.blocks[-1].weight, head)  # the head is not part of the hint stage
+
+
+def test_shuffled_batches_cover_every_row_once_per_epoch_and_are_seeded():
+    a, b = torch.arange(10), torch.arange(10) * 2
+    batches = list(kd.shuffled_batches(a, b, batch_size=4, seed=3))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert sorted(torch.cat([x for x, _ in batches]).tolist()) == list(range(10))
+    assert all(torch.equal(2 * x, y) for x, y in batches)  # rows stay aligned
+    again = list(kd.shuffled_batches(a, b, batch_size=4, seed=3))
+    assert all(torch.equal(x, z) for (x, _), (z, _) in zip(batches, again))
     with pytest.raises(ValueError, match="same length"):
-        kd.train_student(student, x, targets[:10], kd.KDLoss())
+        kd.shuffled_batches(a, b[:5], batch_size=4)
 
 
 def test_labelled_subset_is_stratified_disjoint_and_seeded():

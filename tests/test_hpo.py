@@ -1,4 +1,7 @@
-"""Tests for dlarch_lib.hpo: search spaces, grid/random, the GP and EI, CMA-ES, optuna, the digits objective."""
+"""Tests for dlarch_lib.hpo: grid points and search, the GP and EI, CMA-ES, optuna, the digits objective.
+
+The search core it shares with chapter 15 (spaces, results, random search) is tested in test_nas.py.
+"""
 
 from __future__ import annotations
 
@@ -9,62 +12,39 @@ import optuna
 import pytest
 import torch
 
-from dlarch_lib import hpo
+from dlarch_lib import hpo, nas
 from dlarch_lib.core.data import load_digits_split
 
-LINE = hpo.SearchSpace((hpo.Param("x", 0.0, 1.0),))
+LINE = nas.SearchSpace((nas.Param("x", 0.0, 1.0),))
 
 
 def _quadratic(config: dict) -> float:
     return (config["a"] - 0.3) ** 2 + (config["b"] - 0.6) ** 2
 
 
-SPACE2 = hpo.SearchSpace((hpo.Param("a", 0.0, 1.0), hpo.Param("b", 0.0, 1.0)))
+SPACE2 = nas.SearchSpace((nas.Param("a", 0.0, 1.0), nas.Param("b", 0.0, 1.0)))
 
 
-# ----------------------------------------------------------------------------- spaces
+# ----------------------------------------------------------------------------- the chapter's space
 
 
-def test_param_decode_encode_log_and_integer():
-    lr = hpo.Param("lr", 1e-4, 1.0, log=True)
-    assert lr.decode(0.0) == pytest.approx(1e-4) and lr.decode(1.0) == pytest.approx(1.0)
-    assert lr.decode(0.5) == pytest.approx(1e-2)  # the geometric midpoint
-    assert lr.encode(1e-3) == pytest.approx(0.25)
-    width = hpo.Param("width", 8, 512, log=True, integer=True)
-    assert width.decode(0.5) == 64 and isinstance(width.decode(0.3), int)
-    assert hpo.Param("p", 0.0, 0.8).decode(2.0) == pytest.approx(0.8)  # clipped into the range
-
-
-def test_param_errors():
-    with pytest.raises(ValueError, match="low < high"):
-        hpo.Param("x", 1.0, 1.0)
-    with pytest.raises(ValueError, match="log scale needs low > 0"):
-        hpo.Param("x", 0.0, 1.0, log=True)
-    with pytest.raises(ValueError, match="outside"):
-        hpo.Param("x", 0.0, 1.0).encode(1.5)
-
-
-def test_space_roundtrip_suggest_and_errors():
+def test_digits_space_roundtrip_and_suggest():
     u = np.array([0.2, 0.7, 0.5, 0.25])
-    config = hpo.DIGITS_SPACE.decode(u)
+    config = hpo.DIGITS_HPARAM_SPACE.decode(u)
     assert list(config) == ["lr", "weight_decay", "width", "dropout"]
-    np.testing.assert_allclose(hpo.DIGITS_SPACE.encode(config)[[0, 1, 3]], u[[0, 1, 3]])
+    np.testing.assert_allclose(np.array(hpo.DIGITS_HPARAM_SPACE.encode(config))[[0, 1, 3]], u[[0, 1, 3]])
     fixed = optuna.trial.FixedTrial(hpo.DIGITS_DEFAULT)
-    assert hpo.DIGITS_SPACE.suggest(fixed) == hpo.DIGITS_DEFAULT
-    with pytest.raises(ValueError, match="unique names"):
-        hpo.SearchSpace((hpo.Param("a", 0, 1), hpo.Param("a", 0, 1)))
-    with pytest.raises(ValueError, match=r"shape \(4,\)"):
-        hpo.DIGITS_SPACE.decode(np.zeros(3))
-    with pytest.raises(ValueError, match="lacks"):
-        hpo.DIGITS_SPACE.encode({"lr": 0.1})
+    assert hpo.DIGITS_HPARAM_SPACE.suggest(fixed) == hpo.DIGITS_DEFAULT
+    with pytest.raises(ValueError, match=r"4 coordinates"):
+        hpo.DIGITS_HPARAM_SPACE.decode(np.zeros(3))
 
 
-def test_search_result_best_so_far():
-    r = hpo.SearchResult("m", [{"i": i} for i in range(5)], np.zeros((5, 1)), np.array([3.0, 1.0, 2.0, 0.5, 0.5]))
-    np.testing.assert_array_equal(r.best_so_far(), [3.0, 1.0, 1.0, 0.5, 0.5])
-    assert r.best_index == 3 and r.best_value == 0.5 and r.best_config == {"i": 3}
-    with pytest.raises(ValueError, match="no trials"):
-        hpo.SearchResult("empty").best_index
+def test_unit_cube_searches_refuse_choices():
+    choices = nas.SearchSpace.from_dict({"a": (1, 2, 3)})
+    with pytest.raises(ValueError, match="Choice"):
+        hpo.grid_search(lambda c: c["a"], choices, 3, mode="min")
+    with pytest.raises(ValueError, match="Choice"):
+        hpo.gp_ei_search(lambda c: c["a"], choices, 3, mode="min", n_init=2)
 
 
 # ----------------------------------------------------------------------------- grid and random
@@ -94,17 +74,18 @@ def test_random_points_and_distinct_values():
         hpo.distinct_values(a)
 
 
-def test_grid_and_random_search_spend_the_budget():
+def test_grid_search_spends_the_budget_and_random_search_tries_random_points():
     calls = []
-    grid = hpo.grid_search(lambda c: calls.append(c) or _quadratic(c), SPACE2, 10)
-    assert len(calls) == 9 and grid.values.shape == (9,) and grid.method == "grid"
-    rand = hpo.random_search(_quadratic, SPACE2, 12, seed=0)
-    assert len(rand.values) == 12 and rand.points.shape == (12, 2)
-    assert rand.best_value == pytest.approx(_quadratic(rand.best_config))
+    grid = hpo.grid_search(lambda c: calls.append(c) or _quadratic(c), SPACE2, 10, mode="min")
+    assert len(calls) == 9 and len(grid.values) == 9 and grid.method == "grid" and grid.mode == "min"
+    np.testing.assert_allclose(np.array(grid.points), hpo.grid_points((3, 3)))
+    rand = nas.random_search(_quadratic, SPACE2, 12, mode="min", seed=0)
+    np.testing.assert_array_equal(np.array(rand.points), hpo.random_points(12, 2, seed=0))
+    assert rand.best_value == pytest.approx(_quadratic(rand.best_config)) == min(rand.values)
     with pytest.raises(ValueError, match="budget"):
-        hpo.random_search(_quadratic, SPACE2, 0)
+        hpo.grid_search(_quadratic, SPACE2, 0, mode="min")
     with pytest.raises(ValueError, match=r"\(n, 2\)"):
-        hpo.evaluate_points(_quadratic, SPACE2, np.zeros((3, 3)), "x")
+        hpo.evaluate_points(_quadratic, SPACE2, np.zeros((3, 3)), mode="min", method="x")
 
 
 # ----------------------------------------------------------------------------- Gaussian process
@@ -207,11 +188,14 @@ def test_expected_improvement_limits_and_errors():
 
 def test_gp_ei_finds_the_forrester_minimum():
     assert hpo.forrester(0.7572) == pytest.approx(-6.0207, abs=1e-3)
-    r = hpo.gp_ei_search(lambda c: float(hpo.forrester(c["x"])), LINE, 10, seed=0, n_init=3)
+    r = hpo.gp_ei_search(lambda c: float(hpo.forrester(c["x"])), LINE, 10, mode="min", seed=0, n_init=3)
     assert len(r.values) == 10 and r.method == "GP-EI"
     assert abs(r.best_config["x"] - 0.7572) < 0.01
+    # maximising -f is the same search: the same points, the values negated
+    m = hpo.gp_ei_search(lambda c: -float(hpo.forrester(c["x"])), LINE, 10, mode="max", seed=0, n_init=3)
+    assert m.points == r.points and m.best_config == r.best_config
     with pytest.raises(ValueError, match="n_init"):
-        hpo.gp_ei_search(_quadratic, SPACE2, 3, n_init=5)
+        hpo.gp_ei_search(_quadratic, SPACE2, 3, mode="min", n_init=5)
 
 
 # ----------------------------------------------------------------------------- CMA-ES
@@ -240,38 +224,47 @@ def test_cmaes_errors_and_bounded_search():
         es.tell(np.zeros((2, 3)), np.zeros(2))
     with pytest.raises(ValueError, match="sigma > 0"):
         hpo.CMAES(np.zeros(3), 0.0)
-    r = hpo.cma_es_search(_quadratic, SPACE2, 23, seed=0)
-    assert len(r.values) == 23 and r.points.min() >= 0 and r.points.max() <= 1
+    r = hpo.cma_es_search(_quadratic, SPACE2, 23, mode="min", seed=0)
+    points = np.array(r.points)
+    assert len(r.values) == 23 and points.min() >= 0 and points.max() <= 1
     assert r.best_value < 0.01
+    m = hpo.cma_es_search(lambda c: -_quadratic(c), SPACE2, 23, mode="max", seed=0)
+    assert m.points == r.points and m.best_value == -r.best_value
 
 
 # ----------------------------------------------------------------------------- optuna
 
 
 def test_optuna_search_records_every_trial():
-    r = hpo.optuna_search(_quadratic, SPACE2, 15, optuna.samplers.TPESampler(seed=0, n_startup_trials=5), "TPE")
-    assert r.method == "TPE" and len(r.values) == 15 and r.points.shape == (15, 2)
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5)
+    r = hpo.optuna_search(_quadratic, SPACE2, 15, mode="min", sampler=sampler, method="TPE")
+    assert r.method == "TPE" and len(r.values) == 15 and np.array(r.points).shape == (15, 2)
     assert r.best_value == pytest.approx(_quadratic(r.best_config))
     assert r.best_value < 0.05
+    best = hpo.optuna_search(
+        lambda c: -_quadratic(c), SPACE2, 15, mode="max", sampler=optuna.samplers.TPESampler(seed=0)
+    )
+    assert best.mode == "max" and best.best_value == max(best.values)
 
 
 # ----------------------------------------------------------------------------- digits objective
 
 
-def test_digits_mlp_shapes_and_errors():
-    assert hpo.digits_mlp(16, 0.1)(torch.rand(5, 1, 8, 8)).shape == (5, 10)
-    with pytest.raises(ValueError, match="dropout"):
-        hpo.digits_mlp(16, 1.0)
-
-
 def test_digits_objective_is_deterministic_and_cached():
     split = load_digits_split(val_frac=0.2, test_frac=0.2, seed=0)
-    objective = hpo.DigitsObjective(split, epochs=2, batch_size=128)
+    objective = hpo.DigitsObjective(split, device="cpu", epochs=2, batch_size=128)
     good = {"lr": 0.03, "weight_decay": 1e-4, "width": 64, "dropout": 0.0}
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
     model = objective.train(good)
+    assert torch.equal(torch.get_rng_state(), before)  # seeded without touching the caller's stream
+    assert [type(b).__name__ for b in model.blocks] == ["Flatten", "Sequential", "Linear"]  # MLPConfig, depth 1
+    assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
     first = objective(good)
     assert first == objective.error(model, "val")  # seeded: a second training run gives the same model
     assert objective(good) == first and objective.calls == 2 and objective.trainings == 1  # cached
+    dropped = {**good, "dropout": 0.5}  # dropout draws inside the seeded run too
+    assert objective(dropped) == hpo.DigitsObjective(split, device="cpu", epochs=2, batch_size=128)(dropped)
     assert 0.0 <= first < 0.25  # two epochs at a good learning rate already learn the digits
     assert 0.0 <= objective.error(model, "test") < 0.25
     assert objective({**good, "lr": 1e-4}) > first + 0.2  # a tiny learning rate has not learned yet
@@ -279,5 +272,7 @@ def test_digits_objective_is_deterministic_and_cached():
         objective({"lr": 0.1})
     with pytest.raises(ValueError, match="part"):
         objective.error(model, "train")
+    with pytest.raises(ValueError, match="dropout"):
+        objective({**good, "dropout": 1.0})
     with pytest.raises(ValueError, match="epochs"):
-        hpo.DigitsObjective(split, epochs=0)
+        hpo.DigitsObjective(split, device="cpu", epochs=0)

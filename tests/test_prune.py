@@ -230,7 +230,7 @@ def test_prune_channels_reduces_flops_quadratically():
     model = cnn()
     x = torch.randn(1, 1, 8, 8)
     small = prune.prune_channels(model, 0.5)
-    convs = lambda m: [l for _, l in prune.prunable_layers(m)]
+    convs = lambda m: [layer for _, layer in prune.prunable_layers(m)]
     assert [c.weight.shape for c in convs(small)] == [(4, 1, 3, 3), (8, 4, 3, 3), (10, 32)]
     # the middle conv loses half its inputs and half its outputs: a quarter of its FLOPs remain
     middle_big = 2 * 4 * 4 * 16 * 8 * 9
@@ -248,28 +248,3 @@ def test_prune_channels_errors():
         prune.prune_channels(mlp(), -0.1)
     with pytest.raises(ValueError, match="amount"):
         prune.mask_channels(mlp(), 1.0)
-
-
-def test_interleaved_latency_ms():
-    small = nn.Sequential(nn.Linear(256, 8))
-    big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
-    times = prune.interleaved_latency_ms({"small": small, "big": big}, torch.randn(64, 256), rounds=3, repeats=3)
-    assert set(times) == {"small", "big"} and all(t > 0 for t in times.values())
-    assert times["big"] > times["small"]  # eight 256x256 layers against one 256x8
-    with pytest.raises(ValueError, match="at least one"):
-        prune.interleaved_latency_ms({}, torch.randn(1, 8))
-    with pytest.raises(ValueError, match="rounds"):
-        prune.interleaved_latency_ms({"small": small}, torch.randn(1, 8), rounds=0)
-    with pytest.raises(ValueError, match="clock"):
-        prune.interleaved_latency_ms({"small": small}, torch.randn(1, 256), clock="sundial")
-
-
-def test_interleaved_latency_ms_cpu_clock():
-    small = nn.Sequential(nn.Linear(256, 8))
-    big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
-    times = prune.interleaved_latency_ms(
-        {"small": small, "big": big}, torch.randn(64, 256), rounds=3, repeats=3, clock="cpu"
-    )
-    assert set(times) == {"small", "big"} and all(t >= 0 for t in times.values())
-    assert times["big"] > times["small"]  # CPU time of eight 256x256 layers against one 256x8
-    assert not big.training  # timed in eval mode
