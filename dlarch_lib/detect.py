@@ -7,7 +7,8 @@ Boxes are ``(x0, y0, x1, y1)`` in pixel edges (``x1, y1`` exclusive), as in
 - :func:`box_iou` pairwise intersection over union, :func:`nms` and :func:`batched_nms`;
 - :func:`average_precision` (all-point interpolated) and :func:`mean_average_precision`;
 - :func:`encode_grid` / :func:`decode_grid` YOLO grid targets, :class:`TinyYOLO`,
-  :func:`yolo_loss`, :func:`yolo_detect`;
+  :func:`yolo_loss`, its training step :func:`yolo_step` (for ``dlarch_lib.core.train.fit``),
+  :func:`yolo_detect`;
 - :func:`bilinear_sample`, :func:`roi_align`, :func:`roi_pool` (the two-stage crop) and
   :class:`RoIHead`, a small second-stage classifier.
 """
@@ -18,10 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dlarch_lib.core.train import model_device
 from dlarch_lib.shapes import CLASSES, ShapesSet, make_shapes
-
-NUM_CLASSES = len(CLASSES)
-"""Foreground classes of the detection set (labels 1..3; 0 is background)."""
 
 
 def detection_set(n: int, size: int = 32, max_shapes: int = 3, seed: int = 0) -> ShapesSet:
@@ -88,16 +87,19 @@ def batched_nms(
     _check_boxes(boxes)
     if labels.shape != scores.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must match")
-    keep = [
+    per_class = [
         torch.nonzero(labels == c).flatten()[nms(boxes[labels == c], scores[labels == c], iou_threshold)]
         for c in labels.unique()
     ]
-    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+    keep = torch.cat(per_class) if per_class else torch.zeros(0, dtype=torch.long)
     return keep[scores[keep].argsort(descending=True, stable=True)]
 
 
 def precision_recall(tp: torch.Tensor, scores: torch.Tensor, num_gt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recall and precision ``(K + 1,)`` after each of the ``K`` detections ranked by ``scores`` (rank 0: R = 0, P = 1)."""
+    """Recall and precision ``(K + 1,)`` after each of the ``K`` detections ranked by ``scores``.
+
+    Entry 0 is the empty ranking (R = 0, P = 1).
+    """
     if tp.shape != scores.shape or tp.ndim != 1:
         raise ValueError(
             f"tp and scores must be 1-D and of equal shape, got {tuple(tp.shape)} and {tuple(scores.shape)}"
@@ -163,9 +165,9 @@ def mean_average_precision(
     ap = {}
     for c in sorted(torch.cat(gt_labels).unique().tolist()):
         flags, scores, num_gt = [], [], 0
-        for b, s, l, gb, gl in zip(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels):
-            flags.append(match_detections(b[l == c], s[l == c], gb[gl == c], iou_threshold))
-            scores.append(s[l == c])
+        for b, s, lab, gb, gl in zip(pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels):
+            flags.append(match_detections(b[lab == c], s[lab == c], gb[gl == c], iou_threshold))
+            scores.append(s[lab == c])
             num_gt += int((gl == c).sum())
         ap[c] = average_precision(torch.cat(flags), torch.cat(scores), num_gt)
     return {"map": sum(ap.values()) / max(len(ap), 1), "ap": ap}
@@ -231,7 +233,12 @@ class TinyYOLO(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16, size: int = 32, anchor: float = 8.0
+        self,
+        in_channels: int = 1,
+        num_classes: int = len(CLASSES),
+        width: int = 16,
+        size: int = 32,
+        anchor: float = 8.0,
     ):
         super().__init__()
         if size % 4:
@@ -267,6 +274,15 @@ def yolo_loss(pred: torch.Tensor, target: torch.Tensor, coord_weight: float = 5.
     return (loss + coord_weight * box + cls) / pred.shape[0]
 
 
+def yolo_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The detector's training step: :func:`yolo_loss` of ``model(images)`` against the grid targets.
+
+    ``batch`` is images ``(N, C_in, size, size)`` and targets ``(N, 6, S, S)`` from :func:`encode_grid`.
+    """
+    images, targets = batch
+    return yolo_loss(model(images), targets)
+
+
 @torch.no_grad()
 def yolo_detect(
     model: TinyYOLO,
@@ -275,9 +291,13 @@ def yolo_detect(
     iou_threshold: float = 0.5,
     use_nms: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Boxes, scores (objectness x class probability) and labels (1..C) per image, after per-class NMS."""
+    """Boxes, scores (objectness x class probability) and labels (1..C) per image, after per-class NMS.
+
+    The network runs in eval mode on its own device; decoding and NMS run on the CPU, where the
+    results are returned.
+    """
     model.eval()
-    pred = model(images)  # (N, 5 + C, S, S)
+    pred = model(images.to(model_device(model))).cpu()  # (N, 5 + C, S, S)
     boxes = decode_grid(pred[:, 0], pred[:, 1:3].sigmoid(), pred[:, 3:5], model.size, model.anchor).flatten(
         1, 2
     )  # (N, S*S, 4)
@@ -285,13 +305,15 @@ def yolo_detect(
     scores = (pred[:, 0].sigmoid() * cls_prob).flatten(1)  # (N, S*S)
     labels = (cls + 1).flatten(1)
     out_b, out_s, out_l = [], [], []
-    for b, s, l in zip(boxes, scores, labels):
+    for b, s, lab in zip(boxes, scores, labels):
         keep = s > score_threshold
-        b, s, l = b[keep].clamp(0, model.size), s[keep], l[keep]
+        b, s, lab = b[keep].clamp(0, model.size), s[keep], lab[keep]
         if use_nms:
-            k = batched_nms(b, s, l, iou_threshold)
-            b, s, l = b[k], s[k], l[k]
-        out_b.append(b), out_s.append(s), out_l.append(l)
+            k = batched_nms(b, s, lab, iou_threshold)
+            b, s, lab = b[k], s[k], lab[k]
+        out_b.append(b)
+        out_s.append(s)
+        out_l.append(lab)
     return out_b, out_s, out_l
 
 
@@ -322,7 +344,8 @@ def bilinear_sample(feature: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> 
     """
     if feature.ndim != 3 or x.shape != y.shape:
         raise ValueError(
-            f"need feature (C, H, W) and x, y of equal shape, got {tuple(feature.shape)}, {tuple(x.shape)}, {tuple(y.shape)}"
+            "need feature (C, H, W) and x, y of equal shape, "
+            f"got {tuple(feature.shape)}, {tuple(x.shape)}, {tuple(y.shape)}"
         )
     return _bilinear(feature[None], torch.zeros((), dtype=torch.long), x, y).movedim(-1, 0)
 
@@ -378,7 +401,7 @@ def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spati
 class RoIHead(nn.Module):
     """Second stage: RoIAligned features ``(K, C, P, P)`` -> class logits ``(K, 1 + num_classes)`` (0 = background)."""
 
-    def __init__(self, channels: int, output_size: int = 4, num_classes: int = NUM_CLASSES, hidden: int = 128):
+    def __init__(self, channels: int, output_size: int = 4, num_classes: int = len(CLASSES), hidden: int = 128):
         super().__init__()
         self.output_size = output_size
         self.mlp = nn.Sequential(
@@ -402,8 +425,9 @@ def jitter_proposals(
     """Training RoIs for the second stage: jittered ground truth and random boxes, labelled by IoU.
 
     Each image gets ``per_image`` ground-truth boxes moved by Gaussian noise of ``jitter`` times
-    their size, and ``per_image // 2`` uniformly random boxes. Returns ``rois`` ``(K, 5)`` (batch index, x0, y0, x1, y1) and targets ``(K,)``: the class of
-    the ground-truth box with IoU >= ``iou_threshold``, else 0 (background).
+    their size, and ``per_image // 2`` uniformly random boxes. Returns ``rois`` ``(K, 5)``
+    (batch index, x0, y0, x1, y1) and targets ``(K,)``: the class of the ground-truth box with
+    IoU >= ``iou_threshold``, else 0 (background).
     """
     g = torch.Generator().manual_seed(seed)
     rois, targets = [], []
@@ -438,14 +462,13 @@ def draw_detections(
         ax.add_patch(
             patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec="gold", ls="--", lw=1)
         )
-    for k, (b, l) in enumerate(zip(boxes.tolist(), labels.tolist())):
+    for k, (b, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        colour = colours[(label - 1) % 4]
         ax.add_patch(
-            patches.Rectangle(
-                (b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec=colours[(l - 1) % 4], lw=1.5
-            )
+            patches.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec=colour, lw=1.5)
         )
-        text = CLASSES[l - 1][:3] + ("" if scores is None else f" {scores[k]:.2f}")
-        ax.text(b[0] - 0.5, b[1] - 1, text, color=colours[(l - 1) % 4], fontsize=6)
+        text = CLASSES[label - 1][:3] + ("" if scores is None else f" {scores[k]:.2f}")
+        ax.text(b[0] - 0.5, b[1] - 1, text, color=colour, fontsize=6)
     ax.set_axis_off()
 
 
@@ -463,7 +486,6 @@ def iou_matrix_brute_force(
 
 __all__ = [
     "CLASSES",
-    "NUM_CLASSES",
     "detection_set",
     "box_area",
     "box_iou",
@@ -477,6 +499,7 @@ __all__ = [
     "decode_grid",
     "TinyYOLO",
     "yolo_loss",
+    "yolo_step",
     "yolo_detect",
     "bilinear_sample",
     "roi_align",

@@ -4,8 +4,11 @@
   :func:`js_divergence` (the value at the optimal discriminator is ``2 JSD - log 4``).
 - Losses on discriminator logits: :func:`discriminator_loss`, :func:`generator_loss`
   (``"saturating"`` is the minimax loss, ``"non_saturating"`` the one used in practice).
-- A DCGAN for 8x8 digits (:class:`DCGANGenerator`, :class:`DCGANDiscriminator`) and a
-  training loop :func:`train_gan` for any generator with a ``z_dim`` attribute.
+- A DCGAN for 8x8 digits (:class:`DCGANGenerator`, :class:`DCGANDiscriminator`), the two held
+  by one :class:`GAN`; the game's step :func:`gan_step` (two optimizers) and :func:`train_gan`,
+  which plays it with the book's engine ``dlarch_lib.core.train.fit``.
+- The sampling API of every generative model in the book: :class:`ImageGenerator`
+  (``model.sample(n, generator)``), which the GAN here and the VAE of chapter 27 share.
 - Scoring samples with a classifier: :func:`classifier_score` (class coverage, histogram
   entropy, confidence, Inception-style score) and :func:`frechet_distance` on its features.
 - StyleGAN2 pieces at small scale: :class:`MappingNetwork`, :func:`modulated_conv2d` /
@@ -18,16 +21,16 @@ inside the GAN they live in [-1, 1] (tanh output), see :func:`to_signed` / :func
 
 from __future__ import annotations
 
+import functools
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from tqdm import tqdm
+
+from dlarch_lib.core.train import Evaluate, History, fit, model_device
 
 # ----------------------------------------------------------------------------- theory
 
@@ -162,40 +165,103 @@ class DCGANDiscriminator(nn.Module):
         return self.net(x).squeeze(1)  # (B,)
 
 
-class Generator(Protocol):
-    """Anything :func:`train_gan` can train: a module mapping ``(B, z_dim)`` to images in [-1, 1]."""
+class ImageGenerator(nn.Module):
+    """A generative model of images with a latent code ``z ~ N(0, I)`` of size ``z_dim``.
+
+    The book's one sampling API, shared by the GAN (this chapter) and the VAE (chapter 27): a
+    subclass sets ``z_dim`` and defines :meth:`images`; :meth:`generate` and :meth:`sample` are
+    inference (eval mode, no gradients, the mode restored after) on the model's own device, and
+    return images on the CPU.
+    """
 
     z_dim: int
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor: ...
+    def images(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent codes ``(B, z_dim)`` -> images ``(B, C, H, W)`` in [0, 1], differentiable, in the current mode."""
+        raise NotImplementedError(f"{type(self).__name__} must define images(z)")
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` in [0, 1] (on the CPU) for given codes ``z`` ``(B, z_dim)``, in eval mode."""
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected z of shape (B, {self.z_dim}), got {tuple(z.shape)}")
+        was_training = self.training
+        self.eval()
+        images = self.images(z.to(model_device(self))).cpu()
+        self.train(was_training)
+        return images
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images ``(n, C, H, W)`` in [0, 1] from ``z ~ N(0, I)``, drawn on the CPU from ``generator``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return self.generate(torch.randn(n, self.z_dim, generator=generator))
 
 
-@dataclass
-class GANHistory:
-    """What :func:`train_gan` records: losses per step and sample grids from a fixed ``z``."""
+class GAN(ImageGenerator):
+    """The two players as one module, so that moving, auditing and mode switches reach both.
 
-    d_loss: list[float] = field(default_factory=list)
-    g_loss: list[float] = field(default_factory=list)
-    d_real: list[float] = field(default_factory=list)  # mean D(x) on real batches
-    d_fake: list[float] = field(default_factory=list)  # mean D(G(z)) on fake batches
-    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (n, 1, 8, 8) in [0, 1]
-    seconds: float = 0.0
+    ``generator`` maps ``(B, z_dim)`` to images in [-1, 1]; ``discriminator`` maps images in
+    [-1, 1] to logits ``(B,)``. As an :class:`ImageGenerator` it samples images in [0, 1].
+    """
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module) -> None:
+        super().__init__()
+        z_dim = getattr(generator, "z_dim", None)
+        if not isinstance(z_dim, int):
+            raise ValueError(f"the generator needs an int attribute z_dim, {type(generator).__name__} has none")
+        self.generator, self.discriminator, self.z_dim = generator, discriminator, z_dim
+
+    def images(self, z: torch.Tensor) -> torch.Tensor:
+        return to_unit(self.generator(z))
 
 
-@torch.no_grad()
-def sample(generator: nn.Module, n: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``n`` samples ``(n, 1, H, W)`` in [0, 1] from ``z ~ N(0, I)`` drawn with ``seed`` (eval mode, restored)."""
-    was_training = generator.training
-    generator.eval()
-    z = torch.randn(n, generator.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    images = to_unit(generator(z)).cpu()
-    generator.train(was_training)
-    return images
+def gan_step(
+    model: GAN,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    loss: str = "non_saturating",
+) -> dict[str, float]:
+    """One round of the game: a discriminator update, then a generator update (for ``fit(optimizer=None)``).
+
+    ``batch`` is real images ``(B, 1, H, W)`` in [-1, 1] and codes ``z`` ``(B, z_dim)``. Bind the two
+    optimizers with ``functools.partial``; returns the numbers :func:`train_gan` records.
+    """
+    real, z = batch
+    G, D = model.generator, model.discriminator
+    fake = G(z)  # (B, 1, H, W)
+    # discriminator: fakes detached, so only D learns from this loss
+    real_logits, fake_logits = D(real), D(fake.detach())
+    d_loss = discriminator_loss(real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    # generator: through the (just updated) discriminator
+    g_loss = generator_loss(D(fake), loss)
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return {
+        "d_loss": d_loss.item(),
+        "g_loss": g_loss.item(),
+        "d_real": torch.sigmoid(real_logits).mean().item(),  # mean D(x) on the real batch
+        "d_fake": torch.sigmoid(fake_logits).mean().item(),  # mean D(G(z)) on the fake batch
+    }
+
+
+def _real_and_noise(
+    images: torch.Tensor, batch_size: int, z_dim: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches for :func:`gan_step`: ``batch_size`` real images drawn with replacement, fresh ``z``."""
+    while True:
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        yield images[index], torch.randn(batch_size, z_dim, generator=generator)
 
 
 def train_gan(
-    generator: nn.Module,
-    discriminator: nn.Module,
+    model: GAN,
     images: torch.Tensor,
     *,
     steps: int,
@@ -203,16 +269,17 @@ def train_gan(
     lr: float = 2e-4,
     betas: tuple[float, float] = (0.5, 0.999),
     loss: str = "non_saturating",
-    snapshot_steps: tuple[int, ...] = (),
-    n_snapshot: int = 16,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    evaluate: Evaluate | None = None,
+    eval_every: int | None = None,
     progress: bool = True,
-) -> GANHistory:
-    """Alternate one discriminator step and one generator step, ``steps`` times (Adam, DCGAN settings).
+) -> History:
+    """Play :func:`gan_step` ``steps`` times on real ``images`` ``(N, 1, H, W)`` in [0, 1] (Adam, DCGAN settings).
 
-    ``images`` are real ``(N, 1, H, W)`` in [0, 1]. At each step in ``snapshot_steps`` (and at the
-    end) samples from a fixed ``z`` are stored in the history.
+    Trains on the model's device (move it there first). The real batches and the codes ``z`` are
+    drawn from ``generator`` (the global generator if ``None``). ``evaluate(model)`` runs every
+    ``eval_every`` steps (e.g. to keep samples of a fixed ``z``). The history's ``logs`` hold
+    ``d_loss``, ``g_loss``, ``d_real`` and ``d_fake`` per step.
     """
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"expected real images (N, 1, H, W), got {tuple(images.shape)}")
@@ -221,67 +288,47 @@ def train_gan(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     generator_loss(torch.zeros(1), loss)  # validates ``loss`` before any work
-    gen = torch.Generator().manual_seed(seed)
-    generator.to(device).train()
-    discriminator.to(device).train()
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)
-    real_all = to_signed(images).to(device)  # (N, 1, H, W) in [-1, 1]
-    fixed_z = torch.randn(n_snapshot, generator.z_dim, generator=gen).to(device)
-    history = GANHistory()
-    start = time.perf_counter()
-
-    def snapshot(step: int) -> None:
-        generator.eval()
-        with torch.no_grad():
-            history.snapshots[step] = to_unit(generator(fixed_z)).cpu()
-        generator.train()
-
-    if 0 in snapshot_steps:
-        snapshot(0)
-    for step in tqdm(range(1, steps + 1), desc="GAN", disable=not progress, mininterval=2.0):
-        real = real_all[torch.randint(0, len(real_all), (batch_size,), generator=gen).to(device)]
-        z = torch.randn(batch_size, generator.z_dim, generator=gen).to(device)
-        fake = generator(z)  # (B, 1, H, W)
-        # discriminator step: fakes detached so only D learns from this loss
-        real_logits, fake_logits = discriminator(real), discriminator(fake.detach())
-        d_loss = discriminator_loss(real_logits, fake_logits)
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        # generator step: through the (just updated) discriminator
-        g_loss = generator_loss(discriminator(fake), loss)
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
-        history.d_loss.append(d_loss.item())
-        history.g_loss.append(g_loss.item())
-        history.d_real.append(torch.sigmoid(real_logits).mean().item())
-        history.d_fake.append(torch.sigmoid(fake_logits).mean().item())
-        if step in snapshot_steps:
-            snapshot(step)
-    snapshot(steps)
-    history.seconds = time.perf_counter() - start
-    return history
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=betas)
+    step = functools.partial(gan_step, opt_g=opt_g, opt_d=opt_d, loss=loss)
+    data = _real_and_noise(to_signed(images), batch_size, model.z_dim, generator)
+    return fit(
+        model,
+        data,
+        step,
+        steps=steps,
+        optimizer=None,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        progress=progress,
+        desc="GAN",
+    )
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
-def _batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+def _batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """``fn`` over ``images`` in batches moved to ``device``; the results joined on the CPU."""
+    return torch.cat([fn(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
 def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Penultimate features ``(N, F)`` from ``classifier.features`` for images ``(N, 1, H, W)`` in [0, 1]."""
-    if not callable(getattr(classifier, "features", None)):
+    """Penultimate features ``(N, F)`` from ``classifier.features`` for images ``(N, 1, H, W)`` in [0, 1].
+
+    Runs on the classifier's device; the features come back on the CPU in float64.
+    """
+    features = getattr(classifier, "features", None)
+    if not callable(features):
         raise ValueError(f"{type(classifier).__name__} has no features(x) method")
     if images.ndim != 4:
         raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
     was_training = classifier.training
     classifier.eval()
-    feats = _batched(classifier.features, images, batch_size).double()
+    feats = _batched(features, images, batch_size, model_device(classifier)).double()
     classifier.train(was_training)
     if feats.ndim != 2:
         raise ValueError(f"features(x) must return (N, F), got {tuple(feats.shape)}")
@@ -292,7 +339,7 @@ def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size:
 def classifier_score(
     classifier: nn.Module, images: torch.Tensor, num_classes: int = 10, min_share: float = 0.02, batch_size: int = 512
 ) -> dict[str, float]:
-    """Score a set of images ``(N, 1, H, W)`` in [0, 1] with a trained classifier.
+    """Score a set of images ``(N, 1, H, W)`` in [0, 1] with a trained classifier (on its own device).
 
     - ``coverage``: classes that receive at least ``min_share`` of the predicted labels;
     - ``entropy``: entropy (nats) of the predicted-label histogram (``log num_classes`` if uniform);
@@ -303,7 +350,7 @@ def classifier_score(
         raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got {tuple(images.shape)}")
     was_training = classifier.training
     classifier.eval()
-    logits = _batched(classifier, images, batch_size).double()  # (N, C)
+    logits = _batched(classifier, images, batch_size, model_device(classifier)).double()  # (N, C)
     classifier.train(was_training)
     if logits.ndim != 2 or logits.shape[1] != num_classes:
         raise ValueError(f"classifier returned {tuple(logits.shape)}, expected (N, {num_classes})")
@@ -335,7 +382,8 @@ def frechet_distance_gaussians(
     """
     if mu_a.ndim != 1 or mu_a.shape != mu_b.shape or cov_a.shape != (len(mu_a),) * 2 or cov_b.shape != cov_a.shape:
         raise ValueError(
-            f"shapes do not match: mu {tuple(mu_a.shape)}, {tuple(mu_b.shape)}; cov {tuple(cov_a.shape)}, {tuple(cov_b.shape)}"
+            f"shapes do not match: mu {tuple(mu_a.shape)}, {tuple(mu_b.shape)}; "
+            f"cov {tuple(cov_a.shape)}, {tuple(cov_b.shape)}"
         )
     mu_a, mu_b, cov_a, cov_b = (t.double() for t in (mu_a, mu_b, cov_a, cov_b))
     root_a = _sqrtm_psd(cov_a)
@@ -397,13 +445,15 @@ def modulated_conv2d(
     """
     if x.ndim != 4 or weight.ndim != 4 or styles.ndim != 2:
         raise ValueError(
-            f"expected x (B, I, H, W), weight (O, I, k, k), styles (B, I); got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(styles.shape)}"
+            "expected x (B, I, H, W), weight (O, I, k, k), styles (B, I); "
+            f"got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(styles.shape)}"
         )
     b, i = x.shape[:2]
     o, _, k, k2 = weight.shape
     if weight.shape[1] != i or styles.shape != (b, i) or k != k2 or k % 2 == 0:
         raise ValueError(
-            f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} (odd square kernel), styles {tuple(styles.shape)}"
+            f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} (odd square kernel), "
+            f"styles {tuple(styles.shape)}"
         )
     w = weight[None] * styles[:, None, :, None, None]  # (B, O, I, k, k)
     if demodulate:

@@ -102,11 +102,13 @@ class TinyNeRF(nn.Module):
         super().__init__()
         if not isinstance(L_pos, int) or L_pos < 0 or (L_dir is not None and L_dir < 0) or width < 2 or depth < 1:
             raise ValueError(
-                f"need L_pos >= 0, L_dir None or >= 0, width >= 2, depth >= 1; got {L_pos=}, {L_dir=}, {width=}, {depth=}"
+                "need L_pos >= 0, L_dir None or >= 0, width >= 2, depth >= 1; "
+                f"got {L_pos=}, {L_dir=}, {width=}, {depth=}"
             )
         self.L_pos, self.L_dir = L_pos, L_dir
         self.trunk = mlp(encoded_dim(3, L_pos), width, depth - 1, width).append(nn.ReLU())  # -> h (..., width)
         self.sigma = nn.Linear(width, 1)
+        self.color: nn.Module
         if L_dir is None:
             self.color = nn.Linear(width, 3)
         else:
@@ -198,8 +200,9 @@ def get_rays(H: int, W: int, focal: float, pose: torch.Tensor) -> tuple[torch.Te
         raise ValueError(f"pose must be a (4, 4) camera-to-world matrix, got shape {tuple(pose.shape)}")
     if H < 1 or W < 1 or focal <= 0:
         raise ValueError(f"need H, W >= 1 and focal > 0; got {H=}, {W=}, {focal=}")
-    grid = dict(dtype=pose.dtype, device=pose.device)
-    j, i = torch.meshgrid(torch.arange(H, **grid) + 0.5, torch.arange(W, **grid) + 0.5, indexing="ij")
+    rows = torch.arange(H, dtype=pose.dtype, device=pose.device) + 0.5
+    cols = torch.arange(W, dtype=pose.dtype, device=pose.device) + 0.5
+    j, i = torch.meshgrid(rows, cols, indexing="ij")
     cam_dirs = torch.stack([(i - W / 2) / focal, -(j - H / 2) / focal, -torch.ones_like(i)], dim=-1)  # (H, W, 3)
     dirs = cam_dirs @ pose[:3, :3].T  # rotate into the world: (H, W, 3)
     dirs = dirs / dirs.norm(dim=-1, keepdim=True)
@@ -374,7 +377,8 @@ class SoftSpheresScene:
     ):
         if not spheres or softness <= 0 or not 0 <= ambient <= 1:
             raise ValueError(
-                f"need at least one sphere, softness > 0 and 0 <= ambient <= 1; got {len(spheres)=}, {softness=}, {ambient=}"
+                "need at least one sphere, softness > 0 and 0 <= ambient <= 1; "
+                f"got {len(spheres)=}, {softness=}, {ambient=}"
             )
         self.centers = torch.tensor([s.center for s in spheres])  # (K, 3)
         self.radii = torch.tensor([s.radius for s in spheres])  # (K,)

@@ -5,6 +5,8 @@
 - :func:`contrastive_loss`   Hadsell, Chopra & LeCun (2006), on pairs
 - :func:`triplet_loss`       Schroff, Kalenichenko & Philbin (2015), on triplets
 - :func:`batch_hard_triplet_loss`   hardest positive and negative per anchor inside a batch
+- :func:`contrastive_step`, :func:`triplet_step`, :func:`batch_hard_step`   the three training
+  steps for the book's engine ``dlarch_lib.core.train.fit``
 - :func:`sample_pairs`, :func:`sample_triplets`   seeded index samplers over a label vector
 - :func:`one_shot_accuracy`  N-way one-shot episodes with nearest-support classification
 """
@@ -135,6 +137,35 @@ def batch_hard_triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float
     hardest_pos = dist.masked_fill(~pos_mask, float("-inf")).amax(dim=1)  # (B,)
     hardest_neg = dist.masked_fill(~neg_mask, float("inf")).amin(dim=1)  # (B,)
     return F.relu(hardest_pos - hardest_neg + margin)[usable].mean()
+
+
+def contrastive_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Step on pairs: stacked pairs ``(B, 2, 1, 8, 8)`` and same-flags ``(B,)`` through a :class:`SiameseNet`.
+
+    Returns the :func:`contrastive_loss` (margin 1) of the two branches' embeddings.
+    """
+    pairs, same = batch
+    z = model(pairs)  # (B, 2, D): one encoder, both branches
+    return contrastive_loss(z[:, 0], z[:, 1], same, margin=1.0)
+
+
+def triplet_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Step on triplets: stacked (anchor, positive, negative) ``(B, 3, 1, 8, 8)`` through a :class:`SiameseNet`.
+
+    The second tensor of ``batch`` (the anchors' labels) is not used. Returns the :func:`triplet_loss` (margin 0.2).
+    """
+    triplets, _ = batch
+    z = model(triplets)  # (B, 3, D)
+    return triplet_loss(z[:, 0], z[:, 1], z[:, 2], margin=0.2)
+
+
+def batch_hard_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Step on labelled images ``(B, 1, 8, 8)``, ``(B,)`` through the encoder itself.
+
+    Returns the :func:`batch_hard_triplet_loss` (margin 0.2): the triplets are mined inside the batch.
+    """
+    images, labels = batch
+    return batch_hard_triplet_loss(model(images), labels, margin=0.2)
 
 
 def _class_index(labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -4,8 +4,10 @@
   the decoder at level ``l`` concatenates the encoder's level-``l`` features (the skip).
   ``skips=False`` concatenates zeros instead: the same layers and parameter count, with the
   fine-resolution path cut, which is the ablation of the chapter.
-- Receptive fields: :func:`receptive_field` (the recursion) and :func:`gradient_support`
-  (measured by autograd on a :func:`linearised` copy).
+- The training step :func:`segmentation_step` (cross-entropy plus soft Dice) for the book's
+  engine ``dlarch_lib.core.train.fit``, and :func:`predict`.
+- Receptive fields: the recursion is chapter 4's ``dlarch_lib.cnn.receptive_field``;
+  :func:`gradient_support` measures one by autograd on a :func:`linearised` copy.
 - Metrics: :func:`confusion_matrix`, :func:`iou`, :func:`dice`, :func:`boundary_band`,
   and the soft Dice loss :func:`soft_dice_loss`.
 """
@@ -13,11 +15,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dlarch_lib.core.train import model_device
 
 # --------------------------------------------------------------------------- the model
 
@@ -56,9 +60,9 @@ class UNet(nn.Module):
         self.bottleneck = DoubleConv(widths[-2], widths[-1])
         # level l (deepest first): upsample 2^(l+1) w -> 2^l w, then concat skip (2^l w) -> 2^l w
         self.up = nn.ModuleList(
-            nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(depth))
+            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))
         )
-        self.fuse = nn.ModuleList(DoubleConv(2 * widths[l], widths[l]) for l in reversed(range(depth)))
+        self.fuse = nn.ModuleList(DoubleConv(2 * widths[level], widths[level]) for level in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         self.pool = nn.MaxPool2d(2)
 
@@ -76,7 +80,10 @@ class UNet(nn.Module):
         return self.bottleneck(x), skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)``, H and W divisible by ``2**depth``."""
+        """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)``.
+
+        H and W must be divisible by ``2**depth``.
+        """
         x, skips = self.encode(x)  # x: (B, 2^depth w, H / 2^depth, W / 2^depth)
         for up, fuse, skip in zip(self.up, self.fuse, reversed(skips)):
             x = up(x)  # (B, 2^l w, H / 2^l, W / 2^l)
@@ -86,28 +93,25 @@ class UNet(nn.Module):
         return self.head(x)  # (B, num_classes, H, W)
 
 
+def segmentation_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The U-Net's step: cross-entropy plus :func:`soft_dice_loss` of the logits against the masks.
+
+    ``batch`` is images ``(B, C, H, W)`` and masks ``(B, H, W)`` int64; the logits are ``(B, K, H, W)``.
+    """
+    images, masks = batch
+    logits = model(images)
+    return F.cross_entropy(logits, masks) + soft_dice_loss(logits, masks)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Predicted masks ``(N, H, W)`` int64: arg-max over classes, model in eval mode."""
+    """Predicted masks ``(N, H, W)`` int64 on the CPU: arg-max over classes, model in eval mode on its device."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     return torch.cat([model(batch.to(device)).argmax(dim=1).cpu() for batch in images.split(batch_size)])
 
 
 # --------------------------------------------------------------------------- receptive fields
-
-
-def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
-    """Receptive field and jump of a chain of convs/pools: ``r = 1 + sum_l (k_l - 1) J_(l-1)``, ``J_l = s_1 ... s_l``."""
-    if len(kernels) != len(strides):
-        raise ValueError(f"got {len(kernels)} kernels but {len(strides)} strides")
-    if any(k < 1 for k in kernels) or any(s < 1 for s in strides):
-        raise ValueError(f"kernels must be >= 1 and strides > 0, got {list(kernels)} and {list(strides)}")
-    r, jump = 1, 1
-    for k, s in zip(kernels, strides):
-        r += (k - 1) * jump
-        jump *= s
-    return r, jump
 
 
 def linearised(model: nn.Module) -> nn.Module:
@@ -117,7 +121,7 @@ def linearised(model: nn.Module) -> nn.Module:
     input pixels with a non-zero gradient is exactly the receptive field (for generic weights).
     """
     clone = copy.deepcopy(model).eval()
-    for name, module in list(clone.named_modules()):
+    for module in list(clone.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
                 setattr(module, child_name, nn.Identity())
@@ -136,8 +140,8 @@ def gradient_support(fn: Callable[[torch.Tensor], torch.Tensor], size: int, in_c
     out = fn(x)  # (1, K, h, w)
     if out.ndim != 4:
         raise ValueError(f"fn must return feature maps (1, K, h, w), got shape {tuple(out.shape)}")
-    out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()
-    columns = (x.grad[0].abs().sum(dim=(0, 1)) > 0).nonzero().flatten()  # (n,)
+    (grad,) = torch.autograd.grad(out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum(), x)  # (1, C, size, size)
+    columns = (grad[0].abs().sum(dim=(0, 1)) > 0).nonzero().flatten()  # (n,)
     return int(columns.max() - columns.min() + 1)
 
 

@@ -5,7 +5,9 @@
 - Two gradient estimators of ``d/d mu, d/d log sigma^2`` of ``E_q[f(z)]``:
   :func:`pathwise_gradient` (reparameterisation) and :func:`score_function_gradient` (REINFORCE).
 - A small MLP :class:`VAE` for 8x8 digits in [0, 1] (Bernoulli/BCE decoder), :func:`elbo_terms`,
-  :func:`negative_elbo`, :func:`train_vae`, :func:`sample`, :func:`reconstruct`, :func:`interpolate`.
+  :func:`negative_elbo`, the training step :func:`elbo_step` and :func:`train_vae` (through the
+  book's engine ``dlarch_lib.core.train.fit``), :func:`reconstruct`, :func:`interpolate`. The VAE
+  samples through chapter 8's :class:`~dlarch_lib.gan.ImageGenerator` API: ``model.sample(n, generator)``.
 - Uses: :func:`roc_auc` (anomaly detection scored by -ELBO) and :func:`augment_by_posterior`
   (extra labelled images decoded from ``q(z|x)`` of the few labelled ones).
 
@@ -15,13 +17,16 @@ Images are ``(N, 1, 8, 8)`` in [0, 1] as :mod:`dlarch_lib.core.data` gives them;
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from tqdm import tqdm
+
+from dlarch_lib.core.runtime import seeded
+from dlarch_lib.core.train import History, fit, model_device
+from dlarch_lib.gan import ImageGenerator
 
 # ----------------------------------------------------------------------------- the two ELBO pieces
 
@@ -96,11 +101,12 @@ def score_function_gradient(
 # ----------------------------------------------------------------------------- the model
 
 
-class VAE(nn.Module):
+class VAE(ImageGenerator):
     """An MLP VAE for ``(B, 1, 8, 8)`` images in [0, 1].
 
     Encoder ``64 -> hidden -> (mu, logvar) in R^z_dim``; decoder ``z -> hidden -> 64`` pixel logits
     (Bernoulli means ``sigmoid(logits)``). ``forward(x)`` returns ``(logits (B, 1, 8, 8), mu, logvar)``.
+    ``sample(n, generator)`` decodes ``z ~ N(0, I)`` to the decoder means (see :class:`ImageGenerator`).
     """
 
     def __init__(self, z_dim: int = 8, hidden: int = 256, side: int = 8) -> None:
@@ -129,9 +135,15 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         return self.decode(reparameterize(mu, logvar)), mu, logvar
 
+    def images(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder means ``sigmoid(decode(z))``: ``(B, z_dim) -> (B, 1, side, side)`` in [0, 1]."""
+        return torch.sigmoid(self.decode(z))
 
-def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def elbo_terms(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One-sample estimate of the two ELBO terms per image: ``(reconstruction (B,), kl (B,))`` in nats.
+
+    ``model`` is a :class:`VAE` (``model(x) -> (logits, mu, logvar)``), ``x`` images ``(B, 1, H, W)``.
 
     ``reconstruction = -log p(x|z) = BCE(sigmoid(logits), x)`` summed over pixels, ``z ~ q(z|x)``;
     ``-ELBO = reconstruction + kl``.
@@ -145,18 +157,43 @@ def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def negative_elbo(model: VAE, images: torch.Tensor, n_samples: int = 1, seed: int = 0) -> torch.Tensor:
-    """``-ELBO`` per image ``(N,)`` in nats, averaged over ``n_samples`` draws of ``z`` (eval mode, seeded)."""
+    """``-ELBO`` per image ``(N,)`` in nats (float64, on the CPU), averaged over ``n_samples`` draws of ``z``.
+
+    Runs on the model's device in eval mode; the draws of ``z`` are seeded by ``seed``.
+    """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
+    images = images.to(model_device(model))
     total = torch.zeros(len(images), dtype=torch.float64)
-    for _ in range(n_samples):
-        rec, kl = elbo_terms(model, images)
-        total += (rec + kl).double().cpu()
+    with seeded(seed):
+        for _ in range(n_samples):
+            rec, kl = elbo_terms(model, images)
+            total += (rec + kl).double().cpu()
     model.train(was_training)
     return total / n_samples
+
+
+def elbo_step(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The VAE's training step: the mean ``-ELBO`` of a batch of images ``(B, 1, H, W)`` in [0, 1].
+
+    ``loss`` is minimised; its two terms are recorded too (``reconstruction``, ``kl``, nats per image).
+    """
+    rec, kl = elbo_terms(model, batch)  # (B,), (B,): one reparameterised z per image
+    return {"loss": (rec + kl).mean(), "reconstruction": rec.mean(), "kl": kl.mean()}
+
+
+class _ShuffledBatches:
+    """Mini-batches of ``images``, in a fresh order from ``generator`` on every pass (re-iterable)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.images, self.batch_size, self.generator = images, batch_size, generator
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(self.images), generator=self.generator)
+        for i in range(0, len(order), self.batch_size):
+            yield self.images[order[i : i + self.batch_size]]
 
 
 def train_vae(
@@ -167,68 +204,47 @@ def train_vae(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
-    device: torch.device | str = "cpu",
     progress: bool = True,
-) -> list[float]:
-    """Minimise the mean ``-ELBO`` on ``images (N, 1, 8, 8)`` with Adam; returns train ``-ELBO`` per epoch.
+) -> History:
+    """Minimise the mean ``-ELBO`` on ``images (N, 1, 8, 8)`` with :func:`elbo_step` and Adam.
 
-    The model is moved to ``device`` and left in eval mode.
+    Trains on the model's device (move it there first) and leaves the model in eval mode. The
+    shuffling and the draws of ``z`` are seeded by ``seed``; the caller's random stream is untouched.
+    ``History.train_loss`` is the train ``-ELBO`` per epoch.
     """
     if images.ndim != 4 or float(images.min()) < 0 or float(images.max()) > 1:
         raise ValueError(f"expected images (N, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model.to(device).train()
-    data = images.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history = []
-    for _ in tqdm(range(epochs), desc="VAE", disable=not progress, mininterval=2.0):
-        order = torch.randperm(len(data), generator=gen).to(device)
-        total = 0.0
-        for i in range(0, len(data), batch_size):
-            x = data[order[i : i + batch_size]]
-            rec, kl = elbo_terms(model, x)
-            loss = (rec + kl).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(x)
-        history.append(total / len(data))
+    batches = _ShuffledBatches(images, batch_size, torch.Generator().manual_seed(seed))
+    with seeded(seed):  # the reparameterisation noise draws from the global generator
+        history = fit(model, batches, elbo_step, epochs=epochs, lr=lr, progress=progress, desc="VAE")
     model.eval()
     return history
 
 
 @torch.no_grad()
-def sample(model: VAE, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` images ``(n, 1, 8, 8)`` in [0, 1]: decoder means ``sigmoid(decode(z))``, ``z ~ N(0, I)``."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    device = next(model.parameters()).device
-    z = torch.randn(n, model.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return torch.sigmoid(model.decode(z)).cpu()
-
-
-@torch.no_grad()
 def reconstruct(model: VAE, images: torch.Tensor) -> torch.Tensor:
-    """Decoder means at the posterior means: ``sigmoid(decode(mu(x)))``, ``(N, 1, 8, 8)`` in [0, 1]."""
-    mu, _ = model.encode(images)
-    return torch.sigmoid(model.decode(mu))
+    """Decoder means at the posterior means: ``sigmoid(decode(mu(x)))``, ``(N, 1, 8, 8)`` in [0, 1] on the CPU."""
+    mu, _ = model.encode(images.to(model_device(model)))
+    return model.images(mu).cpu()
 
 
 @torch.no_grad()
 def interpolate(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """Decode ``(1 - t) mu(x_a) + t mu(x_b)`` for ``steps`` values of ``t`` in [0, 1]: ``(steps, 1, 8, 8)``."""
+    """Decode ``(1 - t) mu(x_a) + t mu(x_b)`` for ``steps`` values of ``t`` in [0, 1].
+
+    ``x_a``, ``x_b`` are single images ``(1, H, W)``; returns ``(steps, 1, H, W)`` on the CPU.
+    """
     if x_a.shape != x_b.shape or x_a.ndim != 3:
         raise ValueError(
             f"expected two single images (1, H, W) of equal shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
         )
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
-    mu, _ = model.encode(torch.stack([x_a, x_b]))  # (2, z)
+    mu, _ = model.encode(torch.stack([x_a, x_b]).to(model_device(model)))  # (2, z)
     t = torch.linspace(0, 1, steps, device=mu.device)[:, None]  # (steps, 1)
-    return torch.sigmoid(model.decode((1 - t) * mu[0] + t * mu[1]))
+    return model.images((1 - t) * mu[0] + t * mu[1]).cpu()
 
 
 # ----------------------------------------------------------------------------- uses
@@ -267,15 +283,17 @@ def augment_by_posterior(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each labelled image draw ``copies`` codes ``z ~ q(z|x)`` and decode them, keeping the label.
 
-    ``images (N, 1, 8, 8)``, ``labels (N,)`` -> ``(N * copies, 1, 8, 8)`` decoder means and
-    ``(N * copies,)`` labels. Assumes a small move in latent space keeps the class.
+    ``images (N, 1, 8, 8)``, ``labels (N,)`` -> ``(N * copies, 1, 8, 8)`` decoder means (on the CPU)
+    and ``(N * copies,)`` labels. The draws are seeded by ``seed``. Assumes a small move in latent
+    space keeps the class.
     """
     if len(images) != len(labels) or copies < 1:
         raise ValueError(f"need as many labels as images and copies >= 1, got {len(images)}, {len(labels)}, {copies}")
-    torch.manual_seed(seed)
-    mu, logvar = model.encode(images)
+    mu, logvar = model.encode(images.to(model_device(model)))
     mu, logvar = mu.repeat_interleave(copies, 0), logvar.repeat_interleave(copies, 0)  # (N*copies, z)
-    return torch.sigmoid(model.decode(reparameterize(mu, logvar))), labels.repeat_interleave(copies, 0)
+    with seeded(seed):
+        z = reparameterize(mu, logvar)
+    return model.images(z).cpu(), labels.repeat_interleave(copies, 0)
 
 
 def nats_to_bits_per_pixel(nats: float, pixels: int = 64) -> float:

@@ -132,13 +132,14 @@ def test_tiny_yolo_shapes_loss_and_detect():
     data = detect.detection_set(6, seed=0)
     pred = model(data.images)
     assert pred.shape == (6, 8, 8, 8)
-    targets = torch.stack([detect.encode_grid(b, l, 32, 8, 8.0) for b, l in zip(data.boxes, data.labels)])
+    targets = torch.stack([detect.encode_grid(b, lab, 32, 8, 8.0) for b, lab in zip(data.boxes, data.labels)])
     loss = detect.yolo_loss(pred, targets)
+    torch.testing.assert_close(detect.yolo_step(model, (data.images, targets)), loss)
     loss.backward()
     assert loss.ndim == 0 and loss > 0 and model.head.weight.grad is not None
     boxes, scores, labels = detect.yolo_detect(model, data.images, score_threshold=0.0)
-    assert len(boxes) == 6 and all(len(b) == len(s) == len(l) for b, s, l in zip(boxes, scores, labels))
-    assert all(((l >= 1) & (l <= 3)).all() for l in labels)
+    assert len(boxes) == 6 and all(len(b) == len(s) == len(lab) for b, s, lab in zip(boxes, scores, labels))
+    assert all(((lab >= 1) & (lab <= 3)).all() for lab in labels)
     with pytest.raises(ValueError, match="expected images"):
         model(torch.zeros(1, 1, 16, 16))
     with pytest.raises(ValueError, match="6 maps"):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlarch_lib import gan
+from dlarch_lib.core.train import History
 
 
 def _dists() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,25 +110,82 @@ def test_train_gan_runs_records_and_learns_the_mean():
     torch.manual_seed(0)
     images = torch.zeros(64, 1, 8, 8)
     images[:, :, 2:6, 2:6] = 1.0  # one bright square: the generator must learn to draw it
-    g, d = gan.DCGANGenerator(z_dim=4, width=8), gan.DCGANDiscriminator(width=8)
-    before = (gan.sample(g, 64) - images).abs().mean().item()
+    model = gan.GAN(gan.DCGANGenerator(z_dim=4, width=8), gan.DCGANDiscriminator(width=8))
+    noise = torch.Generator().manual_seed(0)
+    before = (model.sample(64, noise) - images).abs().mean().item()
+    fixed_z = torch.randn(4, 4, generator=noise)
+    snapshots = []
+
+    def snapshot(m: gan.GAN) -> dict[str, float]:
+        assert not m.training
+        snapshots.append(m.generate(fixed_z))
+        return {"mean_pixel": snapshots[-1].mean().item()}
+
     h = gan.train_gan(
-        g, d, images, steps=60, batch_size=16, lr=2e-3, snapshot_steps=(0, 30), n_snapshot=4, progress=False
+        model,
+        images,
+        steps=60,
+        batch_size=16,
+        lr=2e-3,
+        generator=noise,
+        evaluate=snapshot,
+        eval_every=30,
+        progress=False,
     )
-    after = (gan.sample(g, 64) - images).abs().mean().item()
-    assert len(h.d_loss) == len(h.g_loss) == 60 and sorted(h.snapshots) == [0, 30, 60]
-    assert h.snapshots[60].shape == (4, 1, 8, 8)
+    after = (model.sample(64, noise) - images).abs().mean().item()
+    assert isinstance(h, History) and h.steps == 60 and h.loss == []
+    assert all(len(h.logs[k]) == 60 for k in ("d_loss", "g_loss", "d_real", "d_fake"))
+    assert h.eval_steps == [30, 60] and len(h.evals["mean_pixel"]) == 2 and snapshots[-1].shape == (4, 1, 8, 8)
+    assert model.training  # fit restores training mode after each evaluation
     assert after < 0.5 * before
 
 
+def test_train_gan_is_reproducible_from_its_generator():
+    def run() -> torch.Tensor:
+        torch.manual_seed(1)
+        model = gan.GAN(gan.DCGANGenerator(z_dim=4, width=4), gan.DCGANDiscriminator(width=4))
+        h = gan.train_gan(
+            model, torch.rand(32, 1, 8, 8), steps=5, generator=torch.Generator().manual_seed(3), progress=False
+        )
+        return torch.tensor(h.logs["g_loss"])
+
+    torch.testing.assert_close(run(), run())
+
+
+def test_gan_step_updates_both_players_and_only_through_their_optimizers():
+    torch.manual_seed(0)
+    model = gan.GAN(gan.DCGANGenerator(z_dim=4, width=4), gan.DCGANDiscriminator(width=4))
+    opt_g = torch.optim.SGD(model.generator.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(model.discriminator.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = gan.gan_step(model, (torch.rand(8, 1, 8, 8) * 2 - 1, torch.randn(8, 4)), opt_g=opt_g, opt_d=opt_d)
+    assert set(out) == {"d_loss", "g_loss", "d_real", "d_fake"} and 0 < out["d_real"] < 1
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if b.ndim > 1)
+
+
+def test_sampling_api_is_seeded_in_eval_mode_and_restores_the_mode():
+    torch.manual_seed(0)
+    model = gan.GAN(gan.DCGANGenerator(z_dim=4, width=4), gan.DCGANDiscriminator(width=4))
+    s = model.sample(7, torch.Generator().manual_seed(2))
+    assert s.shape == (7, 1, 8, 8) and 0 <= s.min() and s.max() <= 1 and model.training
+    torch.testing.assert_close(s, model.sample(7, torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(s, model.generate(torch.randn(7, 4, generator=torch.Generator().manual_seed(2))))
+    with pytest.raises(ValueError, match="n must be"):
+        model.sample(0)
+    with pytest.raises(ValueError, match="expected z"):
+        model.generate(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="z_dim"):
+        gan.GAN(nn.Linear(2, 2), gan.DCGANDiscriminator(4))
+
+
 def test_train_gan_errors():
-    g, d = gan.DCGANGenerator(4, 4), gan.DCGANDiscriminator(4)
+    model = gan.GAN(gan.DCGANGenerator(4, 4), gan.DCGANDiscriminator(4))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        gan.train_gan(g, d, torch.full((4, 1, 8, 8), 2.0), steps=1, progress=False)
+        gan.train_gan(model, torch.full((4, 1, 8, 8), 2.0), steps=1, progress=False)
     with pytest.raises(ValueError, match="unknown generator loss"):
-        gan.train_gan(g, d, torch.rand(4, 1, 8, 8), steps=1, loss="hinge", progress=False)
+        gan.train_gan(model, torch.rand(4, 1, 8, 8), steps=1, loss="hinge", progress=False)
     with pytest.raises(ValueError, match="steps"):
-        gan.train_gan(g, d, torch.rand(4, 1, 8, 8), steps=0, progress=False)
+        gan.train_gan(model, torch.rand(4, 1, 8, 8), steps=0, progress=False)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -131,3 +131,18 @@ def test_one_shot_accuracy_perfect_chance_and_errors():
         sm.one_shot_accuracy(z, labels, n_way=6)
     with pytest.raises(ValueError, match="at least 12 samples"):
         sm.one_shot_accuracy(z, labels, queries=11)
+
+
+def test_training_steps_match_their_losses():
+    torch.manual_seed(0)
+    encoder = sm.EmbeddingNet(dim=8, width=2)
+    net = sm.SiameseNet(encoder)
+    x = torch.rand(6, 3, 1, 8, 8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    same = torch.tensor([1, 0, 1, 0, 1, 0])
+    z = net(x)
+    torch.testing.assert_close(sm.contrastive_step(net, (x[:, :2], same)), sm.contrastive_loss(z[:, 0], z[:, 1], same))
+    torch.testing.assert_close(sm.triplet_step(net, (x, labels)), sm.triplet_loss(z[:, 0], z[:, 1], z[:, 2]))
+    torch.testing.assert_close(
+        sm.batch_hard_step(encoder, (x[:, 0], labels)), sm.batch_hard_triplet_loss(encoder(x[:, 0]), labels)
+    )

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import f1_score, jaccard_score
 from torch import nn
 
+from dlarch_lib.cnn import receptive_field
 from dlarch_lib.unet import (
     UNet,
     boundary_band,
@@ -12,7 +14,7 @@ from dlarch_lib.unet import (
     iou,
     linearised,
     predict,
-    receptive_field,
+    segmentation_step,
     soft_dice_loss,
 )
 
@@ -24,7 +26,7 @@ def test_unet_shapes(depth, in_channels):
     assert model(x).shape == (2, 5, 16, 24)
     bottleneck, skips = model.encode(x)
     assert bottleneck.shape == (2, 4 * 2**depth, 16 // 2**depth, 24 // 2**depth)
-    assert [s.shape[1:] for s in skips] == [(4 * 2**l, 16 // 2**l, 24 // 2**l) for l in range(depth)]
+    assert [s.shape[1:] for s in skips] == [(4 * 2**lv, 16 // 2**lv, 24 // 2**lv) for lv in range(depth)]
 
 
 def test_no_skip_model_has_same_parameters_and_equals_zeroed_skip_weights():
@@ -63,19 +65,22 @@ def test_predict_is_argmax():
         assert torch.equal(masks, model(x).argmax(dim=1))
 
 
-def test_receptive_field_formula_and_measurement():
-    assert receptive_field([3, 3], [1, 1]) == (5, 1)
-    assert receptive_field([3, 3, 2, 3, 3], [1, 1, 2, 1, 1]) == (14, 2)
+def test_receptive_field_of_the_bottleneck_matches_the_measurement():
     model = linearised(UNet(width=2, depth=2))
     assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in model.modules())
-    expected = receptive_field([3, 3, 2] * 2 + [3, 3], [1, 1, 2] * 2 + [1, 1])[0]
+    expected = receptive_field([(3, 1), (3, 1), (2, 2)] * 2 + [(3, 1), (3, 1)])  # chapter 4's recursion
     assert gradient_support(lambda x: model.encode(x)[0], 64) == expected == 32
-    with pytest.raises(ValueError, match="kernels but"):
-        receptive_field([3], [1, 1])
-    with pytest.raises(ValueError, match="strides"):
-        receptive_field([3], [0])
     with pytest.raises(ValueError, match="feature maps"):
         gradient_support(lambda x: x.flatten(), 8)
+
+
+def test_segmentation_step_is_cross_entropy_plus_soft_dice():
+    torch.manual_seed(0)
+    model = UNet(width=4, depth=1)
+    images, masks = torch.randn(2, 1, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    logits = model(images)
+    expected = F.cross_entropy(logits, masks) + soft_dice_loss(logits, masks)
+    torch.testing.assert_close(segmentation_step(model, (images, masks)), expected)
 
 
 def test_metrics_hand_computed():

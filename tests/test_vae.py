@@ -107,7 +107,8 @@ def test_negative_elbo_seeded_and_training_lowers_it():
     before = vae.negative_elbo(m, x, n_samples=2)
     assert before.shape == (64,) and torch.equal(before, vae.negative_elbo(m, x, n_samples=2))
     hist = vae.train_vae(m, x, epochs=8, batch_size=32, lr=3e-3, progress=False)
-    assert len(hist) == 8 and hist[-1] < hist[0]
+    assert len(hist.train_loss) == 8 and hist.train_loss[-1] < hist.train_loss[0]
+    assert hist.steps == 16 and len(hist.logs["reconstruction"]) == len(hist.logs["kl"]) == 16
     assert vae.negative_elbo(m, x).mean() < before.mean()
     assert not m.training
     with pytest.raises(ValueError, match="epochs"):
@@ -119,9 +120,11 @@ def test_negative_elbo_seeded_and_training_lowers_it():
 def test_sample_reconstruct_interpolate():
     torch.manual_seed(0)
     m = vae.VAE(z_dim=4, hidden=16).eval()
-    s = vae.sample(m, 7, seed=2)
+    s = m.sample(7, torch.Generator().manual_seed(2))  # the sampling API of chapter 8's ImageGenerator
     assert s.shape == (7, 1, 8, 8) and 0 <= s.min() and s.max() <= 1
-    torch.testing.assert_close(s, vae.sample(m, 7, seed=2))
+    torch.testing.assert_close(s, m.sample(7, torch.Generator().manual_seed(2)))
+    z = torch.randn(7, 4, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(s, torch.sigmoid(m.decode(z)).detach())
     x = _images(3)
     assert vae.reconstruct(m, x).shape == x.shape
     path = vae.interpolate(m, x[0], x[1], steps=5)
@@ -131,7 +134,30 @@ def test_sample_reconstruct_interpolate():
     with pytest.raises(ValueError, match="steps"):
         vae.interpolate(m, x[0], x[1], steps=1)
     with pytest.raises(ValueError, match="n must be"):
-        vae.sample(m, 0)
+        m.sample(0)
+
+
+def test_elbo_step_is_the_mean_negative_elbo():
+    torch.manual_seed(0)
+    m, x = vae.VAE(z_dim=3, hidden=8), _images(5)
+    torch.manual_seed(1)
+    out = vae.elbo_step(m, x)
+    torch.manual_seed(1)
+    rec, kl = vae.elbo_terms(m, x)
+    torch.testing.assert_close(out["loss"], (rec + kl).mean())
+    torch.testing.assert_close(out["kl"], kl.mean())
+    assert out["loss"].requires_grad
+
+
+def test_seeded_functions_leave_the_callers_stream_alone():
+    torch.manual_seed(0)
+    m, x = vae.VAE(z_dim=3, hidden=8), _images(6)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    vae.negative_elbo(m, x, n_samples=2, seed=1)
+    vae.augment_by_posterior(m, x, torch.arange(6), copies=2, seed=1)
+    vae.train_vae(m, x, epochs=1, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ----------------------------------------------------------------------------- uses
