@@ -9,7 +9,6 @@
 - :class:`HintRegressor`, :func:`hint_loss`   FitNets feature distillation (Romero et al. 2015)
 - :func:`labelled_subset`        a few labels per class, the rest of the indices unlabelled
 - :func:`teacher_logits`         run the frozen teacher once over the data (logits or hint features)
-- :func:`shuffled_batches`       a loader of whole shuffled batches of tensors, seeded
 
 The student is any classifier; the chapter's is chapter 2's one-hidden-layer MLP
 (``modular.MLPConfig(width=32, depth=1)``), whose guided layer for FitNets is the output of its
@@ -24,7 +23,6 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from dlarch_lib.core.train import Step, model_device
 
@@ -209,20 +207,3 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, features: bool = False, 
     device = model_device(teacher)
     fn = cast(Callable[[torch.Tensor], torch.Tensor], teacher.features) if features else teacher
     return torch.cat([fn(x[i : i + batch_size].to(device)).to(x.device) for i in range(0, len(x), batch_size)])
-
-
-def shuffled_batches(*tensors: torch.Tensor, batch_size: int, seed: int = 0) -> DataLoader:
-    """A loader of shuffled mini-batches of rows of ``tensors`` (all of length ``N``), reshuffled each epoch.
-
-    Whole batches are sliced out of the tensors at once (``batch_size=None`` and a ``BatchSampler``
-    over a ``RandomSampler`` seeded by ``seed``) instead of collated row by row. Each batch is a
-    tuple with one ``(B, ...)`` slice per tensor.
-    """
-    if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
-        raise ValueError(f"need tensors of the same length, got lengths {[len(t) for t in tensors]}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    shuffle = RandomSampler(range(len(tensors[0])), generator=torch.Generator().manual_seed(seed))
-    return DataLoader(
-        TensorDataset(*tensors), sampler=BatchSampler(shuffle, batch_size, drop_last=False), batch_size=None
-    )

@@ -32,10 +32,9 @@ from scipy.linalg import cho_solve, solve_triangular
 from scipy.stats import norm
 from torch import nn
 
-from dlarch_lib.core.data import Split
+from dlarch_lib.core.data import Split, TensorBatches
 from dlarch_lib.core.runtime import seeded
 from dlarch_lib.core.train import accuracy, fit
-from dlarch_lib.distill import shuffled_batches
 from dlarch_lib.modular import MLPConfig, build_model
 from dlarch_lib.nas import Config, Objective, Param, SearchResult, SearchSpace, check_budget, check_mode
 
@@ -423,7 +422,9 @@ class DigitsObjective:
         mlp = MLPConfig(width=int(config["width"]), depth=1, dropout=float(config["dropout"]))
         with seeded(self.seed):  # initialisation and dropout
             model = build_model(mlp).to(self.device)
-            loader = shuffled_batches(*self.train_data, batch_size=self.batch_size, seed=self.seed)
+            loader = TensorBatches(
+                *self.train_data, batch_size=self.batch_size, generator=torch.Generator().manual_seed(self.seed)
+            )
             fit(
                 model,
                 loader,

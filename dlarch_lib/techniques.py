@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlarch_lib.core.data import Split
+from dlarch_lib.core.data import Split, TensorBatches
 from dlarch_lib.core.runtime import seeded
 from dlarch_lib.core.train import History, Step, evaluate, fit, make_optimizer, model_device
 
@@ -295,31 +295,6 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
 # --------------------------------------------------------------------------- training with a schedule
 
 
-class TensorBatches:
-    """Mini-batches ``(x[idx], y[idx])`` of a fresh random permutation on every pass.
-
-    Slicing tensors that already sit on the model's device is much cheaper than a ``DataLoader``
-    for 8x8 images. ``x`` ``(N, ...)``, ``y`` ``(N,)``; the last batch may be smaller.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
-        if len(x) != len(y) or len(y) == 0:
-            raise ValueError(f"x and y need the same non-zero length, got {len(x)} and {len(y)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
-
-    def __len__(self) -> int:
-        """Batches per pass."""
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.y), generator=self.generator).to(self.y.device)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield self.x[idx], self.y[idx]
-
-
 def scheduled_step(optimizer: torch.optim.Optimizer) -> Step:
     """The classifier's step, logging the learning rate ``optimizer`` uses for it.
 
@@ -352,7 +327,7 @@ def train_classifier(
     """Train on ``split`` with a per-step ``schedule`` (``LambdaLR`` over :func:`schedule_factor`).
 
     The model trains on its own device (move it to ``RUN.device`` first). Batches come from
-    :class:`TensorBatches`, dropout from the global generator, both seeded by ``seed``
+    :class:`~dlarch_lib.core.data.TensorBatches`, dropout from the global generator, both seeded by ``seed``
     (:func:`seeded`: the caller's stream is left alone). The history logs ``"lr"`` at every
     step; the test set is used once, at the end: ``history.evals["test_acc"]`` (and
     ``"test_loss"``), one entry each.
@@ -361,7 +336,9 @@ def train_classifier(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
-    batches = TensorBatches(split.x_train.to(device), split.y_train.to(device), batch_size, generator)
+    batches = TensorBatches(
+        split.x_train.to(device), split.y_train.to(device), batch_size=batch_size, generator=generator
+    )
     total = epochs * len(batches)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     factor = schedule_factor(schedule, total, max(1, int(warmup_frac * total)))

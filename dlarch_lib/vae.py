@@ -17,13 +17,14 @@ Images are ``(N, 1, 8, 8)`` in [0, 1] as :mod:`dlarch_lib.core.data` gives them;
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dlarch_lib.core.data import TensorBatches
 from dlarch_lib.core.runtime import seeded
 from dlarch_lib.core.train import History, fit, model_device
 from dlarch_lib.gan import ImageGenerator
@@ -175,25 +176,14 @@ def negative_elbo(model: VAE, images: torch.Tensor, n_samples: int = 1, seed: in
     return total / n_samples
 
 
-def elbo_step(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The VAE's training step: the mean ``-ELBO`` of a batch of images ``(B, 1, H, W)`` in [0, 1].
+def elbo_step(model: nn.Module, batch: tuple[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VAE's training step: the mean ``-ELBO`` of a batch ``(images,)``, images ``(B, 1, H, W)`` in [0, 1].
 
     ``loss`` is minimised; its two terms are recorded too (``reconstruction``, ``kl``, nats per image).
     """
-    rec, kl = elbo_terms(model, batch)  # (B,), (B,): one reparameterised z per image
+    (images,) = batch
+    rec, kl = elbo_terms(model, images)  # (B,), (B,): one reparameterised z per image
     return {"loss": (rec + kl).mean(), "reconstruction": rec.mean(), "kl": kl.mean()}
-
-
-class _ShuffledBatches:
-    """Mini-batches of ``images``, in a fresh order from ``generator`` on every pass (re-iterable)."""
-
-    def __init__(self, images: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
-        self.images, self.batch_size, self.generator = images, batch_size, generator
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        order = torch.randperm(len(self.images), generator=self.generator)
-        for i in range(0, len(order), self.batch_size):
-            yield self.images[order[i : i + self.batch_size]]
 
 
 def train_vae(
@@ -216,7 +206,7 @@ def train_vae(
         raise ValueError(f"expected images (N, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-    batches = _ShuffledBatches(images, batch_size, torch.Generator().manual_seed(seed))
+    batches = TensorBatches(images, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     with seeded(seed):  # the reparameterisation noise draws from the global generator
         history = fit(model, batches, elbo_step, epochs=epochs, lr=lr, progress=progress, desc="VAE")
     model.eval()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlarch_lib.core.data import digits_arrays, load_digits_split, stratified_split
+from dlarch_lib.core.data import TensorBatches, digits_arrays, load_digits_split, stratified_split
 
 
 def test_digits_split_shapes_ranges_and_disjointness():
@@ -49,3 +49,22 @@ def test_loaders_batch_shapes():
     assert x.shape == (32, 1, 8, 8) and y.shape == (32,)
     with pytest.raises(ValueError, match="batch_size"):
         load_digits_split().loaders(batch_size=0)
+
+
+def test_tensor_batches_cover_every_row_once_per_pass_in_a_new_seeded_order():
+    x, y, z = torch.arange(10.0)[:, None], torch.arange(10), torch.arange(10) * 2
+    batches = TensorBatches(x, y, z, batch_size=4, generator=torch.Generator().manual_seed(0))
+    first, second = list(batches), list(batches)
+    assert len(batches) == 3 and [len(b[1]) for b in first] == [4, 4, 2]
+    assert sorted(torch.cat([b[1] for b in first]).tolist()) == list(range(10))
+    assert all(torch.equal(bx[:, 0].long(), by) and torch.equal(2 * by, bz) for bx, by, bz in first)  # rows aligned
+    assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in second]))  # reshuffled
+    again = list(TensorBatches(x, y, z, batch_size=4, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again))  # the generator decides the order
+    before = torch.get_rng_state()
+    list(batches)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is not drawn from
+    with pytest.raises(ValueError, match="one non-zero length"):
+        TensorBatches(x, y[:3], batch_size=4, generator=torch.Generator())
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorBatches(x, y, batch_size=0, generator=torch.Generator())

@@ -12,6 +12,7 @@ from torch import nn
 
 from dlarch_lib import distill as kd
 from dlarch_lib import modular
+from dlarch_lib.core.data import TensorBatches
 from dlarch_lib.core.train import fit, loss_step
 
 
@@ -167,7 +168,7 @@ def test_a_student_learns_to_copy_a_teacher_through_fit():
     no_labels = torch.full((256,), kd.IGNORE)  # pure soft targets
     loss = lambda: kd.distillation_loss(student(x), zt, no_labels, 2.0, 0.0).item()
     before = loss()
-    data = kd.shuffled_batches(x, no_labels, zt, batch_size=128, seed=0)
+    data = TensorBatches(x, no_labels, zt, batch_size=128, generator=torch.Generator().manual_seed(0))
     history = fit(student, data, kd.distillation_step(2.0, 0.0), epochs=30, lr=1e-2, optimizer="adamw", progress=False)
     assert history.epochs == 30 and history.steps == 30 * 2
     assert loss() < 0.3 * before
@@ -182,21 +183,16 @@ def test_fitnets_hint_stage_trains_the_guided_layers_and_the_regressor():
     guided = nn.Sequential(*student.blocks[:-1], regressor)  # the student up to its guided layer, then r
     before = kd.hint_loss(student(x, return_all=True)[-2], hints, regressor).item()
     head = student.blocks[-1].weight.detach().clone()
-    fit(guided, kd.shuffled_batches(x, hints, batch_size=32), loss_step(F.mse_loss), epochs=5, lr=1e-2, progress=False)
+    fit(
+        guided,
+        TensorBatches(x, hints, batch_size=32, generator=torch.Generator().manual_seed(0)),
+        loss_step(F.mse_loss),
+        epochs=5,
+        lr=1e-2,
+        progress=False,
+    )
     assert kd.hint_loss(student(x, return_all=True)[-2], hints, regressor).item() < before
     assert torch.equal(student.blocks[-1].weight, head)  # the head is not part of the hint stage
-
-
-def test_shuffled_batches_cover_every_row_once_per_epoch_and_are_seeded():
-    a, b = torch.arange(10), torch.arange(10) * 2
-    batches = list(kd.shuffled_batches(a, b, batch_size=4, seed=3))
-    assert [len(x) for x, _ in batches] == [4, 4, 2]
-    assert sorted(torch.cat([x for x, _ in batches]).tolist()) == list(range(10))
-    assert all(torch.equal(2 * x, y) for x, y in batches)  # rows stay aligned
-    again = list(kd.shuffled_batches(a, b, batch_size=4, seed=3))
-    assert all(torch.equal(x, z) for (x, _), (z, _) in zip(batches, again))
-    with pytest.raises(ValueError, match="same length"):
-        kd.shuffled_batches(a, b[:5], batch_size=4)
 
 
 def test_labelled_subset_is_stratified_disjoint_and_seeded():

@@ -270,18 +270,6 @@ def test_clipped_sgd_step_records_the_norm_before_clipping_and_clips():
 # ----------------------------------------------------------------- the digits MLP and its training
 
 
-def test_tensor_batches_cover_every_row_once_per_pass_in_a_new_order():
-    x, y = torch.arange(10.0)[:, None], torch.arange(10)
-    batches = T.TensorBatches(x, y, 4, torch.Generator().manual_seed(0))
-    first, second = list(batches), list(batches)
-    assert len(batches) == 3 and [len(b[1]) for b in first] == [4, 4, 2]
-    assert sorted(torch.cat([b[1] for b in first]).tolist()) == list(range(10))
-    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in first)
-    assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in second]))
-    with pytest.raises(ValueError, match="same non-zero length"):
-        T.TensorBatches(x, y[:3], 4, torch.Generator())
-
-
 def test_train_classifier_logs_the_schedule_and_learns():
     split = load_digits_split(seed=0)
     torch.manual_seed(0)

@@ -141,7 +141,7 @@ def test_elbo_step_is_the_mean_negative_elbo():
     torch.manual_seed(0)
     m, x = vae.VAE(z_dim=3, hidden=8), _images(5)
     torch.manual_seed(1)
-    out = vae.elbo_step(m, x)
+    out = vae.elbo_step(m, (x,))
     torch.manual_seed(1)
     rec, kl = vae.elbo_terms(m, x)
     torch.testing.assert_close(out["loss"], (rec + kl).mean())

@@ -6,6 +6,7 @@ grey levels 0..16. Nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,3 +98,35 @@ def load_digits_split(
         return torch.from_numpy(images[idx]).unsqueeze(1), torch.from_numpy(labels[idx])
 
     return Split(*part(train), *part(val), *part(test))
+
+
+class TensorBatches:
+    """Mini-batches of the rows of ``tensors``, in a fresh random order on every pass (re-iterable).
+
+    The book's one shuffling batcher for data held in tensors: each pass draws one permutation
+    ``torch.randperm(N, generator=generator)`` and yields tuples of ``(B, ...)`` slices, one per
+    tensor (the last batch may be smaller). Slicing tensors that already sit on the model's device
+    is much cheaper than collating rows through a ``DataLoader``, and it draws from ``generator``
+    only, never from the global generator.
+
+    >>> x, y = torch.arange(5.0), torch.arange(5)
+    >>> [len(b[0]) for b in TensorBatches(x, y, batch_size=2, generator=torch.Generator().manual_seed(0))]
+    [2, 2, 1]
+    """
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        if not tensors or len(tensors[0]) == 0 or any(len(t) != len(tensors[0]) for t in tensors):
+            raise ValueError(f"need tensors of one non-zero length, got lengths {[len(t) for t in tensors]}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
+
+    def __len__(self) -> int:
+        """Batches per pass."""
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = torch.randperm(len(self.tensors[0]), generator=self.generator)  # (N,) on the CPU
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield tuple(t[idx.to(t.device)] for t in self.tensors)
