@@ -11,7 +11,6 @@ book's ``fit`` with :func:`mlm_step`. Character-level data comes from :mod:`dlar
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -20,8 +19,9 @@ from torch import nn
 
 from dlarch_lib.attention import GPT, TransformerBlock
 from dlarch_lib.core.text import CharCorpus
-from dlarch_lib.core.train import History, fit, model_device
+from dlarch_lib.core.train import History, model_device
 from dlarch_lib.distill import IGNORE  # -100: a target that carries no loss (F.cross_entropy's ignore_index)
+from dlarch_lib.rnn import train_on_stream
 
 
 # ----------------------------------------------------------------------------- masking (BERT)
@@ -201,28 +201,24 @@ def train_mlm(
 ) -> History:
     """Train ``model`` on the MLM objective: :func:`mlm_step` on fresh :func:`mlm_batch` es, through ``fit``.
 
-    The same recipe as :func:`dlarch_lib.rnn.train_char_lm` (AdamW without weight decay, gradient
-    clipping, exactly ``steps`` steps, evaluation every ``eval_every`` steps), with the MLM batch,
-    step and evaluation (:func:`eval_mlm`). Returns the :class:`~dlarch_lib.core.train.History`:
-    ``loss`` per step and ``val_loss`` at ``eval_steps``, in nats per selected character.
+    The recipe of :func:`dlarch_lib.rnn.train_char_lm`, :func:`dlarch_lib.rnn.train_on_stream` (AdamW
+    without weight decay, gradient clipping, exactly ``steps`` steps, evaluation every ``eval_every``
+    steps), with the MLM batch, step and evaluation (:func:`eval_mlm`). Returns the
+    :class:`~dlarch_lib.core.train.History`: ``loss`` per step and ``val_loss`` at ``eval_steps``, in
+    nats per selected character.
     """
-    if min(steps, batch_size, context, eval_every) < 1:
-        raise ValueError(
-            f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}"
-        )
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    gen = torch.Generator().manual_seed(seed)
-    return fit(
+    if min(batch_size, context) < 1:
+        raise ValueError(f"batch_size and context must be >= 1, got {batch_size} and {context}")
+    return train_on_stream(
         model,
-        (mlm_batch(corpus, "train", batch_size, context, gen) for _ in itertools.count()),  # (B, T), (B, T)
+        lambda gen: mlm_batch(corpus, "train", batch_size, context, gen),  # (B, T), (B, T)
         mlm_step,
+        lambda m: {"loss": eval_mlm(m, corpus, context=context, windows=eval_windows)},
         steps=steps,
-        optimizer="adamw",
         lr=lr,
-        clip_grad_norm=clip_grad_norm,
-        evaluate=lambda m: {"loss": eval_mlm(m, corpus, context=context, windows=eval_windows)},
+        seed=seed,
         eval_every=eval_every,
+        clip_grad_norm=clip_grad_norm,
         progress=progress,
         desc="MLM",
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlarch_lib.core.text import CharCorpus
-from dlarch_lib.core.train import History, fit, model_device
+from dlarch_lib.core.train import Evaluate, History, Step, fit, model_device
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -373,22 +374,58 @@ def train_char_lm(
     the :class:`~dlarch_lib.core.train.History`: ``loss`` per step, ``val_loss`` at ``eval_steps``
     (nats/char). The device is the model's.
     """
-    if min(steps, batch_size, context, eval_every) < 1:
-        raise ValueError(
-            f"steps, batch_size, context and eval_every must be >= 1, got {(steps, batch_size, context, eval_every)}"
-        )
+    if min(batch_size, context) < 1:
+        raise ValueError(f"batch_size and context must be >= 1, got {batch_size} and {context}")
+    return train_on_stream(
+        model,
+        lambda gen: corpus.batch("train", batch_size, context, gen),  # (B, T), (B, T)
+        lm_step,
+        lambda m: {"loss": eval_nats(m, corpus, context=context, max_windows=eval_windows)},
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        clip_grad_norm=clip_grad_norm,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def train_on_stream(
+    model: nn.Module,
+    draw_batch: Callable[[torch.Generator], Any],
+    step: Step,
+    evaluate: Evaluate,
+    *,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    eval_every: int = 100,
+    clip_grad_norm: float = 1.0,
+    progress: bool = True,
+    desc: str = "train",
+) -> History:
+    """The book's language-model recipe: ``fit`` on a fresh batch ``draw_batch(generator)`` per step.
+
+    AdamW without weight decay at ``lr``, gradient norm clipped at ``clip_grad_norm``, exactly
+    ``steps`` steps, ``evaluate(model)`` every ``eval_every`` steps; the batches draw from one
+    generator seeded by ``seed``. :func:`train_char_lm` (chapter 5) and
+    :func:`dlarch_lib.lm.train_mlm` (chapter 26) are this recipe with their batch, step and evaluation.
+    """
+    if min(steps, eval_every) < 1:
+        raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     gen = torch.Generator().manual_seed(seed)
     return fit(
         model,
-        (corpus.batch("train", batch_size, context, gen) for _ in itertools.count()),  # (B, T), (B, T)
-        lm_step,
+        (draw_batch(gen) for _ in itertools.count()),
+        step,
         steps=steps,
         optimizer="adamw",
         lr=lr,
         clip_grad_norm=clip_grad_norm,
-        evaluate=lambda m: {"loss": eval_nats(m, corpus, context=context, max_windows=eval_windows)},
+        evaluate=evaluate,
         eval_every=eval_every,
         progress=progress,
         desc=desc,

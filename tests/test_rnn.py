@@ -226,8 +226,10 @@ def test_train_char_lm_learns_and_stops_on_its_step_count(corpus):
         rnn.train_char_lm(model, corpus, steps=1, batch_size=1, context=4, lr=1e-3, max_seconds=1.0)
     with pytest.raises(ValueError, match="lr"):
         rnn.train_char_lm(model, corpus, steps=1, batch_size=1, context=4, lr=0.0)
-    with pytest.raises(ValueError, match="steps, batch_size"):
+    with pytest.raises(ValueError, match="steps and eval_every"):
         rnn.train_char_lm(model, corpus, steps=0, batch_size=1, context=4, lr=1e-3)
+    with pytest.raises(ValueError, match="batch_size and context"):
+        rnn.train_char_lm(model, corpus, steps=1, batch_size=1, context=0, lr=1e-3)
 
 
 def test_train_char_lm_is_reproducible_from_its_seed(corpus):

@@ -379,8 +379,12 @@ def grade_one(submission: Path, assign_dir: Path = ASSIGN_DIR) -> Grade:
     name = assignment_of(submission)
     zips = sorted((assign_dir / name / "autograder").glob("*-autograder.zip"))
     start = time.perf_counter()
+
+    def failed(why: str) -> Grade:  # no score: the submission could not be graded
+        return Grade(str(submission), name, 0.0, 0.0, {}, time.perf_counter() - start, why)
+
     if not zips:
-        return Grade(str(submission), name, 0.0, 0.0, {}, 0.0, f"no autograder for {name!r} in {assign_dir}")
+        return failed(f"no autograder for {name!r} in {assign_dir}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             run = _run(
@@ -390,26 +394,10 @@ def grade_one(submission: Path, assign_dir: Path = ASSIGN_DIR) -> Grade:
                 text=True,
             )
         except subprocess.TimeoutExpired:
-            return Grade(
-                str(submission),
-                name,
-                0.0,
-                0.0,
-                {},
-                time.perf_counter() - start,
-                f"otter run ran over {GRADE_TIMEOUT_S} s",
-            )
+            return failed(f"otter run ran over {GRADE_TIMEOUT_S} s")
         results = Path(tmp) / "results.json"
         if not results.exists():
-            return Grade(
-                str(submission),
-                name,
-                0.0,
-                0.0,
-                {},
-                time.perf_counter() - start,
-                f"otter run failed: {(run.stderr or run.stdout)[-500:]}",
-            )
+            return failed(f"otter run failed: {(run.stderr or run.stdout)[-500:]}")
         tests = json.loads(results.read_text())["tests"]
     return grade_from_results(str(submission), name, tests, time.perf_counter() - start)
 
