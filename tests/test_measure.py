@@ -93,16 +93,18 @@ def test_timings_ms_waits_for_the_gpu():  # pragma: no cover - GPU only
     a = torch.randn(4096, 4096, device="cuda")
     work = lambda: [a @ a for _ in range(5)]
     synced = min(measure.timings_ms(work, repeats=5, warmup=2, device="cuda"))
-    events = min(measure.cuda_timings_ms(work, repeats=5, warmup=2))
+    events = min(measure.timings_ms(work, repeats=5, warmup=2, clock="cuda"))
     assert 0.5 < synced / events < 2.0, (synced, events)
 
 
-def test_cuda_timings_need_cuda():
+def test_cuda_event_timings_need_cuda():
     if torch.cuda.is_available():
-        assert len(measure.cuda_timings_ms(lambda: torch.ones(10, device="cuda") * 2, repeats=3)) == 3
+        assert len(measure.timings_ms(lambda: torch.ones(10, device="cuda") * 2, repeats=3, clock="cuda")) == 3
     else:
         with pytest.raises(RuntimeError, match="CUDA"):
-            measure.cuda_timings_ms(lambda: None)
+            measure.timings_ms(lambda: None, clock="cuda")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        measure.timings_ms(lambda: None, clock="sundial")
 
 
 def test_timings_ms_bad_input():

@@ -8,7 +8,7 @@
   model's forward pass with :func:`inference_call`.
   :func:`interleaved_timings_ms` lets several variants take turns through it and :func:`best_ms`
   keeps each one's fastest call: the comparison to use on a shared, busy machine.
-  :func:`cuda_timings_ms` reads CUDA events instead of the host clock.
+  ``clock="cuda"`` reads CUDA events instead of the host clock.
 - :func:`steady_clock` picks the clock other programs disturb least; :func:`num_threads`
   runs a block with a given torch thread count.
 
@@ -111,13 +111,18 @@ def timings_ms(
     The warm-up calls pay one-off costs (memory allocation, kernel selection, caches) that
     a steady-state measurement must not include. With ``device`` set to a CUDA device the
     device is synchronised before *each* clock read, so every interval starts on an idle
-    device and ends when the work is done. ``clock`` is ``"wall"`` or ``"cpu"`` (:data:`CLOCKS`).
+    device and ends when the work is done. ``clock`` is ``"wall"`` or ``"cpu"`` (host clocks,
+    :data:`CLOCKS`), or ``"cuda"``: CUDA events on the current stream, timestamps the GPU writes
+    itself when the stream reaches them, so an interval covers exactly the kernels queued between
+    them and no host overhead (no synchronisation between calls; one at the end).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     _check_counts(repeats, warmup)
+    if clock == "cuda":
+        return _cuda_event_timings_ms(fn, repeats, warmup)
     if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+        raise ValueError(f"clock must be one of {sorted(CLOCKS) + ['cuda']}, got {clock!r}")
     sync, now = synchronizer(device), CLOCKS[clock]
     for _ in range(warmup):
         fn()
@@ -129,6 +134,22 @@ def timings_ms(
         sync()  # the work must be finished before the clock is read
         times.append(1000.0 * (now() - start))
     return times
+
+
+def _cuda_event_timings_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    """:func:`timings_ms` with ``clock="cuda"``: intervals between CUDA events, in milliseconds."""
+    if not torch.cuda.is_available():
+        raise RuntimeError('clock="cuda" needs a CUDA device')
+    for _ in range(warmup):
+        fn()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    torch.cuda.synchronize()
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()  # all events written before we read them
+    return [start.elapsed_time(end) for start, end in pairs]
 
 
 def interleaved_timings_ms(
@@ -232,29 +253,6 @@ def summarize(times_ms: Sequence[float]) -> Stats:
         q1=float(q1),
         q3=float(q3),
     )
-
-
-def cuda_timings_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> list[float]:
-    """Times of ``fn()`` in milliseconds measured by CUDA events on the current stream.
-
-    An event is a timestamp written by the GPU itself when the stream reaches it, so the
-    interval covers exactly the kernels queued between the two events, not host overhead.
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError("cuda_timings_ms needs a CUDA device")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    _check_counts(repeats, warmup)
-    for _ in range(warmup):
-        fn()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    torch.cuda.synchronize()
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()  # all events written before we read them
-    return [start.elapsed_time(end) for start, end in pairs]
 
 
 @contextlib.contextmanager
