@@ -51,7 +51,7 @@ model; library functions draw randomness from a ``torch.Generator`` the caller p
 """
 
 from dlarch_lib.core.notebook import glue
-from dlarch_lib.core.runtime import RunConfig, pick_device, run_size, seed_everything, seeded, setup
+from dlarch_lib.core.runtime import RunConfig, pick_device, require, run_size, seed_everything, seeded, setup
 from dlarch_lib.core.viz import show
 
 __version__ = "0.1.0"
@@ -94,6 +94,7 @@ __all__ = [
     "RunConfig",
     "glue",
     "pick_device",
+    "require",
     "run_size",
     "seed_everything",
     "seeded",

@@ -11,7 +11,9 @@ exception, including a failed ``assert``). This plugin keeps what nbval saw:
   into the jupyter-cache the website builds read, so neither website executes a chapter again.
 - **The timing table.** Every run that executes notebooks ends with a table of wall time per
   notebook (kernel start included), also written to ``_build/timings/notebooks.csv`` for the
-  website's statistics page. A notebook over ``DLARCH_NB_BUDGET_S`` (45 s, the book's budget) is
+  website's statistics page (with ``DLARCH_NB_APPEND=1`` merged into the table an earlier session
+  of the same run wrote), beside ``runtime.csv``: the Python and packages the notebooks ran in.
+  A notebook over ``DLARCH_NB_BUDGET_S`` (45 s, the book's budget) is
   flagged; over ``DLARCH_NB_FAIL_S`` (60 s: wall time is the one measurement here that load can
   stretch, and a landing must not fail on a burst of it) the run fails.
 
@@ -21,6 +23,7 @@ writes it; the controller, which sees every report, writes the table).
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 from collections import defaultdict
@@ -135,14 +138,39 @@ def _rows() -> list[tuple[str, float, str]]:
     return rows
 
 
+def _runtime_rows() -> list[tuple[str, str]]:
+    """The runtime the notebooks ran in: this process's Python and packages, which the kernels share."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    rows = [("Python", sys.version.split()[0]), ("platform", platform.platform(terse=True))]
+    rows += [(name, version(name)) for name in ("torch", "numpy", "matplotlib", "scikit-learn", "jax")]
+    rows.append(("dlarch_lib", f"{version('dlarch_lib')} (installed by the chapters' setup cells)"))
+    return rows
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _seconds or not _is_controller(session.config):
         return
     rows = _rows()
     TIMINGS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(TIMINGS_DIR / "notebooks.csv", "w") as f:
+    table = TIMINGS_DIR / "notebooks.csv"
+    if os.environ.get("DLARCH_NB_APPEND") == "1" and table.exists():  # a run in several sessions: one table
+        ran = {p for p, _, _ in rows}
+        kept = [line.strip().split(",") for line in table.read_text().splitlines()[1:]]
+        rows = sorted([(p, float(s), st) for p, s, st in kept if p not in ran] + rows)
+    with open(table, "w") as f:
         f.write("notebook,seconds,status\n")
         f.writelines(f"{p},{s:.1f},{st}\n" for p, s, st in rows)
+    with open(TIMINGS_DIR / "runtime.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("component", "version"), *_runtime_rows()])
     if any(s > FAIL_S for _, s, _ in rows) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

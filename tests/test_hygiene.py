@@ -87,3 +87,35 @@ def test_book_folder_has_no_stray_files():
         p.name for p in BOOK.rglob("*") if p.is_file() and p.suffix not in allowed and "__pycache__" not in p.parts
     ]
     assert not stray, f"unexpected files in book/: {stray}"
+
+
+# module a chapter uses -> the optional dependency group of dlarch_lib that provides it
+OPTIONAL_MODULES = {"onnx": "onnx", "onnxruntime": "onnx", "optuna": "hpo", "yaml": "config"}
+# library calls that need a group though the chapter imports nothing from it
+OPTIONAL_CALLS = {r"quant\.(export_onnx|ort_)|deploy\.": "onnx", r"hpo\.optuna_search": "hpo"}
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_a_chapter_requires_the_optional_groups_it_uses(nb):
+    """Colab lacks onnx, onnxruntime, optuna...: a chapter that uses them installs them first,
+    with ``dl.require(group)`` before any use, so it runs in a fresh Colab runtime."""
+    code = "\n".join(source(c) for c in load(nb)["cells"] if c["cell_type"] == "code")
+    needed = {}
+    for module, group in OPTIONAL_MODULES.items():
+        match = re.search(rf"^\s*(import|from)\s+{module}\b", code, re.M)
+        if match:
+            needed.setdefault(group, match.start())
+    for pattern, group in OPTIONAL_CALLS.items():
+        match = re.search(pattern, code)
+        if match:
+            needed[group] = min(needed.get(group, match.start()), match.start())
+    for group, first_use in needed.items():
+        call = code.find(f'dl.require("{group}")')
+        assert 0 <= call < first_use, f"{nb.name} uses the {group!r} group before dl.require({group!r})"
+
+
+def test_the_optional_groups_are_declared():
+    from dlarch_lib.core.runtime import extra_requirements
+
+    for group in set(OPTIONAL_MODULES.values()) | set(OPTIONAL_CALLS.values()):
+        assert extra_requirements(group), group

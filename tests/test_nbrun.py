@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -37,12 +38,13 @@ def _notebook(path: Path, last: str) -> None:
     nbformat.write(nb, path)
 
 
-def _run_nbval(tmp_path: Path) -> subprocess.CompletedProcess:
+def _run_nbval(tmp_path: Path, *paths: Path, append: bool = False) -> subprocess.CompletedProcess:
     env = dict(
         os.environ,
         DLARCH_EXECUTED_DIR=str(tmp_path / "executed"),
         DLARCH_TIMINGS_DIR=str(tmp_path / "timings"),
         PYTHONPATH=str(ROOT),
+        DLARCH_NB_APPEND="1" if append else "0",
     )
     cmd = [
         sys.executable,
@@ -60,7 +62,7 @@ def _run_nbval(tmp_path: Path) -> subprocess.CompletedProcess:
         str(tmp_path),
         "-c",
         os.devnull,
-        str(tmp_path / "book"),
+        *[str(p) for p in (paths or (tmp_path / "book",))],
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -89,6 +91,8 @@ def test_executed_notebooks_keep_outputs_and_verdict_and_feed_the_cache(tmp_path
     assert bad.cells[-1].outputs[-1].output_type == "error"
     table = (tmp_path / "timings" / "notebooks.csv").read_text()
     assert "book/01_good.ipynb" in table and "FAILED" in table
+    runtime = dict(line.split(",", 1) for line in (tmp_path / "timings" / "runtime.csv").read_text().splitlines()[1:])
+    assert runtime["Python"] == sys.version.split()[0] and runtime["torch"] == importlib.metadata.version("torch")
 
     kw = dict(
         executed=tmp_path / "executed", cache_path=tmp_path / "cache", root=tmp_path, manifest=tmp_path / "cached.json"
@@ -121,3 +125,20 @@ def test_check_cached_reports_a_second_execution(tmp_path):
     cache.cache_notebook_bundle(CacheBundleIn(nb, "again"), check_validity=False, overwrite=True)
     with pytest.raises(SystemExit, match="executed these notebooks again: 01_good.ipynb"):
         nbtool.cmd_check_cached([book / "01_good.ipynb"], **kw)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_in_two_sessions_writes_one_timing_table(tmp_path):
+    book = tmp_path / "book"
+    book.mkdir()
+    _notebook(book / "01_first.ipynb", "pass")
+    _notebook(book / "02_second.ipynb", "pass")
+    assert _run_nbval(tmp_path, book / "01_first.ipynb", append=True).returncode == 0
+    assert _run_nbval(tmp_path, book / "02_second.ipynb", append=True).returncode == 0
+    rows = (tmp_path / "timings" / "notebooks.csv").read_text().splitlines()
+    assert rows[0] == "notebook,seconds,status" and [r.split(",")[0] for r in rows[1:]] == [
+        "book/01_first.ipynb",
+        "book/02_second.ipynb",
+    ]
+    assert _run_nbval(tmp_path, book / "02_second.ipynb").returncode == 0  # without append: this session only
+    assert len((tmp_path / "timings" / "notebooks.csv").read_text().splitlines()) == 2

@@ -1,3 +1,5 @@
+import importlib.metadata
+
 import pytest
 import torch
 
@@ -104,3 +106,21 @@ def test_seeded_restores_the_callers_generator():
     with dl.seeded(7):
         assert torch.equal(torch.rand(2), inside)  # reproducible from its own seed
     assert torch.equal(torch.rand(3), expected)  # the caller's stream continues untouched
+
+
+def test_require_installs_only_what_is_missing_or_out_of_range(monkeypatch):
+    from dlarch_lib.core import runtime
+
+    assert runtime.extra_requirements("onnx") == ["onnx>=1.17", "onnxruntime>=1.20"]
+    with pytest.raises(ValueError, match="no optional dependency group 'tpu'"):
+        runtime.extra_requirements("tpu")
+    installed = importlib.metadata.version("numpy")
+    monkeypatch.setattr(
+        runtime, "extra_requirements", lambda group: ["numpy>=1.0", f"numpy>{installed}", "no-such-package-x>=1"]
+    )
+    with pytest.raises(ModuleNotFoundError, match="no-such-package-x"):
+        runtime.require("any", install=False)
+    calls = []
+    monkeypatch.setattr(runtime.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    assert runtime.require("any") == [f"numpy>{installed}", "no-such-package-x>=1"]
+    assert calls[0][-2:] == [f"numpy>{installed}", "no-such-package-x>=1"] and calls[0][1:4] == ["-m", "pip", "install"]

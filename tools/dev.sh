@@ -4,7 +4,8 @@
 #   bash tools/dev.sh book    setup, then execute every notebook and build the site into _build/html
 #   bash tools/dev.sh assign  setup, course assignments (student + autograder material) -> _assign/,
 #                             and the student edition of the website -> _student/_build/html
-#   bash tools/dev.sh test    setup, lint + types (ruff, mypy), library tests, nbval over every notebook (executed once: the
+#   bash tools/dev.sh test    setup, lint + types (ruff, mypy), library tests, nbval over every notebook in
+#                             a Colab-like Python 3.13 + torch 2.11 environment (executed once: the
 #                             websites render that execution; timing table), assignments generated
 #                             and graded three ways, zero-warning site build, student edition,
 #                             checks of both built sites; ends with the table of its phases
@@ -13,6 +14,8 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 VENV=$ROOT/.venv
+COLAB_VENV=$ROOT/.venv-colab   # the readers' runtime (requirements-colab.txt), where the notebooks run
+COLAB_PY=${DLARCH_COLAB_PYTHON:-python3.13}
 MATHJAX_VERSION=3.2.2
 export PYDEVD_DISABLE_FILE_VALIDATION=1   # silence debugpy's frozen-modules note in kernels
 # Do not export MPLBACKEND: kernels would inherit it and ipykernel would then skip its inline
@@ -102,11 +105,44 @@ build_book() {
   DLARCH_THREADS=${DLARCH_THREADS:-1} jupyter-book build . --all -W --keep-going
 }
 
+setup_colab() {
+  # .venv-colab: Python 3.13 with Colab's packages (requirements-colab.txt) and the test tools, and
+  # no dlarch_lib: each run removes it, so the chapters' setup cells install it as on Colab.
+  if [ ! -x "$COLAB_VENV/bin/python" ]; then
+    if ! "$COLAB_PY" --version >/dev/null 2>&1; then  # e.g. a pyenv shim for a version not selected
+      local found; found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python 2>/dev/null | tail -1 || true)
+      [ -n "$found" ] && COLAB_PY=$found
+    fi
+    if ! "$COLAB_PY" --version >/dev/null 2>&1; then
+      echo "ERROR: $COLAB_PY not found: the notebooks must run in Colab's Python 3.13 (set DLARCH_COLAB_PYTHON)" >&2
+      return 1
+    fi
+    log "creating the Colab-like environment .venv-colab ($("$COLAB_PY" --version))"
+    "$COLAB_PY" -m venv "$COLAB_VENV"
+  fi
+  local stamp="$COLAB_VENV/.dlarch-installed"
+  if [ ! -f "$stamp" ] || [ requirements-colab.txt -nt "$stamp" ]; then
+    log "installing Colab's packages (requirements-colab.txt) into .venv-colab"
+    "$COLAB_VENV/bin/python" -m pip install -q --upgrade pip
+    "$COLAB_VENV/bin/python" -m pip install -q -r requirements-colab.txt
+    touch "$stamp"
+  fi
+  "$COLAB_VENV/bin/python" -m pip uninstall -q -y dlarch_lib 2>/dev/null || true
+}
+
 run_notebooks() {
-  # nbval executes every notebook once (tests/nbrun.py keeps the outputs in _build/executed and
-  # writes the timing table); the executed notebooks then go into the website's cache.
-  rm -rf _build/executed _build/.jupyter_cache
-  DLARCH_THREADS=1 python -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -q -rs book
+  # nbval executes every notebook once, in the Colab-like environment (tests/nbrun.py keeps the
+  # outputs in _build/executed and writes the timing table); the executed notebooks then go into
+  # the website's cache. The first chapter runs alone: its setup cell installs dlarch_lib (from
+  # $DLARCH_SOURCE, this checkout), which two kernels must not do at once; the rest run two at a time.
+  setup_colab
+  rm -rf _build/executed _build/.jupyter_cache _build/timings/notebooks.csv
+  local first=book/01_formal_definition.ipynb rest
+  rest=$(ls book/*.ipynb | grep -v "^$first$")
+  export DLARCH_SOURCE=$ROOT DLARCH_THREADS=1 DLARCH_NB_APPEND=1
+  "$COLAB_VENV/bin/python" -m pytest --nbval-lax --nbval-current-env -q -rs "$first"
+  # shellcheck disable=SC2086
+  "$COLAB_VENV/bin/python" -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env -q -rs $rest
   python tools/nb.py cache-executed
 }
 

@@ -24,8 +24,12 @@ The conventions every chapter and every library function follow:
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -200,3 +204,68 @@ def setup(seed: int = 0, size: str | None = None, device: str | None = None, qui
 def describe(config: RunConfig) -> dict[str, Any]:
     """The run configuration as a plain dict (for logs and glue)."""
     return {"seed": config.seed, "device": _device_name(config.device), "size": config.size, "threads": config.threads}
+
+
+def extra_requirements(group: str) -> list[str]:
+    """The requirements of ``dlarch_lib``'s optional dependency ``group`` (``pyproject.toml``), e.g.
+    ``extra_requirements("onnx") == ["onnx>=1.17", "onnxruntime>=1.20"]``."""
+    from packaging.requirements import Requirement
+
+    groups: dict[str, list[str]] = {}
+    for line in importlib.metadata.requires("dlarch_lib") or []:
+        requirement = Requirement(line)
+        marker = str(requirement.marker or "")
+        if marker.startswith("extra =="):
+            name = marker.split("==", 1)[1].strip().strip("\"'")
+            requirement.marker = None
+            groups.setdefault(name, []).append(str(requirement))
+    if group not in groups:
+        raise ValueError(f"dlarch_lib has no optional dependency group {group!r}; groups: {sorted(groups)}")
+    return [r for r in groups[group] if not r.startswith("dlarch_lib")]
+
+
+def _satisfied(requirement: str) -> bool:
+    from packaging.requirements import Requirement
+
+    parsed = Requirement(requirement)
+    try:
+        return parsed.specifier.contains(importlib.metadata.version(parsed.name), prereleases=True)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def require(group: str, *, install: bool = True) -> list[str]:
+    """Make this runtime hold what the optional dependency ``group`` needs; return what was missing.
+
+    A chapter that needs more than the core calls this in its second cell, e.g.
+    ``dl.require("onnx")``: where a requirement is absent or outside its range (Colab ships no onnx,
+    onnxruntime, optuna or otter-grader), it is installed with pip, in the declared range. With
+    ``install=False`` nothing is installed and a missing requirement is an error.
+    """
+    missing = [r for r in extra_requirements(group) if not _satisfied(r)]
+    if missing and not install:
+        raise ModuleNotFoundError(f"this runtime lacks {missing} (pip install 'dlarch_lib[{group}]')")
+    if missing:
+        with _install_lock():  # two chapters run at once (the tests) must not pip-install into one env together
+            missing = [r for r in missing if not _satisfied(r)]  # another process may have installed them
+            if missing:
+                print(f"installing {', '.join(missing)} for this chapter ...")
+                subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+                importlib.invalidate_caches()
+    return missing
+
+
+@contextlib.contextmanager
+def _install_lock() -> Iterator[None]:
+    """An exclusive lock on this Python environment (a file beside its site-packages), where ``fcntl`` exists."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no concurrent test runs to guard against
+        yield
+        return
+    with open(os.path.join(sys.prefix, ".dlarch-require.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
