@@ -142,14 +142,26 @@ def test_no_library_function_reseeds_a_global_generator():
     assert not offenders, f"global reseeding (use a torch.Generator or runtime.seeded): {offenders}"
 
 
-def test_seeded_library_calls_leave_the_callers_generator_alone():
-    """A seeded library function must not move the notebook's random stream (runtime.seeded)."""
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: __import__("dlarch_lib.pipeline", fromlist=["x"]).block_stack(width=8, depth=2, seed=3),
+        lambda: __import__("dlarch_lib.parallel", fromlist=["x"]).DDPJob(hidden=8).initial_model(),
+        lambda: __import__("dlarch_lib.complexity", fromlist=["x"]).book_models(vocab_size=11, device="cpu")[
+            "GPT (ch. 6)"
+        ][0],
+    ],
+    ids=["pipeline.block_stack", "parallel.DDPJob.initial_model", "complexity.book_models"],
+)
+def test_seeded_library_calls_leave_the_callers_generator_alone(build):
+    """A library function that owns its seed builds the same weights every call, and the caller's
+    random stream continues after it exactly as if it had not been called."""
     import torch
 
-    from dlarch_lib.core import runtime
-
     torch.manual_seed(5)
-    before = torch.get_rng_state()
-    with runtime.seeded(1):
-        torch.nn.Linear(8, 8)  # draws from the global generator inside the block
-    assert torch.equal(torch.get_rng_state(), before)
+    expected = torch.rand(4)  # the caller's next draw, without the library call
+    torch.manual_seed(5)
+    first = [p.detach().clone() for p in build().parameters()]
+    assert torch.equal(torch.rand(4), expected), "the library call moved the caller's random stream"
+    torch.manual_seed(123)  # whatever the caller's state, the function's own seed decides the weights
+    assert all(torch.equal(a, b) for a, b in zip(first, build().parameters()))
