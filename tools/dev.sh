@@ -4,6 +4,8 @@
 #   bash tools/dev.sh book    setup, then execute every notebook and build the site into _build/html
 #   bash tools/dev.sh assign  setup, course assignments (student + autograder material) -> _assign/,
 #                             and the student edition of the website -> _student/_build/html
+#   bash tools/dev.sh full    every chapter at DLARCH_SIZE=full in the Colab-like environment (hours on
+#                             a CPU) -> _build/full/{executed,timings}
 #   bash tools/dev.sh test    setup, lint + types (ruff, mypy), library tests, nbval over every notebook in
 #                             a Colab-like Python 3.13 + torch 2.11 environment (executed once: the
 #                             websites render that execution; timing table), assignments generated
@@ -146,6 +148,23 @@ run_notebooks() {
   python tools/nb.py cache-executed
 }
 
+run_full() {
+  # every chapter at DLARCH_SIZE=full, in the readers' runtime, two at a time, into _build/full
+  # (executed notebooks and the timing table; not the website's). It takes hours on a CPU: no
+  # per-notebook wall-time failure, 30 minutes per cell. A reader's GPU runs the same size.
+  setup_colab
+  rm -rf _build/full
+  local first=book/01_formal_definition.ipynb rest
+  rest=$(ls book/*.ipynb | grep -v "^$first$")
+  export DLARCH_SOURCE=$ROOT DLARCH_THREADS=${DLARCH_THREADS:-1} DLARCH_NB_APPEND=1 DLARCH_SIZE=full \
+    DLARCH_EXECUTED_DIR=$ROOT/_build/full/executed DLARCH_TIMINGS_DIR=$ROOT/_build/full/timings \
+    DLARCH_NB_BUDGET_S=180 DLARCH_NB_FAIL_S=100000
+  local opts=(--nbval-lax --nbval-current-env -q -rs --nbval-cell-timeout=1800 -o timeout=7200)
+  "$COLAB_VENV/bin/python" -m pytest "${opts[@]}" "$first" || true
+  # shellcheck disable=SC2086
+  "$COLAB_VENV/bin/python" -m pytest -n "${DLARCH_FULL_WORKERS:-2}" --dist loadfile "${opts[@]}" $rest
+}
+
 run_assignments() {
   python tools/assign.py generate
   DLARCH_THREADS=1 DLARCH_ASSIGN_DIR="$ROOT/_assign" python -m pytest -n 2 -q -rs --durations=3 tests/test_assignments.py
@@ -193,9 +212,10 @@ case "${1:-}" in
   lint) setup; run_lint ;;
   library-tests) setup; run_library_tests ;;
   notebooks) setup; run_notebooks ;;
+  full) setup; run_full ;;
   assignments) setup; run_assignments ;;
   site) setup; build_site_from_cache ;;
   student-site) setup; DLARCH_THREADS=1 python tools/assign.py site ;;
   site-checks) setup; DLARCH_REQUIRE_SITE=1 python -m pytest -q -rs tests/site ;;
-  *) echo "usage: bash tools/dev.sh {setup|book|assign|test|lint|library-tests|notebooks|assignments|site|student-site|site-checks}"; exit 2 ;;
+  *) echo "usage: bash tools/dev.sh {setup|book|assign|test|full|lint|library-tests|notebooks|assignments|site|student-site|site-checks}"; exit 2 ;;
 esac
