@@ -11,8 +11,9 @@ this module builds the chapter's measurements on it:
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,31 @@ def cpu_clock_and_width(cpuinfo: str | None = None) -> tuple[float, int] | None:
     names = set(flags.group(1).split())
     width = 64 if "avx512f" in names else 32 if {"avx2", "fma"} <= names else 16 if "avx" in names else 8
     return float(mhz.group(1)) / 1000.0, width
+
+
+def physical_cores(cpuinfo: str | None = None, cpus: Iterable[int] | None = None) -> int | None:
+    """How many distinct physical cores the logical CPUs ``cpus`` sit on, read from ``/proc/cpuinfo``.
+
+    Hyperthreads (SMT siblings) share one core's FMA units, so a theoretical peak counts cores,
+    not threads. ``cpus`` defaults to the CPUs this process may run on (``os.sched_getaffinity``).
+    Returns ``None`` where ``/proc/cpuinfo`` gives no ``physical id`` / ``core id`` (some VMs, non-Linux).
+    """
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        if not path.is_file():
+            return None
+        cpuinfo = path.read_text()
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    allowed, cores = set(cpus), set()
+    for block in cpuinfo.strip().split("\n\n"):  # one block per logical CPU
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "processor" not in fields or "core id" not in fields:
+            return None
+        if int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
 
 
 def memory_traffic_bytes(model: nn.Module, x: torch.Tensor) -> int:

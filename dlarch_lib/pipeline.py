@@ -23,6 +23,7 @@ each rank joins and leaves its process group with :func:`~dlarch_lib.parallel.in
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -336,6 +337,45 @@ def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.devic
     return {"column_err": (col - full).abs().max().item(), "row_err": (row - full).abs().max().item()}
 
 
+def _megatron_mlp_ms(
+    rank: int, world: int, tokens: int, d: int, repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median ms of one rank's Megatron MLP shard (``d -> 4d/p -> d``) and of the all-reduce after it.
+
+    Rank ``k`` holds the column-parallel rows of ``A`` (``4d/p x d``) and the row-parallel columns
+    of ``B`` (``d x 4d/p``); its forward pass is ``gelu(x A_k^T) B_k^T``, a partial ``(tokens, d)``
+    sum that one all-reduce completes (theorem thm-ch19-tp). Both are timed separately, after a
+    barrier and with the device synchronised, over ``repeats`` rounds after one warm-up.
+    """
+    if d * 4 % world:
+        raise ValueError(f"hidden width 4d = {4 * d} is not divisible by {world} ranks")
+    with seeded(rank):  # each rank its own shard; the values do not matter for the timing
+        x = torch.randn(tokens, d, device=device)
+        a_k = torch.randn(4 * d // world, d, device=device) / d**0.5
+        b_k = torch.randn(d, 4 * d // world, device=device) / d**0.5
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    compute, reduce = [], []
+    with torch.no_grad():
+        for step in range(1 + repeats):
+            dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            partial = F.gelu(x @ a_k.T) @ b_k.T  # (tokens, d): this rank's share of the output
+            sync()
+            t1 = time.perf_counter()
+            dist.all_reduce(partial)  # the MLP's one communication
+            sync()
+            t2 = time.perf_counter()
+            if step > 0:
+                compute.append(1e3 * (t1 - t0))
+                reduce.append(1e3 * (t2 - t1))
+    return {"compute_ms": statistics.median(compute), "all_reduce_ms": statistics.median(reduce)}
+
+
 def _grad(param: torch.Tensor) -> torch.Tensor:
     """The gradient that backward left in ``param.grad`` (an error if there is none)."""
     if param.grad is None:
@@ -362,6 +402,7 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
     try:
         result: dict[str, Any] = {
             "tp": _tensor_parallel_check(rank, world, config["seed"], device),
+            "tp_ms": _megatron_mlp_ms(rank, world, *config["tp_shape"], config["repeats"], device),
             "runs": {},
             "grad_err": {},
         }
@@ -409,6 +450,7 @@ class PipelineRun:
     runs: dict[int, list[list[Task]]]  # m -> repeats -> tasks of all stages
     grad_err: dict[int, float]  # m -> max |grad_pipeline - grad_unsplit| over all stages
     tp_err: dict[str, float]  # "column_err"/"row_err" -> max error over ranks
+    tp_ms: dict[str, float]  # Megatron MLP shard: "compute_ms"/"all_reduce_ms", slowest rank's median
     seconds: float  # wall time of the whole spawn, start-up included
 
     def idle(self, m: int) -> float:
@@ -427,6 +469,7 @@ def run_pipeline(
     seed: int = 0,
     *,
     device: str,
+    tp_shape: tuple[int, int] = (512, 256),
     timeout_s: float = PG_TIMEOUT_S,
     deadline_s: float = DEADLINE_S,
 ) -> PipelineRun:
@@ -435,6 +478,8 @@ def run_pipeline(
     ``device`` (required) is where the ranks compute: ``"cpu"``, gloo processes on the CPU, or
     ``"cuda"``, one GPU per rank with NCCL.
     Each micro-batch has ``micro_batch`` rows, so the per-task work is the same for every ``m``.
+    Each rank also times its shard of a Megatron MLP on ``tp_shape = (tokens, d)`` against the
+    all-reduce that completes it (:attr:`PipelineRun.tp_ms`).
     A rank waits at most ``timeout_s`` seconds for a missing peer; the whole run is killed with a
     ``TimeoutError`` if it is not done after ``deadline_s`` seconds.
     """
@@ -446,6 +491,8 @@ def run_pipeline(
         raise ValueError(f"a pipeline needs world >= 2 processes, got {world}")
     if depth % world:
         raise ValueError(f"depth={depth} layers cannot be split into {world} equal stages")
+    if len(tp_shape) != 2 or min(tp_shape) < 1 or 4 * tp_shape[1] % world:
+        raise ValueError(f"tp_shape must be (tokens, d) >= 1 with 4d divisible by {world} ranks, got {tuple(tp_shape)}")
     if not microbatches or min(microbatches) < 1 or repeats < 1:
         raise ValueError(f"need micro-batch counts >= 1 and repeats >= 1, got {tuple(microbatches)}, {repeats}")
     _check_seconds("timeout_s", timeout_s)
@@ -457,6 +504,7 @@ def run_pipeline(
         repeats=repeats,
         seed=seed,
         device=device,
+        tp_shape=tuple(tp_shape),
         timeout_s=timeout_s,
     )
     start = time.perf_counter()
@@ -469,4 +517,5 @@ def run_pipeline(
     }
     grad_err = {m: max(res["grad_err"][m] for res in results) for m in microbatches}
     tp_err = {key: max(res["tp"][key] for res in results) for key in results[0]["tp"]}
-    return PipelineRun(runs, grad_err, tp_err, seconds)
+    tp_ms = {key: max(res["tp_ms"][key] for res in results) for key in results[0]["tp_ms"]}
+    return PipelineRun(runs, grad_err, tp_err, tp_ms, seconds)

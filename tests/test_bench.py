@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,19 @@ def test_theoretical_peak_and_cpuinfo():
     assert ghz == pytest.approx(2.4454) and width == 32
     assert bench.cpu_clock_and_width(info.replace("avx2", "avx2 avx512f"))[1] == 64
     assert bench.cpu_clock_and_width("no such fields") is None
+
+
+def test_physical_cores_counts_cores_not_hyperthreads():
+    # 4 logical CPUs: two SMT siblings on core 0, two on core 1, one socket
+    info = "\n\n".join(f"processor\t: {p}\nphysical id\t: 0\ncore id\t\t: {p // 2}\nflags\t: avx2" for p in range(4))
+    assert bench.physical_cores(info, cpus=range(4)) == 2
+    assert bench.physical_cores(info, cpus=[0, 1]) == 1  # both siblings of core 0
+    assert bench.physical_cores(info, cpus=[1, 2]) == 2
+    two_sockets = info + "\n\n" + "processor\t: 4\nphysical id\t: 1\ncore id\t\t: 0"
+    assert bench.physical_cores(two_sockets, cpus=range(5)) == 3  # core 0 of socket 1 is another core
+    assert bench.physical_cores("processor\t: 0\nflags\t: avx2", cpus=[0]) is None  # no topology given
+    here = bench.physical_cores()
+    assert here is None or 1 <= here <= len(os.sched_getaffinity(0))
 
 
 def test_memory_traffic_bytes_by_hand():

@@ -152,15 +152,26 @@ def test_run_pipeline_rejects_bad_config():
         pl.run_pipeline(world=2, microbatches=(1,), deadline_s=-1, device="cpu")
     with pytest.raises(ValueError, match="device"):
         pl.run_pipeline(world=2, device="meta")
+    with pytest.raises(ValueError, match="tp_shape"):
+        pl.run_pipeline(world=3, tp_shape=(8, 4), depth=3, device="cpu")  # 4d = 16 rows over 3 ranks
 
 
 @pytest.mark.timeout(120)
 def test_run_pipeline_two_gloo_processes():
     # one spawn (a few seconds of start-up): the notebook runs the bigger measurement
     run = pl.run_pipeline(
-        world=2, microbatches=(2,), micro_batch=4, width=16, depth=2, repeats=1, device="cpu", deadline_s=100
+        world=2,
+        microbatches=(2,),
+        micro_batch=4,
+        width=16,
+        depth=2,
+        repeats=1,
+        device="cpu",
+        tp_shape=(8, 4),
+        deadline_s=100,
     )
     assert run.grad_err[2] < 1e-5  # GPipe gradients equal the unsplit model's
     assert max(run.tp_err.values()) < 1e-5  # column/row-parallel with all_gather/all_reduce
     assert len(run.runs[2][0]) == 2 * 2 * 2  # 2 stages x 2 micro-batches x (F, B)
     assert run.idle(2) >= pl.bubble_fraction(2, 2) - 0.02  # the bubble is a floor
+    assert set(run.tp_ms) == {"compute_ms", "all_reduce_ms"} and min(run.tp_ms.values()) > 0
