@@ -402,7 +402,9 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
     try:
         result: dict[str, Any] = {
             "tp": _tensor_parallel_check(rank, world, config["seed"], device),
-            "tp_ms": _megatron_mlp_ms(rank, world, *config["tp_shape"], config["repeats"], device),
+            "tp_ms": _megatron_mlp_ms(
+                rank, world, config["tp_shape"][0], config["tp_shape"][1], config["repeats"], device
+            ),
             "runs": {},
             "grad_err": {},
         }
