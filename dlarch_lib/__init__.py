@@ -9,7 +9,7 @@ Two layers, one idea per module. The **core** is what every chapter uses and no 
 - :mod:`dlarch_lib.core.train`     the one training engine: ``fit(model, data, step)`` -> ``History``
 - :mod:`dlarch_lib.core.measure`   parameters, FLOPs, and the one timer (``timings_ms``)
 - :mod:`dlarch_lib.core.viz`       plotting helpers and ``show`` (render a library object's source)
-- :mod:`dlarch_lib.core.notebook`  the standard setup cell and ``glue`` for numbers in prose
+- :mod:`dlarch_lib.core.notebook`  the standard setup cell, ``glue`` for numbers in prose, ``verdict`` for claims
 
 The **chapter modules** hold what each chapter teaches. A chapter module imports the core and the
 modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
@@ -50,7 +50,7 @@ model; library functions draw randomness from a ``torch.Generator`` the caller p
 ``seeded(seed)``, never reseeding the caller's generators; a top-level name has one meaning.
 """
 
-from dlarch_lib.core.notebook import glue
+from dlarch_lib.core.notebook import glue, verdict
 from dlarch_lib.core.runtime import RunConfig, pick_device, require, run_size, seed_everything, seeded, setup
 from dlarch_lib.core.viz import show
 
@@ -93,6 +93,7 @@ __all__ = [
     "CHAPTER_OF",
     "RunConfig",
     "glue",
+    "verdict",
     "pick_device",
     "require",
     "run_size",

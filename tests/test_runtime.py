@@ -1,10 +1,11 @@
 import importlib.metadata
 
+import numpy as np
 import pytest
 import torch
 
 import dlarch_lib as dl
-from dlarch_lib.core.notebook import SETUP_CELL, glue
+from dlarch_lib.core.notebook import SETUP_CELL, glue, verdict
 from dlarch_lib.core.runtime import RunConfig, describe
 
 
@@ -124,3 +125,17 @@ def test_require_installs_only_what_is_missing_or_out_of_range(monkeypatch):
     monkeypatch.setattr(runtime.subprocess, "run", lambda cmd, check: calls.append(cmd))
     assert runtime.require("any") == [f"numpy>{installed}", "no-such-package-x>=1"]
     assert calls[0][-2:] == [f"numpy>{installed}", "no-such-package-x>=1"] and calls[0][1:4] == ["-m", "pip", "install"]
+
+
+def test_verdict_chooses_the_phrase_the_numbers_make_true(monkeypatch):
+    glued = {}
+    monkeypatch.setattr(
+        "dlarch_lib.core.notebook.glue", lambda name, value, display=False: glued.setdefault(name, value)
+    )
+    a, b = 0.8, 0.7
+    assert verdict("wins", a > b, "wins", "loses") is True and glued["wins"] == "wins"
+    assert verdict("flat", np.float64(a) < b, "rises", "falls") is False and glued["flat"] == "falls"
+    with pytest.raises(TypeError, match="computed bool"):
+        verdict("typed", "wins", "wins", "loses")  # a typed string is not a comparison
+    with pytest.raises(ValueError, match="two different"):
+        verdict("same", True, "wins", "wins")

@@ -1,4 +1,4 @@
-"""Notebook plumbing: the standard setup cell and ``glue`` for numbers quoted in prose."""
+"""Notebook plumbing: the standard setup cell, ``glue`` for numbers quoted in prose and ``verdict`` for claims."""
 
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
         return value
     myst_glue(name, value, display=display)
     return value
+
+
+def verdict(name: str, holds: bool, if_true: str, if_false: str) -> bool:
+    """Glue the words that the computed comparison ``holds`` makes true, and return ``holds``.
+
+    A verdict in prose (who wins, whether an effect appears) is never typed: the page writes
+    ``{glue:text}`name``` where the claim goes, and this call chooses ``if_true`` or ``if_false``
+    from the numbers, on every run and at every size. Assert separately what must hold
+    everywhere; the verdict is what this run found, e.g.
+    ``dl.verdict("ch27_vae_wins", fd_vae < fd_gan, "is closer to the real digits", "is further from them")``.
+    """
+    if not isinstance(holds, bool) and not (hasattr(holds, "item") and getattr(holds, "ndim", None) == 0):
+        raise TypeError(f"verdict {name!r} needs a computed bool, got {type(holds).__name__}")
+    holds = bool(holds)
+    if not if_true or not if_false or if_true == if_false:
+        raise ValueError(f"verdict {name!r} needs two different phrases, got {if_true!r} and {if_false!r}")
+    glue(name, if_true if holds else if_false)
+    return holds
