@@ -20,7 +20,7 @@ from torch import nn
 
 from dlarch_lib.core.data import Split, load_digits_split
 from dlarch_lib.core.runtime import seeded
-from dlarch_lib.core.train import History, evaluate, fit
+from dlarch_lib.core.train import History, evaluate, fit, model_device
 
 IntOrPair = int | tuple[int, int]
 
@@ -249,7 +249,7 @@ def fit_digits_classifier(
     caller's random stream is untouched.
     """
     with seeded(seed):
-        train, val, test = split.loaders(batch_size=batch_size, seed=seed)
+        train, val, test = split.loaders(batch_size=batch_size, seed=seed, device=model_device(model))
         history = fit(
             model,
             train,

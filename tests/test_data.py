@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from dlarch_lib.core.data import TensorBatches, digits_arrays, load_digits_split, stratified_split
 
@@ -44,9 +45,12 @@ def test_class_subset_and_bad_classes():
 
 
 def test_loaders_batch_shapes():
-    train, val, test = load_digits_split().loaders(batch_size=32)
+    split = load_digits_split()
+    train, val, test = split.loaders(batch_size=32)
     x, y = next(iter(train))
     assert x.shape == (32, 1, 8, 8) and y.shape == (32,)
+    assert torch.equal(torch.cat([b[1] for b in test]), split.y_test)  # evaluation batches in order
+    assert [len(b[1]) for b in val] == [min(512, len(split.y_val))]
     with pytest.raises(ValueError, match="batch_size"):
         load_digits_split().loaders(batch_size=0)
 
@@ -68,3 +72,20 @@ def test_tensor_batches_cover_every_row_once_per_pass_in_a_new_seeded_order():
         TensorBatches(x, y[:3], batch_size=4, generator=torch.Generator())
     with pytest.raises(ValueError, match="batch_size"):
         TensorBatches(x, y, batch_size=0, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (12, 4), (1000, 64)])
+def test_tensor_batches_like_dataloader_serve_the_dataloaders_batches(n, batch_size):
+    # Split.loaders replaced DataLoader(shuffle=True, generator) by device-resident batches: every chapter's
+    # training must see the very same batches, epoch after epoch
+    x, y = torch.randn(n, 3), torch.arange(n)
+    loader = DataLoader(TensorDataset(x, y), batch_size, shuffle=True, generator=torch.Generator().manual_seed(5))
+    ours = TensorBatches(x, y, batch_size=batch_size, generator=torch.Generator().manual_seed(5), like_dataloader=True)
+    for _ in range(3):
+        expected, got = list(loader), list(ours)
+        assert len(expected) == len(got)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+    plain = TensorBatches(x, y, batch_size=batch_size, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(next(iter(plain))[1], next(iter(ours))[1])  # the DataLoader's order is a choice
+    with pytest.raises(ValueError, match="generator"):
+        TensorBatches(x, y, batch_size=4, like_dataloader=True)

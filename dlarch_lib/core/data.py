@@ -1,4 +1,4 @@
-"""Offline datasets as tensors and DataLoaders.
+"""Offline datasets as tensors, and the batcher that serves them from the model's device.
 
 The digits set ships with scikit-learn: 1,797 real handwritten digits, 8x8 pixels,
 grey levels 0..16. Nothing is downloaded.
@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -36,15 +35,23 @@ class Split:
         """Number of examples in each part."""
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
 
-    def loaders(self, batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
-        """Train (shuffled, seeded), validation and test loaders."""
+    def loaders(
+        self, batch_size: int = 64, seed: int = 0, device: torch.device | str | None = None
+    ) -> tuple[TensorBatches, TensorBatches, TensorBatches]:
+        """Train (shuffled, seeded), validation and test batches, with every tensor moved to ``device`` once.
+
+        The training batches are those of ``DataLoader(..., shuffle=True, generator=seeded)``
+        (:class:`TensorBatches` with ``like_dataloader=True``); evaluation batches hold 512 rows in order.
+        ``device=None`` leaves the tensors where they are.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        moved = [t.to(device) if device is not None else t for t in (self.x_train, self.y_train)]
+        val = [t.to(device) if device is not None else t for t in (self.x_val, self.y_val)]
+        test = [t.to(device) if device is not None else t for t in (self.x_test, self.y_test)]
         generator = torch.Generator().manual_seed(seed)
-        train = DataLoader(TensorDataset(self.x_train, self.y_train), batch_size, shuffle=True, generator=generator)
-        val = DataLoader(TensorDataset(self.x_val, self.y_val), 512)
-        test = DataLoader(TensorDataset(self.x_test, self.y_test), 512)
-        return train, val, test
+        train = TensorBatches(*moved, batch_size=batch_size, generator=generator, like_dataloader=True)
+        return train, TensorBatches(*val, batch_size=512), TensorBatches(*test, batch_size=512)
 
 
 def digits_arrays(classes: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -103,30 +110,51 @@ def load_digits_split(
 class TensorBatches:
     """Mini-batches of the rows of ``tensors``, in a fresh random order on every pass (re-iterable).
 
-    The book's one shuffling batcher for data held in tensors: each pass draws one permutation
+    The book's one batcher for data held in tensors: each pass draws one permutation
     ``torch.randperm(N, generator=generator)`` and yields tuples of ``(B, ...)`` slices, one per
-    tensor (the last batch may be smaller). Slicing tensors that already sit on the model's device
-    is much cheaper than collating rows through a ``DataLoader``, and it draws from ``generator``
-    only, never from the global generator.
+    tensor (the last batch may be smaller); without a ``generator`` the rows come in order
+    (evaluation). Slicing tensors that already sit on the model's device is much cheaper than
+    collating rows through a ``DataLoader``, and it draws from ``generator`` only, never from the
+    global generator. With ``like_dataloader=True`` a pass draws from ``generator`` exactly what
+    ``DataLoader(TensorDataset(*tensors), batch_size, shuffle=True, generator=generator)`` draws
+    (a seed for its workers, the permutation, and the empty tail permutation of its sampler), so
+    the batches are the same as that loader's, now on the tensors' device.
 
     >>> x, y = torch.arange(5.0), torch.arange(5)
     >>> [len(b[0]) for b in TensorBatches(x, y, batch_size=2, generator=torch.Generator().manual_seed(0))]
     [2, 2, 1]
     """
 
-    def __init__(self, *tensors: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        *tensors: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        like_dataloader: bool = False,
+    ) -> None:
         if not tensors or len(tensors[0]) == 0 or any(len(t) != len(tensors[0]) for t in tensors):
             raise ValueError(f"need tensors of one non-zero length, got lengths {[len(t) for t in tensors]}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if like_dataloader and generator is None:
+            raise ValueError("like_dataloader=True needs the generator the DataLoader would shuffle with")
         self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
+        self.like_dataloader = like_dataloader
 
     def __len__(self) -> int:
         """Batches per pass."""
         return -(-len(self.tensors[0]) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = torch.randperm(len(self.tensors[0]), generator=self.generator)  # (N,) on the CPU
-        for start in range(0, len(order), self.batch_size):
+        n = len(self.tensors[0])
+        if self.generator is None:
+            order = torch.arange(n)
+        else:
+            if self.like_dataloader:  # DataLoader's iterator draws its workers' base seed first
+                torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            order = torch.randperm(n, generator=self.generator)  # (N,) on the CPU
+            if self.like_dataloader:  # and RandomSampler draws one more permutation for its empty tail
+                torch.randperm(n, generator=self.generator)
+        for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
             yield tuple(t[idx.to(t.device)] for t in self.tensors)

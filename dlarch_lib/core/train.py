@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm  # plain text bars: no ipywidgets needed, same in Jupyter, Colab and nbval
 
 from dlarch_lib.core.runtime import check_placed
@@ -232,7 +231,7 @@ def fit(
     clip_grad_norm: float | None = None,
     evaluate: Evaluate | None = None,
     eval_every: int | None = None,
-    val_loader: DataLoader | None = None,
+    val_loader: Iterable[Any] | None = None,
     stop: Callable[[History], bool] | None = None,
     progress: bool = True,
     desc: str = "train",
