@@ -2,7 +2,8 @@
 
 For every chapter's assignment: the reference solution scores full marks, the unmodified student
 stub scores zero, and each plausible wrong answer in tests/assignment_mutants/NN.yml loses points;
-and the grade command writes the score table.
+the notebooks carry their tests; and the grade command writes the score table. A hand-out (chapter
+06; ``DLARCH_ASSIGN_COLAB``) runs alone on a Colab-like runtime, installing otter-grader itself.
 
 The reference is graded by ``otter run`` end to end (a new process and kernel per notebook: the
 real autograder zip works). The stub and the wrong answers, about seven notebooks a chapter, are
@@ -16,12 +17,16 @@ is held to ``otter run`` on every chapter: it must give the reference exactly th
 
 from __future__ import annotations
 
+import copy
 import csv
 import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +201,174 @@ def wrong_answer_notebooks(chapter: Path, reference: Path, folder: Path) -> list
     return out
 
 
+def ok_test(text: str) -> dict:
+    """The ``test`` dict of an otter test file in OK format."""
+    namespace: dict = {}
+    exec(text, namespace)
+    return namespace["test"]
+
+
+# --------------------------------------------------------------------------- the hand-out on Colab
+#
+# The hand-out alone, in the readers' runtime: Python 3.13 with Colab's packages (.venv-colab, or
+# $DLARCH_COLAB_VENV) seen through a fresh environment of its own, where otter-grader is missing,
+# so that the hand-out's first cell installs it from the registry (pinned; the pip cache makes
+# reruns fast). The kernel runs as Colab's shell as otter recognises it, in an empty working
+# directory (on Colab the notebook file is not on the kernel's disk); the hand-out is filled in
+# with the reference solution (every public check passes) and left as handed out (every check
+# fails). $DLARCH_ASSIGN_COLAB: the chapters (numbers, comma-separated, or "all"; default 06).
+
+COLAB_VENV = Path(os.environ.get("DLARCH_COLAB_VENV") or ROOT / ".venv-colab")
+COLAB_CHAPTERS = (
+    CHAPTERS
+    if os.environ.get("DLARCH_ASSIGN_COLAB") == "all"
+    else [assign.resolve(c.strip()) for c in os.environ.get("DLARCH_ASSIGN_COLAB", "06").split(",") if c.strip()]
+)
+COLAB_CELL_TIMEOUT_S = 600  # a cell; the first install of otter-grader downloads about 60 MB
+COLAB_TEST_TIMEOUT_S = 1200  # one chapter: two executions, the first installs otter-grader
+# Colab's IPython shell is google.colab._shell.Shell; otter-grader tells Colab by str(get_ipython())
+COLAB_SHELL = """\
+import types as _types
+_shell = get_ipython()
+_shell.__class__ = _types.new_class(
+    "Shell", (type(_shell),), exec_body=lambda ns: ns.update(__module__="google.colab._shell")
+)
+del _shell, _types
+"""
+EXECUTE = """\
+import sys
+import nbformat
+from nbclient import NotebookClient
+
+source, cwd, out, allow_errors, timeout = sys.argv[1:]
+nb = nbformat.read(source, as_version=4)
+client = NotebookClient(
+    nb, timeout=float(timeout), allow_errors=allow_errors == "1", kernel_name="python3",
+    resources={"metadata": {"path": cwd}},
+)
+try:
+    client.execute()
+finally:
+    nbformat.write(nb, out)
+"""
+PROBE = """\
+import json, sys
+from otter.check.utils import IPythonInterpreter
+print(json.dumps({"python": list(sys.version_info[:2]), "prefix": sys.prefix, "otter": otter.__file__,
+                  "version": otter.__version__, "colab": grader.interpreter is IPythonInterpreter.COLAB}))
+"""
+
+
+def _python_output(python: Path, code: str) -> str:
+    return assign._run([str(python), "-c", code], timeout=120, check=True, capture_output=True, text=True).stdout
+
+
+def student_environment(folder: Path) -> Path:
+    """A new Python environment that sees the Colab-like one's packages and adds its own; its python."""
+    parent = COLAB_VENV / "bin" / "python"
+    if not parent.exists():
+        message = f"no Colab-like environment at {COLAB_VENV} (bash tools/dev.sh notebooks creates .venv-colab)"
+        if os.environ.get("DLARCH_COLAB_VENV"):
+            pytest.fail(message)
+        pytest.skip(message)
+    assign._run([str(parent), "-m", "venv", "--without-pip", str(folder)], timeout=120, check=True)
+    python = folder / "bin" / "python"
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(_python_output(python, purelib).strip())
+    (site / "colab-packages.pth").write_text(_python_output(parent, purelib))  # after its own packages
+    return python
+
+
+def filled_in(hand_out: nbformat.NotebookNode, reference: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The hand-out with the reference solution in the cells the student writes."""
+    filled = copy.deepcopy(hand_out)
+    answers = [c for c in filled.cells if "otter_answer_cell" in c.metadata.get("tags", [])]
+    solutions = [c for c in reference.cells if grade_variants.SOLUTION_TAG in c.metadata.get("tags", [])]
+    assert answers and len(answers) == len(solutions), (len(answers), len(solutions))
+    for answer, solution in zip(answers, solutions):
+        assert "..." in answer.source and answer.source != solution.source
+        answer.source = solution.source
+    return filled
+
+
+def execute_on_colab(
+    python: Path, nb: nbformat.NotebookNode, folder: Path, allow_errors: bool
+) -> tuple[dict[str, list], dict]:
+    """Execute ``nb`` with ``python``'s kernel as Colab's shell, in the empty folder/content; the
+    executed check cells (question -> outputs) and what the probe read in the kernel."""
+    nb = copy.deepcopy(nb)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    for sub in ("content", "ipython/profile_default/startup", "jupyter/kernels/python3"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "ipython/profile_default/startup/00-colab-shell.py").write_text(COLAB_SHELL)
+    kernel = {"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python"}
+    (folder / "jupyter/kernels/python3/kernel.json").write_text(json.dumps(kernel | {"display_name": "Colab-like"}))
+    nbformat.write(nb, folder / "notebook.ipynb")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MPLBACKEND")}
+    env.update(
+        IPYTHONDIR=str(folder / "ipython"),
+        JUPYTER_PATH=str(folder / "jupyter"),
+        DLARCH_SOURCE=str(ROOT),
+        DLARCH_THREADS="1",
+    )
+    args = [str(folder / "notebook.ipynb"), str(folder / "content"), str(folder / "executed.ipynb")]
+    run = assign._run(
+        [str(python), "-c", EXECUTE, *args, "1" if allow_errors else "0", str(COLAB_CELL_TIMEOUT_S)],
+        timeout=(COLAB_TEST_TIMEOUT_S - 60) / 2,  # two executions a test
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder,
+    )
+    assert run.returncode == 0, f"the hand-out failed on the Colab-like runtime:\n{run.stderr[-5000:]}"
+    executed = nbformat.read(folder / "executed.ipynb", as_version=4)
+    checks = {}
+    for cell in executed.cells:
+        found = re.fullmatch(r'grader\.check\("(\w+)"\)', cell.source.strip()) if cell.cell_type == "code" else None
+        if found:
+            checks[found.group(1)] = cell.outputs
+    probe = "".join(o.get("text", "") for o in executed.cells[-1].outputs if o.output_type == "stream")
+    return checks, json.loads(probe)
+
+
+@pytest.mark.timeout(COLAB_TEST_TIMEOUT_S)
+@pytest.mark.parametrize("chapter", COLAB_CHAPTERS, ids=[c.stem for c in COLAB_CHAPTERS])
+def test_hand_out_alone_runs_its_checks_on_colab(generated, tmp_path, chapter):
+    """The hand-out, alone on a Colab-like runtime, installs otter-grader and runs every check: all
+    pass with the reference solution filled in, all fail as handed out."""
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    shutil.copy(generated / chapter.stem / "student" / chapter.name, upload)  # the .ipynb, nothing else
+    hand_out = nbformat.read(upload / chapter.name, as_version=4)
+    reference = nbformat.read(generated / chapter.stem / "autograder" / chapter.name, as_version=4)
+    python = student_environment(tmp_path / "env")
+    spec = "import importlib.util; print(importlib.util.find_spec('otter') is None)"
+    assert _python_output(python, spec).strip() == "True", (
+        "otter-grader is preinstalled: the hand-out cannot prove it installs it"
+    )
+    questions = [q.name for q in assign.read_questions(chapter)]
+    public = sorted(assign.embedded_tests(hand_out))
+
+    checks, probe = execute_on_colab(python, filled_in(hand_out, reference), tmp_path / "filled", allow_errors=False)
+    assert probe["python"] == [3, 13] and probe["colab"], probe
+    assert Path(probe["otter"]).is_relative_to(tmp_path / "env"), ("otter-grader not installed by the hand-out", probe)
+    import otter
+
+    assert probe["version"] == otter.__version__, probe
+    assert sorted(p.name for p in (tmp_path / "filled/content/tests").iterdir()) == public
+    assert list(checks) == questions, (list(checks), questions)
+    for name, outputs in checks.items():
+        shown = "".join(o.get("data", {}).get("text/plain", "") for o in outputs)
+        assert shown.startswith(f"{name} results: All test cases passed!"), (name, outputs)
+
+    checks, probe = execute_on_colab(python, hand_out, tmp_path / "stub", allow_errors=True)
+    assert probe["colab"] and list(checks) == questions, (probe, list(checks))
+    for name, outputs in checks.items():
+        assert not any(o.output_type == "error" for o in outputs), (name, outputs)
+        shown = "".join(o.get("data", {}).get("text/plain", "") for o in outputs)
+        assert shown.startswith(f"{name} results:") and "All test cases passed" not in shown, (name, outputs)
+
+
 def test_every_chapter_has_an_assignment():
     chapters = sorted(assign.BOOK.glob("[0-9][0-9]_*.ipynb"))
     missing = [c.name for c in chapters if c not in CHAPTERS]
@@ -214,6 +387,10 @@ def test_every_question_has_a_wrong_answer_on_file(chapter):
 def test_student_notebook_hides_solutions_and_hidden_tests(generated, chapter):
     student = nbformat.read(generated / chapter.stem / "student" / chapter.name, as_version=4)
     text = json.dumps(student)
+    tests = assign.embedded_tests(student)
+    zip_path = generated / chapter.stem / "autograder" / f"{chapter.stem}-autograder.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        all_tests = {n: zf.read(n).decode() for n in zf.namelist() if n.startswith("tests/")}
     assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text
     for q in assign.read_questions(chapter):
         body = [line.strip() for line in q.solution_source.splitlines()]
@@ -225,8 +402,35 @@ def test_student_notebook_hides_solutions_and_hidden_tests(generated, chapter):
                 assert line not in text, f"solution line leaked into the student notebook: {line}"
             if line.endswith("# BEGIN SOLUTION"):
                 inside = True
-        cases = student.metadata["otter"]["tests"][q.name]["suites"][0]["cases"]
+        cases = ok_test(tests[f"{q.name}.py"])["suites"][0]["cases"]
         assert cases and not any(c["hidden"] for c in cases), "the hand-out carries public tests only"
+        for case in ok_test(all_tests[f"tests/{q.name}.py"])["suites"][0]["cases"]:
+            if case["hidden"]:
+                assert case["code"].strip() not in text, f"a hidden test of {q.name} leaked into the hand-out"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_notebooks_carry_their_tests_and_install_otter(generated, chapter):
+    """Hand-out and reference run grader.check with nothing beside them (Colab): a locked cell writes
+    the notebook's tests to ./tests (all of them in the reference, as in the autograder zip), one
+    that grading skips; a cell before it installs the otter-grader that generated them."""
+    import otter
+
+    folder = generated / chapter.stem
+    with zipfile.ZipFile(folder / "autograder" / f"{chapter.stem}-autograder.zip") as zf:
+        zipped = {Path(n).name: zf.read(n).decode() for n in zf.namelist() if n.startswith("tests/")}
+    for kind in ("student", "autograder"):
+        nb = nbformat.read(folder / kind / chapter.name, as_version=4)
+        tests = assign.embedded_tests(nb)
+        assert tests == {p.name: p.read_text() for p in (folder / kind / "tests").glob("*.py")}
+        assert set(tests) == {f"{q.name}.py" for q in assign.read_questions(chapter)}
+        if kind == "autograder":
+            assert tests == zipped, "the reference carries the autograder's tests"
+        install, writer, init = nb.cells[:3]
+        assert f'"otter-grader=={otter.__version__}"' in install.source and "import otter" not in writer.source
+        assert assign.IGNORE_TAG in writer.metadata["tags"] and "otter.Notebook()" in init.source
+        assert all(c.metadata.get("editable") is False for c in (install, writer, init))
+        assert not any("%pip" in c.source for c in nb.cells if c.cell_type == "code")
 
 
 @pytest.mark.timeout(OTTER_TEST_TIMEOUT_S)

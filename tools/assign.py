@@ -23,6 +23,10 @@ generated title and ``# ASSIGNMENT CONFIG``), then runs ``otter assign`` on it:
     _assign/<chapter>/student/<chapter>.ipynb           hand-out: solutions are ``...``, public tests
     _assign/<chapter>/autograder/<chapter>.ipynb        reference solution (instructors)
     _assign/<chapter>/autograder/<chapter>-autograder.zip   all tests incl. hidden (``otter run -a``)
+    _assign/<chapter>/{student,autograder}/tests/       the test files, which the notebooks also carry
+
+Each notebook runs its ``grader.check`` cells with nothing beside it, on Colab too
+(:func:`make_self_contained`): it installs otter-grader where missing and writes its own tests.
 
 ``grade`` runs ``otter run`` (local, no Docker) on every ``*.ipynb`` under SUBMISSIONS against the
 autograder zip of its assignment (from the notebook's otter metadata, else its file name) and writes
@@ -32,6 +36,7 @@ one CSV row per submission.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import json
@@ -235,6 +240,10 @@ def master_notebook(chapter: Path) -> nbformat.NotebookNode:
         "check_all_cell": False,
         "export_cell": False,
         "requirements": None,
+        # Colab: the kernel cannot read the notebook file, so otter refuses tests kept in its
+        # metadata there (otter-grader#901): tests go to files, and the hand-out writes them itself
+        "runs_on": "colab",
+        "tests": {"files": True},
     }
     cells = [
         nbformat.v4.new_markdown_cell(intro),
@@ -280,7 +289,7 @@ def generate_one(chapter: Path, out: Path = ASSIGN_DIR) -> Path:
         shutil.copytree(Path(tmp) / "student", dest / "student")
         shutil.copytree(Path(tmp) / "autograder", dest / "autograder")
     for nb_path in (dest / "student" / chapter.name, dest / "autograder" / chapter.name):
-        _prepend_install_cell(nb_path)
+        make_self_contained(nb_path)
     zips = sorted((dest / "autograder").glob("*-autograder_*.zip"))
     if len(zips) != 1:
         raise RuntimeError(f"expected one autograder zip for {chapter.name}, found {zips}")
@@ -288,22 +297,86 @@ def generate_one(chapter: Path, out: Path = ASSIGN_DIR) -> Path:
     return dest
 
 
-def _prepend_install_cell(path: Path) -> None:
-    """Put a cell before otter's init cell that installs otter-grader where it is missing (Colab)."""
+OTTER_PIP_CELL = "%pip install -q otter-grader"  # otter assign's install cell for runs_on: colab (unpinned)
+OTTER_INIT = "grader = otter.Notebook()"  # otter assign's init cell for runs_on: colab: tests from ./tests
+TESTS_DIR = "tests"  # where otter.Notebook() reads the tests (relative to the kernel's working directory)
+IGNORE_TAG = "otter_ignore"  # otter's tag of the cells that grading (otter run) does not execute
+
+
+def make_self_contained(path: Path) -> None:
+    """Make an otter-assigned notebook run ``grader.check`` with nothing beside it (Colab).
+
+    On Colab the kernel cannot read the notebook file, so otter reads no tests from its metadata
+    there and requires a ``tests`` folder (otter-grader#901); otter assign's ``runs_on: colab``
+    writes the tests as files beside the notebook, which a student who uploads only the ``.ipynb``
+    does not have. Two locked cells go before otter's init cell: one installs the pinned
+    otter-grader where it is missing (instead of otter's unpinned ``%pip`` cell), one writes the
+    notebook's own test files (from its ``tests`` folder: public tests in the hand-out, all tests
+    in the reference) to ``./tests``. The second is tagged ``otter_ignore``: grading does not run it,
+    so it cannot replace the autograder's tests with the hand-out's."""
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and c.source.strip() == OTTER_PIP_CELL)]
+    if not any(c.cell_type == "code" and OTTER_INIT in c.source for c in nb.cells):
+        raise RuntimeError(f"{path}: no otter init cell {OTTER_INIT!r} (tests read from ./{TESTS_DIR})")
+    tests = {p.name: p.read_text() for p in sorted((path.parent / TESTS_DIR).glob("*.py"))}
+    if not tests:
+        raise RuntimeError(f"{path}: otter assign wrote no test files to {path.parent / TESTS_DIR}")
+    cells = [install_cell(), tests_cell(tests)]
+    for cell in cells:
+        cell.metadata["deletable"], cell.metadata["editable"] = False, False
+    cells[1].metadata["tags"] = [IGNORE_TAG]
+    nb.cells = cells + nb.cells
+    nbformat.validate(nb)
+    nbformat.write(nb, path)
+
+
+def install_cell() -> nbformat.NotebookNode:
+    """A cell that installs otter-grader, the version that generated the notebook, where it is missing."""
     from otter import __version__ as otter_version
 
-    nb = nbformat.read(path, as_version=4)
-    cell = nbformat.v4.new_code_cell(
-        "# Where otter-grader is missing (e.g. on Colab), install it: the next cell imports it.\n"
-        "import importlib.util, subprocess, sys\n"
+    return nbformat.v4.new_code_cell(
+        "# Where otter-grader is missing (e.g. on Colab), install it: the cells below import it.\n"
+        "import importlib, importlib.util, subprocess, sys\n"
         'if importlib.util.find_spec("otter") is None:\n'
-        "    subprocess.run(\n"
-        f'        [sys.executable, "-m", "pip", "install", "-q", "otter-grader=={otter_version}"], check=True\n'
-        "    )"
+        f'    pip = [sys.executable, "-m", "pip", "install", "-q", "otter-grader=={otter_version}"]\n'
+        "    subprocess.run(pip, check=True)\n"
+        "    importlib.invalidate_caches()"
     )
-    cell.metadata = {"deletable": False, "editable": False}
-    nb.cells.insert(0, cell)
-    nbformat.write(nb, path)
+
+
+def tests_cell(tests: dict[str, str]) -> nbformat.NotebookNode:
+    """A cell that writes ``tests`` (file name -> text) into ./tests, where ``grader.check`` reads them."""
+    lines = [
+        f"# The tests that grader.check runs, written to ./{TESTS_DIR} (on Colab nothing lies beside the notebook).",
+        "import pathlib",
+        "",
+        "_tests = {",
+    ]
+    for name, text in tests.items():
+        lines.append(f"    {name!r}: (")
+        lines += [f"        {line!r}" for line in text.splitlines(keepends=True)]
+        lines.append("    ),")
+    lines += [
+        "}",
+        f"pathlib.Path({TESTS_DIR!r}).mkdir(exist_ok=True)",
+        "for _name, _text in _tests.items():",
+        f"    (pathlib.Path({TESTS_DIR!r}) / _name).write_text(_text)",
+        "del _tests, _name, _text",
+    ]
+    return nbformat.v4.new_code_cell("\n".join(lines))
+
+
+def embedded_tests(nb: nbformat.NotebookNode) -> dict[str, str]:
+    """The test files that a notebook's tests cell (:func:`tests_cell`) writes: file name -> text."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and IGNORE_TAG in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"expected one tests cell (tag {IGNORE_TAG!r}), found {len(cells)}")
+    source = cells[0].source
+    literal = source[source.index("_tests = {") + len("_tests = ") : source.index("\n}\n") + 2]
+    tests = ast.literal_eval(literal)
+    if not isinstance(tests, dict):
+        raise ValueError("the tests cell holds no dict of test files")
+    return tests
 
 
 def generate(chapters: list[Path], out: Path = ASSIGN_DIR, jobs: int = 2) -> list[Path]:

@@ -166,8 +166,13 @@ run_full() {
 }
 
 run_assignments() {
+  # tests/test_assignments.py also runs a hand-out alone in the readers' runtime: a fresh environment
+  # on top of .venv-colab (made here if the notebooks phase has not), where the hand-out's first cell
+  # installs otter-grader (from the registry, pinned; the pip cache keeps it) and grader.check runs
+  [ -x "$COLAB_VENV/bin/python" ] || setup_colab
   python tools/assign.py generate
-  DLARCH_THREADS=1 DLARCH_ASSIGN_DIR="$ROOT/_assign" python -m pytest -n 2 -q -rs --durations=3 tests/test_assignments.py
+  DLARCH_THREADS=1 DLARCH_ASSIGN_DIR="$ROOT/_assign" DLARCH_COLAB_VENV="$COLAB_VENV" \
+    python -m pytest -n 2 -q -rs --durations=3 tests/test_assignments.py
 }
 
 build_site_from_cache() {

@@ -12,7 +12,8 @@ the student stub) can share that work. For one assignment:
    (``create_runner(...).prepare_files()``), in the layout ``otter run`` grades in;
 2. each notebook becomes the notebook ``otter run`` executes, by otter's own
    ``GradingPreprocessor`` (a first cell that puts otter in grading mode; a last cell that runs
-   every test file not checked yet and pickles otter's ``GradingResults``);
+   every test file not checked yet and pickles otter's ``GradingResults``; the cells tagged
+   ``otter_ignore`` left out, such as the hand-out's cell that writes its public tests);
 3. the code cells before BASE's first solution cell (otter's first cells, the setup and import
    cells) run once, in an IPython shell (its transformers: magics work as in a kernel);
 4. per notebook the process forks: the child, a copy-on-write copy of that state, runs the rest of
@@ -201,7 +202,7 @@ class Grader:
         self.runner.prepare_files()  # the zip's tests/ into submission/, __init__.py files
         os.chdir(ag_dir / "submission")
         self.port = _closed_port()
-        shutil.copy(base, base.name)  # otter.Notebook("<name>.ipynb") in the shared cells reads it
+        shutil.copy(base, base.name)  # where otter run has the submission (validate_submission reads it)
         self.runner.validate_submission(base.name)
         cells = self.code_cells(base, work / "base.pkl")
         split = next((i for i, c in enumerate(cells) if SOLUTION_TAG in c.metadata.get("tags", [])), None)
