@@ -19,14 +19,21 @@ exception, including a failed ``assert``). This plugin keeps what nbval saw:
 
 It works with pytest-xdist (``--dist loadfile``: each notebook runs whole on one worker, which
 writes it; the controller, which sees every report, writes the table).
+
+- **Gated cells alone.** With ``DLARCH_GATED_ALONE_DIR`` set (``tools/gpu.sh``, which runs several
+  notebooks at once on one GPU), a hardware-gated cell, whose output is recorded for the website,
+  runs while no other worker runs a cell: it takes an exclusive lock in that folder that every
+  other cell takes shared, so what it measures is the GPU alone, not the GPU shared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -103,6 +110,46 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     if _is_cell(item):
         _recorder.record(item, outcome.get_result())
+
+
+@contextlib.contextmanager
+def cell_turn(folder: str, alone: bool) -> Iterator[None]:
+    """Hold the turn of one cell among all the processes that use ``folder``: shared by any number
+    of ordinary cells, exclusive for a cell that runs ``alone``.
+
+    Two ``flock`` files: ``cells.lock`` is the readers-writer lock; ``turnstile.lock``, taken by
+    every cell before it and held by an exclusive cell until it is done, keeps new cells from
+    starting while an exclusive one waits, so it waits only for the cells already running."""
+    import fcntl
+
+    with (
+        open(os.path.join(folder, "turnstile.lock"), "a") as turnstile,
+        open(os.path.join(folder, "cells.lock"), "a") as cells,
+    ):
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(cells, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(cells, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    folder = os.environ.get("DLARCH_GATED_ALONE_DIR")
+    if not folder or not _is_cell(item):
+        yield
+        return
+    from dlarch_lib.core.hardware import GATING_TAGS
+
+    alone = bool(set(item.cell.metadata.get("tags", []) or []) & GATING_TAGS)
+    with cell_turn(folder, alone):
+        yield
 
 
 @pytest.hookimpl(trylast=True)
