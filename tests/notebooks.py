@@ -58,3 +58,36 @@ def toc_files() -> list[str]:
 
     walk({k: v for k, v in toc.items() if k != "root"})
     return found
+
+
+SOLUTION_START = re.compile(r"^`{3,}\{solution-start\}\s+(\S+)", re.M)
+SOLUTION_END = re.compile(r"^`{3,}\{solution-end\}", re.M)
+
+
+def executed_solutions(nb: dict) -> dict[str, list[str]]:
+    """Exercise label -> sources of the code cells of its gated solution (``solution-start`` ... ``solution-end``).
+
+    Raises ``ValueError`` for a start without an end, or an end without a start."""
+    found: dict[str, list[str]] = {}
+    label: str | None = None
+    for cell in nb["cells"]:
+        text = source(cell)
+        if cell["cell_type"] == "code":
+            if label is not None:
+                found[label].append(text)
+            continue
+        marks = [(m.start(), "start", m) for m in SOLUTION_START.finditer(text)]
+        marks += [(m.start(), "end", m) for m in SOLUTION_END.finditer(text)]
+        for _, what, m in sorted(marks, key=lambda mark: mark[0]):
+            if what == "start":
+                if label is not None:
+                    raise ValueError(f"solution of {m.group(1)} starts inside the solution of {label}")
+                label = m.group(1)
+                found[label] = []
+            else:
+                if label is None:
+                    raise ValueError("a solution-end without a solution-start")
+                label = None
+    if label is not None:
+        raise ValueError(f"the solution of {label} has no solution-end")
+    return found

@@ -9,7 +9,7 @@ import pytest
 
 from dlarch_lib.core.hardware import GATING_TAGS
 from dlarch_lib.core.notebook import SETUP_CELL
-from tests.notebooks import BOOK, ROOT, all_notebooks, chapters, load, source, tags, toc_files
+from tests.notebooks import BOOK, ROOT, all_notebooks, chapters, executed_solutions, load, source, tags, toc_files
 
 sys.path.insert(0, str(ROOT / "tools"))  # the stored-outputs rule is tools/nb.py's, which strip applies
 import nb as nbtool
@@ -74,10 +74,87 @@ def test_chapter_anatomy(nb):
 def test_chapter_has_three_exercises_with_solutions(nb):
     markdown = "\n".join(source(c) for c in load(nb)["cells"] if c["cell_type"] == "markdown")
     exercises = re.findall(r"```\{exercise\}[^\n]*\n:label:\s*(\S+)", markdown)
-    solutions = set(re.findall(r"```\{solution\}\s*(\S+)", markdown))
+    solutions = set(re.findall(r"```\{solution(?:-start)?\}\s*(\S+)", markdown))
     assert len(exercises) >= 3, f"{nb.name}: {len(exercises)} exercises, need at least 3"
     unsolved = [e for e in exercises if e not in solutions]
     assert not unsolved, f"{nb.name}: exercises without a solution: {unsolved}"
+
+
+# a solution written in markdown (```{solution} ... ```) must not hold code: code in a solution is run
+CODE_IN_MARKDOWN = re.compile(r"^\s*(`{3,}|~{3,})\s*(python|py|ipython3?)\s*$|\n\n {4}\S", re.M)
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_exercise_solutions_with_code_are_executed(nb):
+    """Code in a solution is a real code cell between ``solution-start`` and ``solution-end`` (gated
+    directives), executed with the chapter, with an ``assert`` of what the solution claims; no
+    solution shows code in markdown, where nothing would run it."""
+    cells = load(nb)["cells"]
+    markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    for m in re.finditer(r"^(`{3,})\{solution\}\s*(\S+)\n(.*?)^\1\s*$", markdown, re.M | re.S):
+        assert not CODE_IN_MARKDOWN.search(m.group(3)), (
+            f"{nb.name}: the solution of {m.group(2)} shows code in markdown"
+        )
+    for label, code in executed_solutions(load(nb)).items():
+        assert code, f"{nb.name}: the gated solution of {label} has no code cell"
+        assert any(re.search(r"^\s*assert\b", c, re.M) for c in code), f"{nb.name}: {label}'s code asserts nothing"
+    solution_cells = [c for c in cells if "solution" in tags(c)]
+    assert len(solution_cells) == sum(len(v) for v in executed_solutions(load(nb)).values()), (
+        f"{nb.name}: the code cells of solutions (and only they) are tagged 'solution'"
+    )
+
+
+# Verdicts (who wins, whether an effect appears) are computed: a sentence that states one carries a glued value
+# or verdict (dl.verdict), a citation, or a reference to a proof. A sentence that only looks like one (a
+# question, a statement about the literature, a definition) is listed with its reason in
+# tests/verdict_allowlist/NN.txt, one per line: "<start of the sentence> | <why it is not a computed verdict>".
+VERDICT_WORDS = re.compile(
+    r"\b(wins?|won|beats?|outperforms?|better than|worse than|most accurate|least accurate|negative result|"
+    r"no gain|does not help|buys (?:next to )?nothing|faster than|slower than|higher than|lower than|"
+    r"more accurate|less accurate|close to|closer to|below the|above the)\b"
+    r"(?! (?:cell|figure|table|code|plot|next|following|list|definition|section))",
+    re.I,
+)
+BACKING = re.compile(r"\{glue:|\{footcite|\{prf:ref|\{eq\}|\{cite")
+
+
+def prose_sentences(markdown: str) -> list[str]:
+    """The sentences of a chapter's prose: no code, display math, directive headers or options."""
+    text = re.sub(r"(`{3,}|~{3,}).*?\1", " ", markdown, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$", " ", text, flags=re.S)
+    text = re.sub(r"^\s*:[\w-]+:[^\n]*$|^ {4}.*$", " ", text, flags=re.M)
+    sentences = []
+    for paragraph in re.split(r"\n\s*\n|\n(?=#|\s*[-*] |\s*\d+\. )", text):  # paragraphs, headings, list items
+        sentences += re.split(r"(?<=[.!])\s+(?=[A-Z*(])", re.sub(r"\s+", " ", paragraph).strip())
+    return [s for s in sentences if s]
+
+
+def unbacked_verdicts(markdown: str) -> list[str]:
+    """Sentences that state a verdict with nothing computed or cited behind them."""
+    found = []
+    for sentence in prose_sentences(markdown):
+        words = re.sub(r"\$[^$]*\$|`[^`]*`", "", sentence)
+        if VERDICT_WORDS.search(words) and not BACKING.search(sentence) and not sentence.rstrip().endswith("?"):
+            found.append(sentence.strip())
+    return found
+
+
+def test_verdict_rule_catches_a_typed_verdict():
+    assert unbacked_verdicts("Trained for 3 epochs, the LSTM beats the GPT. The cell below plots it.") == [
+        "Trained for 3 epochs, the LSTM beats the GPT."
+    ]
+    assert not unbacked_verdicts("The LSTM {glue:text}`ch06_verdict` the GPT. Which one wins?")
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_verdicts_in_prose_are_computed(nb):
+    markdown = "\n".join(source(c) for c in load(nb)["cells"] if c["cell_type"] == "markdown")
+    allow_file = ROOT / "tests" / "verdict_allowlist" / f"{nb.name[:2]}.txt"
+    allowed = (
+        [line.split(" | ")[0].strip() for line in allow_file.read_text().splitlines()] if allow_file.exists() else []
+    )
+    typed = [s for s in unbacked_verdicts(markdown) if not any(s.startswith(a) for a in allowed if a)]
+    assert not typed, f"{nb.name}: verdicts typed into prose (glue them with dl.verdict, cite, or allow-list): {typed}"
 
 
 def test_chapter_numbers_are_unique():

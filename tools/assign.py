@@ -388,13 +388,15 @@ def generate(chapters: list[Path], out: Path = ASSIGN_DIR, jobs: int = 2) -> lis
 def build_student_site() -> Path:
     """Build the student edition of the website into _student/_build/html (solutions hidden).
 
-    Same book, second config: sphinx-exercise's ``hide_solutions`` and the book extension's
+    Same book, second config: the book extension's
     ``dlarch_edition: student`` (assignment solutions become their stubs, without outputs).
     Execution reuses the main build's cache (_build/.jupyter_cache) when it exists."""
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["title"] = f"{config['title']} (student edition)"
     config["execute"]["cache"] = str(ROOT / "_build" / ".jupyter_cache")
-    config["sphinx"]["config"]["hide_solutions"] = True
+    # the book's extension removes the solutions (gated ones with their code cells too); hide_solutions
+    # would leave a gated solution's cells behind (tools/sphinxext/dlarch_site.py)
+    config["sphinx"]["config"]["hide_solutions"] = False
     config["sphinx"]["config"]["dlarch_edition"] = "student"
     # paths of local extensions are read relative to the config file: make them absolute
     config["sphinx"]["local_extensions"] = {k: str(ROOT / v) for k, v in config["sphinx"]["local_extensions"].items()}

@@ -9,12 +9,13 @@ hidden test.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
 from bs4 import BeautifulSoup
 
-from tests.notebooks import ROOT
+from tests.notebooks import ROOT, executed_solutions, load
 
 sys.path.insert(0, str(ROOT / "tools"))
 import assign
@@ -66,6 +67,17 @@ def test_student_edition_hides_solutions(chapter):
     for name, source in solution_cells(chapter):
         assert normal(student_stub(source)) in cells, f"{name}: the student edition does not show the stub"
         assert normal(without_markers(source)) not in cells, f"{name}: the student edition shows the solution"
+
+
+@pytest.mark.parametrize("chapter", sorted(assign.BOOK.glob("[0-3][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_exercise_solutions_run_in_the_book_and_are_hidden_from_students(chapter):
+    book_cells, book_html = page(BOOK_HTML / f"{chapter.stem}.html")
+    student_cells, _ = page(STUDENT_HTML / f"{chapter.stem}.html")
+    for label, code in executed_solutions(load(chapter)).items():
+        for source in code:
+            assert normal(source) in book_cells, f"{label}: the book does not show the solution's code"
+            assert normal(source) not in student_cells, f"{label}: the student edition shows the solution's code"
+    assert ("Solution to" in book_html) == bool(re.search(r"\{solution(-start)?\}", chapter.read_text()))
 
 
 def test_student_edition_is_labelled():

@@ -6,6 +6,10 @@
   drops the ``# BEGIN/END SOLUTION`` marker lines; the student edition (``dlarch_edition =
   "student"``, set by ``tools/assign.py generate --site``) shows otter's stub instead of the solution,
   without its outputs.
+- Removes every exercise solution from the student edition, the gated ones (``solution-start`` ...
+  ``solution-end``, which hold executed code cells) included: sphinx-exercise's ``hide_solutions``
+  drops only a solution's own directive, not the cells between a gated pair, so the student
+  edition keeps ``hide_solutions`` off and drops the merged solution nodes itself.
 - Adds the book's stylesheet, which labels every cell whose output was recorded on a GPU
   machine (cells tagged requires-cuda / requires-2-gpus / requires-tensorrt).
 """
@@ -49,6 +53,17 @@ def student_stub(code: str) -> str:
     return "\n".join(replace_solutions(code.splitlines(), "python"))
 
 
+def _drop_solutions(app, doctree):
+    """Student edition: remove each exercise solution (gated ones were merged into one node when read)."""
+    if app.config.dlarch_edition != "student":
+        return
+    from sphinx_exercise.nodes import solution_end_node, solution_node, solution_start_node
+
+    for kind in (solution_node, solution_start_node, solution_end_node):
+        for node in list(doctree.findall(kind)):
+            node.parent.remove(node)
+
+
 def _assignment_cells(app, doctree):
     student = app.config.dlarch_edition == "student"
     for cell in list(doctree.findall(nodes.container)):
@@ -69,6 +84,7 @@ def _assignment_cells(app, doctree):
 def setup(app):
     app.add_config_value("dlarch_edition", "book", "env", [str])
     app.connect("doctree-read", _assignment_cells)
+    app.connect("doctree-read", _drop_solutions)
     app.connect("builder-inited", lambda app: app.config.html_static_path.append(str(Path(__file__).parent / "static")))
     app.add_css_file("dlarch.css")
     app.connect(
