@@ -71,3 +71,13 @@ def test_execution_statistics_page_shows_timing_tables():
         assert any(f"book/{nb.name}" in r for r in rows), f"{nb.name} has no row in the timing table"
     if (ROOT / "_build" / "timings" / "phases.csv").exists():
         assert any("Phases of the test command" in t and ">notebooks<" in t for t in tables)
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_items_are_numbered_per_chapter(nb):
+    # Definition 6.1, Exercise 6.2, Eq. (6.3): every numbered item of chapter N carries N (sphinxext/dlarch_site.py)
+    page, n = chapter_page(nb), int(nb.name[:2])
+    own = re.findall(r'<span class="caption-number">[^<]*?(\d+)\.\d+', page)  # admonition titles of this page
+    own += re.findall(r'class="eqno">\((\d+)\.\d+\)', page)
+    assert own, "the chapter has numbered items"
+    assert all(int(x) == n for x in own), f"items numbered for other chapters: {sorted(set(own))}"

@@ -10,6 +10,11 @@
   ``solution-end``, which hold executed code cells) included: sphinx-exercise's ``hide_solutions``
   drops only a solution's own directive, not the cells between a gated pair, so the student
   edition keeps ``hide_solutions`` off and drops the merged solution nodes itself.
+- Numbers definitions, theorems, exercises, figures and equations per chapter, as a textbook does
+  (Definition 6.1, Eq. (6.3)): Sphinx numbers them across the whole book unless the toctree is
+  numbered, and a numbered toctree would restart at each part and number every heading too. So
+  after Sphinx assigns its book-wide numbers, each chapter's are replaced by (chapter, position in
+  the chapter), the chapter taken from the file name ``NN_slug``; cross-references follow.
 - Adds the book's stylesheet, which labels every cell whose output was recorded on a GPU
   machine (cells tagged requires-cuda / requires-2-gpus / requires-tensorrt).
 """
@@ -53,6 +58,25 @@ def student_stub(code: str) -> str:
     return "\n".join(replace_solutions(code.splitlines(), "python"))
 
 
+CHAPTER_DOC = re.compile(r"(?:^|/)(\d\d)_[^/]+$")
+
+
+def number_per_chapter(toc_fignumbers: dict) -> None:
+    """Renumber, in place, each chapter's enumerable items ``(chapter, 1..k)`` per kind, in document order."""
+    for docname, by_type in toc_fignumbers.items():
+        match = CHAPTER_DOC.search(docname)
+        if not match:
+            continue
+        for numbers in by_type.values():
+            for position, key in enumerate(sorted(numbers, key=numbers.__getitem__), start=1):
+                numbers[key] = (int(match.group(1)), position)
+
+
+def _number_per_chapter(app, env):
+    number_per_chapter(env.toc_fignumbers)
+    return []
+
+
 def _drop_solutions(app, doctree):
     """Student edition: remove each exercise solution (gated ones were merged into one node when read)."""
     if app.config.dlarch_edition != "student":
@@ -85,6 +109,7 @@ def setup(app):
     app.add_config_value("dlarch_edition", "book", "env", [str])
     app.connect("doctree-read", _assignment_cells)
     app.connect("doctree-read", _drop_solutions)
+    app.connect("env-get-updated", _number_per_chapter, priority=900)  # after Sphinx's TocTreeCollector (500)
     app.connect("builder-inited", lambda app: app.config.html_static_path.append(str(Path(__file__).parent / "static")))
     app.add_css_file("dlarch.css")
     app.connect(
