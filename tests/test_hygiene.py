@@ -157,6 +157,14 @@ def test_verdicts_in_prose_are_computed(nb):
     assert not typed, f"{nb.name}: verdicts typed into prose (glue them with dl.verdict, cite, or allow-list): {typed}"
 
 
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_no_claim_depends_on_the_run_size(nb):
+    """Sizes come from RUN.pick(ci=..., full=...); a chapter never branches on the size, so every assert
+    and every verdict holds, and is checked, at "ci" and at "full" alike."""
+    code = "\n".join(source(c) for c in load(nb)["cells"] if c["cell_type"] == "code")
+    assert not re.search(r"\bRUN\.(is_ci|size\b)", code), f"{nb.name}: branches on the run size; use RUN.pick"
+
+
 def test_chapter_numbers_are_unique():
     numbers = [p.name[:2] for p in CHAPTERS]
     assert len(numbers) == len(set(numbers)), f"duplicate chapter numbers: {numbers}"
