@@ -736,7 +736,9 @@ def reinforce_step(
     the surrogate loss ``-mean((R - b) log pi(a)) - entropy_weight * mean(H)``, whose gradient is
     minus the REINFORCE estimate; the engine's optimizer descends it. The reward ``R`` is the
     objective's value, negated when ``result.mode == "min"``. The baseline ``b`` is a moving average
-    of past mean rewards, updated only after the loss is formed, so it never depends on the current samples.
+    of past mean rewards, updated only after the loss is formed, so from the second batch on it does not
+    depend on the current samples. The first batch has no past: its baseline is its own mean reward,
+    which biases that one update by the factor ``(n - 1) / n`` (chapter 15 computes it exactly).
     """
     if not 0.0 <= baseline_decay < 1.0:
         raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")

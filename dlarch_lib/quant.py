@@ -274,6 +274,30 @@ class QuantizedLinear(nn.Linear):
         return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}, per_channel={self.per_channel}"
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 flags of int8 dot products that accumulate in 32 bits
+
+
+def cpu_has_vnni(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has VNNI (int8 dot products with 32-bit accumulation), from ``/proc/cpuinfo``.
+
+    ``cpuinfo`` is the text of that file (read from the machine when ``None``). Returns ``None`` when
+    the flags cannot be read (no such file, or no ``flags`` line: not Linux on x86), else whether any
+    of :data:`VNNI_FLAGS` is listed. Without VNNI, x86 int8 kernels use ``vpmaddubsw``, whose
+    16-bit pair sums saturate for 8-bit weights.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = {
+        flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()
+    }
+    if not flags:
+        return None
+    return any(flag in flags for flag in VNNI_FLAGS)
+
+
 def to_quantized(model: nn.Module, bits: int = 8, act_bits: int | None = 8, per_channel: bool = True) -> nn.Module:
     """A deep copy of ``model`` with every ``nn.Linear`` replaced by a :class:`QuantizedLinear`.
 

@@ -266,3 +266,11 @@ def test_session_predict_and_inference_call(tmp_path):
         quant.ort_session(path, level="max")
     with pytest.raises(ValueError, match="threads"):
         quant.ort_session(path, threads=0)
+
+
+def test_cpu_has_vnni_reads_the_flags_line():
+    assert quant.cpu_has_vnni("processor : 0\nflags\t\t: fpu sse avx2 avx512bw avx512_vnni\n") is True
+    assert quant.cpu_has_vnni("flags : fpu avx2 avx_vnni\n") is True
+    assert quant.cpu_has_vnni("flags : fpu sse avx2 avx512bw\nbugs : avx512_vnni\n") is False  # only the flags line
+    assert quant.cpu_has_vnni("Features : fp asimd\n") is None  # no flags line (e.g. ARM)
+    assert quant.cpu_has_vnni() in (True, False, None)
