@@ -384,8 +384,17 @@ def roi_align(
     return F.avg_pool2d(samples.permute(0, 3, 1, 2), s)  # (K, C, P, P): mean of s x s samples per bin
 
 
-def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float = 1.0) -> torch.Tensor:
-    """RoIPool (Fast R-CNN): the RoI is rounded to whole cells, cut into bins at integer edges, max-pooled."""
+def roi_pool(
+    features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float = 1.0, mode: str = "max"
+) -> torch.Tensor:
+    """RoIPool (Fast R-CNN): the RoI is rounded to whole cells, cut into bins at integer edges, max-pooled.
+
+    ``mode="avg"`` average-pools the same integer bins instead: the rounding without the max's bias,
+    to separate the two sources of RoIPool's error from RoIAlign.
+    """
+    if mode not in ("max", "avg"):
+        raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
     _check_rois(features, rois)
     _, c, h, w = features.shape
     out = features.new_zeros(len(rois), c, output_size, output_size)
@@ -394,7 +403,7 @@ def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spati
         x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
         x1, y1 = min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
         crop = features[int(roi[0]), :, y0:y1, x0:x1]
-        out[k] = F.adaptive_max_pool2d(crop, output_size)  # quantisation 2: integer bin edges
+        out[k] = pool(crop, output_size)  # quantisation 2: integer bin edges
     return out
 
 

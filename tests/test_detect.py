@@ -185,6 +185,12 @@ def test_roi_align_exact_on_ramp_and_differs_from_roi_pool():
         detect.roi_align(feats, rois[:, :4], 2)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         detect.roi_pool(feats[0], rois, 2)
+    # the RoI [4, 12] x [4, 12] is whole cells: average pooling of a ramp is exact there, max pooling is biased up
+    averaged = detect.roi_pool(feats, rois, output_size=2, mode="avg")
+    torch.testing.assert_close(averaged[1, 0], out[1, 0])
+    torch.testing.assert_close(pooled[1, 0] - averaged[1, 0], torch.full((2, 2), 1.5 * 3))  # (x + 2y): 1.5 px each way
+    with pytest.raises(ValueError, match="mode"):
+        detect.roi_pool(feats, rois, 2, mode="median")
     with pytest.raises(ValueError, match="output_size"):
         detect.roi_align(feats, rois, 0)
 
