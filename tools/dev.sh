@@ -151,7 +151,7 @@ run_notebooks() {
 run_full() {
   # every chapter at DLARCH_SIZE=full, in the readers' runtime, two at a time, into _build/full
   # (executed notebooks and the timing table; not the website's). It takes hours on a CPU: no
-  # per-notebook wall-time failure, 30 minutes per cell. A reader's GPU runs the same size.
+  # per-notebook wall-time failure, 3 hours per cell. A reader's GPU runs the same size.
   setup_colab
   rm -rf _build/full
   local first=book/01_formal_definition.ipynb rest
@@ -159,7 +159,7 @@ run_full() {
   export DLARCH_SOURCE=$ROOT DLARCH_THREADS=${DLARCH_THREADS:-1} DLARCH_NB_APPEND=1 DLARCH_SIZE=full \
     DLARCH_EXECUTED_DIR=$ROOT/_build/full/executed DLARCH_TIMINGS_DIR=$ROOT/_build/full/timings \
     DLARCH_NB_BUDGET_S=180 DLARCH_NB_FAIL_S=100000
-  local opts=(--nbval-lax --nbval-current-env -q -rs --nbval-cell-timeout=1800 -o timeout=7200)
+  local opts=(--nbval-lax --nbval-current-env -q -rs --nbval-cell-timeout=10800 -o timeout=21600)
   "$COLAB_VENV/bin/python" -m pytest "${opts[@]}" "$first" || true
   # shellcheck disable=SC2086
   "$COLAB_VENV/bin/python" -m pytest -n "${DLARCH_FULL_WORKERS:-2}" --dist loadfile "${opts[@]}" $rest
