@@ -67,12 +67,18 @@ def _run_nbval(tmp_path: Path, *paths: Path, append: bool = False) -> subprocess
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
-@pytest.mark.timeout(300)
-def test_executed_notebooks_keep_outputs_and_verdict_and_feed_the_cache(tmp_path):
+def _book(tmp_path, sources: dict[str, str]):
+    """A book/ folder under tmp_path holding one notebook per (file name, code of its cell)."""
     book = tmp_path / "book"
     book.mkdir()
-    _notebook(book / "01_good.ipynb", "assert 6 * 7 == 42")
-    _notebook(book / "02_bad.ipynb", "assert 6 * 7 == 41, 'wrong'")
+    for name, code in sources.items():
+        _notebook(book / name, code)
+    return book
+
+
+@pytest.mark.timeout(300)
+def test_executed_notebooks_keep_outputs_and_verdict_and_feed_the_cache(tmp_path):
+    book = _book(tmp_path, {"01_good.ipynb": "assert 6 * 7 == 42", "02_bad.ipynb": "assert 6 * 7 == 41, 'wrong'"})
     run = _run_nbval(tmp_path)
     assert run.returncode == 1, run.stdout[-2000:]  # the bad notebook's last cell fails
     assert "02_bad.ipynb" in run.stdout and "FAILED" in run.stdout
@@ -129,10 +135,7 @@ def test_check_cached_reports_a_second_execution(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_a_run_in_two_sessions_writes_one_timing_table(tmp_path):
-    book = tmp_path / "book"
-    book.mkdir()
-    _notebook(book / "01_first.ipynb", "pass")
-    _notebook(book / "02_second.ipynb", "pass")
+    book = _book(tmp_path, {"01_first.ipynb": "pass", "02_second.ipynb": "pass"})
     assert _run_nbval(tmp_path, book / "01_first.ipynb", append=True).returncode == 0
     assert _run_nbval(tmp_path, book / "02_second.ipynb", append=True).returncode == 0
     rows = (tmp_path / "timings" / "notebooks.csv").read_text().splitlines()
