@@ -41,6 +41,7 @@ modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
 24  :mod:`dlarch_lib.efficientnet`          image classification: MBConv, compound scaling
 25  :mod:`dlarch_lib.detect`                object detection
 26  :mod:`dlarch_lib.lm`                    language models: GPT, MLM
+26  :mod:`dlarch_lib.bpe`                   byte-level byte-pair encoding (the GPT-2 tokenizer)
 27  :mod:`dlarch_lib.vae`                   the VAE
 28  :mod:`dlarch_lib.techniques`            training techniques: schedules, normalisation, regularisation
 29  :mod:`dlarch_lib.frameworks`            frameworks: JAX, torch.compile
@@ -83,6 +84,7 @@ CHAPTER_OF: dict[str, int] = {
     "efficientnet": 24,
     "detect": 25,
     "lm": 26,
+    "bpe": 26,
     "vae": 27,
     "techniques": 28,
     "frameworks": 29,
