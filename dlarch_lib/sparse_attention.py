@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from dlarch_lib.attention import MultiHeadAttention, TransformerBlock, scaled_dot_product_attention
@@ -275,3 +276,154 @@ class LookupModel(nn.Module):
         else:
             read = self.pool(self.ln_m(memory).mean(dim=1, keepdim=True))  # (B, 1, d): a summary, no lookup
         return self.head(query + read)[:, 0]  # (B, n_values)
+
+
+# --- Linear attention: a positive kernel instead of the softmax -------------------------------------
+
+
+def _check_cross_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q ``(..., T_q, d)``, k ``(..., T_k, d)``, v ``(..., T_k, d_v)`` with the same leading dims."""
+    if q.ndim < 2 or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            "attention needs q (..., T_q, d), k (..., T_k, d) and v (..., T_k, d_v) with the same leading dims; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """``phi(x) = elu(x) + 1``, the positive feature map of Katharopoulos et al. (2020), elementwise."""
+    return F.elu(x) + 1.0
+
+
+def kernel_attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """The weights linear attention uses, built the slow way: ``(..., T_q, d), (..., T_k, d) -> (..., T_q, T_k)``.
+
+    ``A_ij = phi(q_i) . phi(k_j) / sum_l phi(q_i) . phi(k_l)`` (over ``l <= i`` when causal): the
+    quadratic form that :func:`linear_attention` computes without building it.
+    """
+    _check_cross_qkv(q, k, k)
+    scores = elu_feature_map(q) @ elu_feature_map(k).transpose(-2, -1)  # (..., T_q, T_k), all > 0
+    if causal:
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError("causal attention needs as many queries as keys")
+        T = q.shape[-2]
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), 0.0)
+    return scores / scores.sum(-1, keepdim=True)
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
+    """Kernelized attention in ``O(T d d_v)``: ``(..., T_q, d), (..., T_k, d), (..., T_k, d_v) -> (..., T_q, d_v)``.
+
+    Output ``i`` is ``phi(q_i)^T S / phi(q_i)^T z`` with ``S = sum_j phi(k_j) v_j^T`` ``(d, d_v)`` and
+    ``z = sum_j phi(k_j)`` ``(d,)``: the ``T x T`` matrix of :func:`kernel_attention_weights` is never
+    built. ``causal=True`` uses prefix sums ``S_i, z_i`` over ``j <= i`` (the recurrent form; this
+    teaching version stores all ``T`` states, ``O(T d d_v)`` memory).
+    """
+    _check_cross_qkv(q, k, v)
+    fq, fk = elu_feature_map(q), elu_feature_map(k)  # (..., T_q, d), (..., T_k, d)
+    if causal:
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError("causal attention needs as many queries as keys")
+        S = torch.einsum("...td,...te->...tde", fk, v).cumsum(-3)  # (..., T, d, d_v): S_i for every i
+        z = fk.cumsum(-2)  # (..., T, d)
+        num = torch.einsum("...td,...tde->...te", fq, S)  # (..., T, d_v)
+        den = (fq * z).sum(-1, keepdim=True)  # (..., T, 1)
+    else:
+        S = torch.einsum("...td,...te->...de", fk, v)  # (..., d, d_v): one state for all queries
+        z = fk.sum(-2)  # (..., d)
+        num = fq @ S  # (..., T_q, d_v)
+        den = fq @ z[..., None]  # (..., T_q, 1)
+    return num / (den + eps)
+
+
+class LinearMultiHeadAttention(MultiHeadAttention):
+    """:class:`~dlarch_lib.attention.MultiHeadAttention` with :func:`linear_attention` in each head.
+
+    Same projections and shapes; no mask (``causal=True`` at construction gives the causal form).
+    ``return_weights=True`` also returns the per-head weights ``(B, h, T_q, T_k)``, built the slow way.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = False) -> None:
+        super().__init__(d_model, n_heads)
+        self.causal = causal
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """query ``(B, T_q, d_model)``, key/value ``(B, T_k, d_model)`` -> ``(B, T_q, d_model)``."""
+        if mask is not None:
+            raise ValueError("linear attention takes no mask (use causal=True for the causal form)")
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.ndim != 3 or x.shape[-1] != self.d_model:
+                raise ValueError(f"{name} must be (B, T, {self.d_model}), got {tuple(x.shape)}")
+        h = self.n_heads
+        q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=h)  # (B, h, T_q, d_k)
+        k = rearrange(self.k_proj(key), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
+        v = rearrange(self.v_proj(value), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
+        out = self.out_proj(rearrange(linear_attention(q, k, v, self.causal), "b h t d -> b t (h d)"))
+        if return_weights:
+            return out, kernel_attention_weights(q, k, self.causal)
+        return out
+
+
+class MemoryReader(nn.Module):
+    """One query reads ``P`` stored (key, value) pairs with ONE attention layer of a chosen kind.
+
+    ``forward(x (B, 2P + 1)) -> logits (B, n_values)`` on :func:`make_lookup_task` data. The memory is
+    ``e_key + e_value`` per pair (no encoder, so nothing travels between slots); the query key's
+    embedding reads it with softmax attention (``kind="dense"``), with softmax attention over the
+    last ``window`` slots only (``kind="local"``: what a query at the end of a sequence reaches in one
+    sliding-window layer), or with :class:`LinearMultiHeadAttention` (``kind="linear"``).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        n_keys: int,
+        n_values: int = 16,
+        d_model: int = 32,
+        n_heads: int = 4,
+        window: int = 8,
+    ) -> None:
+        super().__init__()
+        if kind not in ("dense", "local", "linear"):
+            raise ValueError(f"kind must be 'dense', 'local' or 'linear', got {kind!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.kind, self.window = kind, window
+        self.key_emb = nn.Embedding(n_keys, d_model)
+        self.value_emb = nn.Embedding(n_values, d_model)
+        self.ln_q, self.ln_m = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = (
+            LinearMultiHeadAttention(d_model, n_heads) if kind == "linear" else MultiHeadAttention(d_model, n_heads)
+        )
+        self.head = nn.Sequential(
+            nn.LayerNorm(d_model), nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, n_values)
+        )
+
+    def forward(
+        self, x: torch.Tensor, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, 2P + 1)`` -> logits ``(B, n_values)`` (and the read's weights ``(B, h, 1, P)``)."""
+        if x.ndim != 2 or x.shape[1] < 3 or x.shape[1] % 2 == 0:
+            raise ValueError(f"x must be (B, 2 * n_pairs + 1) token ids, got shape {tuple(x.shape)}")
+        P = (x.shape[1] - 1) // 2
+        memory = self.ln_m(self.key_emb(x[:, :P]) + self.value_emb(x[:, P : 2 * P]))  # (B, P, d)
+        query = self.key_emb(x[:, -1:])  # (B, 1, d)
+        mask = None
+        if self.kind == "local":
+            mask = torch.arange(P, device=x.device) >= P - self.window  # (P,): the last `window` slots
+            mask = mask[None, None, :]  # (1, 1, P) -> every example, every head
+        read, weights = self.attn(self.ln_q(query), memory, memory, mask=mask, return_weights=True)  # (B, 1, d)
+        logits = self.head(query + read)[:, 0]  # (B, n_values)
+        return (logits, weights) if return_weights else logits

@@ -153,3 +153,64 @@ def test_score_count_matches_the_blocked_scores(T, w, causal):
     assert sa.sliding_window_score_count(4096, 32) == 3 * 4096 * 32  # about 3 T w, not T^2
     with pytest.raises(ValueError, match="window must be"):
         sa.sliding_window_score_count(4, -1)
+
+
+# --- linear attention ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_equals_its_quadratic_form(causal):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    weights = sa.kernel_attention_weights(q, k, causal)
+    torch.testing.assert_close(sa.linear_attention(q, k, v, causal, eps=0.0), weights @ v)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 20, dtype=torch.float64))
+    if causal:
+        assert (weights.triu(1) == 0).all()
+
+
+def test_causal_linear_attention_is_a_recurrence():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 12, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    S, z, outs = torch.zeros(5, 5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), []
+    for t in range(12):  # an RNN with a (d, d_v) state
+        fk, fq = sa.elu_feature_map(k[0, t]), sa.elu_feature_map(q[0, t])
+        S, z = S + torch.outer(fk, v[0, t]), z + fk
+        outs.append(fq @ S / (fq @ z))
+    torch.testing.assert_close(sa.linear_attention(q, k, v, causal=True, eps=0.0)[0], torch.stack(outs))
+
+
+def test_linear_attention_cross_shapes_and_errors():
+    q, k, v = torch.randn(2, 1, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 3)
+    assert sa.linear_attention(q, k, v).shape == (2, 1, 3)
+    with pytest.raises(ValueError, match="same leading dims"):
+        sa.linear_attention(q, k, torch.randn(2, 6, 3))
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        sa.linear_attention(q, k, v, causal=True)
+    mha = sa.LinearMultiHeadAttention(8, 2)
+    out, w = mha(torch.randn(2, 1, 8), torch.randn(2, 7, 8), return_weights=True)
+    assert out.shape == (2, 1, 8) and w.shape == (2, 2, 1, 7)
+    with pytest.raises(ValueError, match="no mask"):
+        mha(torch.randn(2, 3, 8), mask=torch.ones(3, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["dense", "local", "linear"])
+def test_memory_reader_kinds(kind):
+    x, _ = sa.make_lookup_task(4, n_pairs=6, n_keys=12, generator=torch.Generator().manual_seed(0))
+    model = sa.MemoryReader(kind, n_keys=12, d_model=16, n_heads=2, window=2)
+    logits, w = model(x, return_weights=True)
+    assert logits.shape == (4, 16) and w.shape == (4, 2, 1, 6)
+    torch.testing.assert_close(w.sum(-1), torch.ones(4, 2, 1))
+    if kind == "local":  # only the last two slots can be read
+        assert (w[..., :4] == 0).all() and (w[..., 4:] > 0).all()
+    else:
+        assert (w > 0).all()
+
+
+def test_memory_reader_errors():
+    with pytest.raises(ValueError, match="kind"):
+        sa.MemoryReader("sparse", n_keys=4)
+    with pytest.raises(ValueError, match="window"):
+        sa.MemoryReader("local", n_keys=4, window=0)
+    with pytest.raises(ValueError, match="token ids"):
+        sa.MemoryReader("dense", n_keys=4)(torch.zeros(2, 4, dtype=torch.long))
