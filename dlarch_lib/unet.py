@@ -40,27 +40,53 @@ class DoubleConv(nn.Sequential):
         )
 
 
+def upsampler(c_in: int, c_out: int, kind: str = "transposed") -> nn.Module:
+    """Double the resolution: ``(B, c_in, H, W) -> (B, c_out, 2H, 2W)``.
+
+    ``"transposed"``: ``ConvTranspose2d(kernel 2, stride 2)``, each output pixel of a 2x2 block made by its
+    own slice of the kernel. ``"resize"``: nearest-neighbour resize, then ``Conv2d(3x3, padding 1)``,
+    one kernel for every output pixel (Odena et al.'s resize-convolution).
+    """
+    if kind == "transposed":
+        return nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+    if kind == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1))
+    raise ValueError(f"kind must be 'transposed' or 'resize', got {kind!r}")
+
+
 class UNet(nn.Module):
     """U-Net: encoder widths ``width * 2**l`` for ``l = 0..depth``, concatenating skips.
 
     ``skips=False`` keeps every layer (so the parameter count is identical) but feeds the
     decoder zeros where the encoder's features would go: only the bottleneck path remains.
+    ``upsample="transposed"`` (the paper's 2x2 up-convolution) or ``"resize"`` (nearest-neighbour
+    resize, then a 3x3 convolution: no checkerboard, see :func:`checkerboard_share`).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 16, depth: int = 2, skips: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        width: int = 16,
+        depth: int = 2,
+        skips: bool = True,
+        upsample: str = "transposed",
+    ):
         super().__init__()
         if in_channels < 1 or num_classes < 2 or width < 1 or not 1 <= depth <= 5:
             raise ValueError(
                 f"need in_channels >= 1, num_classes >= 2, width >= 1, 1 <= depth <= 5; got "
                 f"{in_channels=}, {num_classes=}, {width=}, {depth=}"
             )
+        if upsample not in ("transposed", "resize"):
+            raise ValueError(f"upsample must be 'transposed' or 'resize', got {upsample!r}")
         self.in_channels, self.depth, self.skips = in_channels, depth, skips
         widths = [width * 2**level for level in range(depth + 1)]  # w, 2w, ..., 2^depth w
         self.down = nn.ModuleList(DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths], widths[:-1]))
         self.bottleneck = DoubleConv(widths[-2], widths[-1])
         # level l (deepest first): upsample 2^(l+1) w -> 2^l w, then concat skip (2^l w) -> 2^l w
         self.up = nn.ModuleList(
-            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))
+            upsampler(widths[level + 1], widths[level], upsample) for level in reversed(range(depth))
         )
         self.fuse = nn.ModuleList(DoubleConv(2 * widths[level], widths[level]) for level in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
@@ -199,6 +225,22 @@ def boundary_band(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     hi = F.max_pool2d(padded, k, stride=1)
     lo = -F.max_pool2d(-padded, k, stride=1)
     return (hi != lo)[:, 0]
+
+
+def checkerboard_share(maps: torch.Tensor) -> torch.Tensor:
+    """Share of each map's variance that repeats with period 2: ``(..., H, W) -> (...)``, in ``[0, 1]``.
+
+    The period-2 part of a map is, at each pixel, the mean of its phase class (row and column parity)
+    minus the map's mean; the share is that part's energy over the energy of the centred map. A smooth
+    map scores near 0, a pure checkerboard 1, white noise about ``3 / (H W)``. H and W must be even.
+    """
+    if maps.ndim < 2 or maps.shape[-1] % 2 or maps.shape[-2] % 2:
+        raise ValueError(f"expected maps (..., H, W) with even H and W, got shape {tuple(maps.shape)}")
+    centred = maps - maps.mean(dim=(-2, -1), keepdim=True)
+    phases = centred.unflatten(-2, (-1, 2)).unflatten(-1, (-1, 2))  # (..., H/2, 2, W/2, 2)
+    phase_mean = phases.mean(dim=(-4, -2), keepdim=True)  # (..., 1, 2, 1, 2): one value per parity class
+    periodic = phase_mean.expand_as(phases)
+    return periodic.pow(2).sum(dim=(-4, -3, -2, -1)) / centred.pow(2).sum(dim=(-2, -1)).clamp_min(1e-12)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

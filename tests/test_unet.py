@@ -8,6 +8,7 @@ from dlarch_lib.cnn import receptive_field
 from dlarch_lib.unet import (
     UNet,
     boundary_band,
+    checkerboard_share,
     confusion_matrix,
     dice,
     gradient_support,
@@ -16,6 +17,7 @@ from dlarch_lib.unet import (
     predict,
     segmentation_step,
     soft_dice_loss,
+    upsampler,
 )
 
 
@@ -149,3 +151,31 @@ def test_soft_dice_loss():
     assert logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="expected logits"):
         soft_dice_loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
+
+
+def test_upsamplers_double_the_resolution_and_resize_has_no_checkerboard():
+    x = torch.ones(2, 3, 5, 5)
+    for kind in ("transposed", "resize"):
+        up = upsampler(3, 4, kind)
+        assert up(torch.randn(2, 3, 5, 7)).shape == (2, 4, 10, 14)
+    with torch.no_grad():
+        y_t = upsampler(3, 4, "transposed")(x)[:, :, 2:8, 2:8]
+        y_r = upsampler(3, 4, "resize")(x)[:, :, 2:8, 2:8]  # interior: away from the zero padding
+    assert checkerboard_share(y_t).min() > 0.99  # a constant input: the output is pure period-2 pattern
+    torch.testing.assert_close(y_r, y_r[:, :, :1, :1].expand_as(y_r))  # constant in, constant out
+    with pytest.raises(ValueError, match="kind"):
+        upsampler(3, 4, "bilinear")
+    with pytest.raises(ValueError, match="upsample"):
+        UNet(upsample="pixelshuffle")
+    assert UNet(width=4, depth=2, upsample="resize")(torch.rand(1, 1, 16, 16)).shape == (1, 4, 16, 16)
+
+
+def test_checkerboard_share_values():
+    board = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(4, 4)
+    torch.testing.assert_close(checkerboard_share(board), torch.tensor(1.0))
+    smooth = torch.outer(torch.linspace(0, 1, 16), torch.ones(16))  # a ramp: almost no period-2 part
+    assert checkerboard_share(smooth) < 0.02  # (step/2)^2 over the ramp's variance: 0.013
+    mixed = smooth + 0.1 * board.repeat(2, 2)
+    assert 0.01 < checkerboard_share(mixed) < 0.99
+    with pytest.raises(ValueError, match="even"):
+        checkerboard_share(torch.zeros(3, 5))
