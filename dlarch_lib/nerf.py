@@ -7,6 +7,8 @@
 - Volume rendering: :func:`sample_along_rays`, :func:`composite` (the alpha-compositing
   quadrature ``C = sum_i T_i alpha_i c_i``), :func:`render_rays`, :func:`render_image`, and
   :class:`VolumeRenderer`, an ``nn.Module`` mapping rays to colours for ``train.fit``.
+- Hierarchical sampling: :func:`sample_pdf` (inverse-transform sampling of the coarse weights),
+  :func:`render_at` (any sorted samples per ray) and :func:`render_hierarchical` (coarse, then fine).
 - Data: :class:`SoftSpheresScene`, an analytic field rendered by the same renderer,
   :func:`render_views`, :func:`rays_of_views`; the metric :func:`psnr`.
 
@@ -282,6 +284,94 @@ def render_rays(
     color, weights = composite(sigma, rgb, delta.to(origins))  # (R, 3), (R, N)
     acc = weights.sum(dim=-1)  # (R,)
     return Render(color + (1.0 - acc[:, None]) * background, (weights * t).sum(dim=-1), acc, weights)
+
+
+def sample_pdf(
+    edges: torch.Tensor,
+    weights: torch.Tensor,
+    n: int,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw ``n`` distances per ray from the piecewise-constant density the ``weights`` put on the bins.
+
+    ``edges`` ``(R, N + 1)`` are each ray's bin edges, ``weights`` ``(R, N)`` non-negative (a coarse
+    pass's ``w_i``). Inverse-transform sampling: ``t = F^{-1}(u)`` for the piecewise-linear CDF ``F``,
+    with ``u`` uniform (or the ``n`` midpoints ``(k + 1/2) / n`` if ``deterministic``). A small floor
+    on the weights keeps every bin reachable. Returns ``(R, n)``, unsorted.
+    """
+    if edges.ndim != 2 or weights.shape != (edges.shape[0], edges.shape[1] - 1):
+        raise ValueError(
+            f"expected edges (R, N + 1) and weights (R, N); got {tuple(edges.shape)}, {tuple(weights.shape)}"
+        )
+    if n < 1 or (weights < 0).any():
+        raise ValueError(f"need n >= 1 and non-negative weights; got n={n}, min weight {weights.min().item()}")
+    pdf = weights + 1e-5
+    pdf = pdf / pdf.sum(dim=-1, keepdim=True)  # (R, N)
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(dim=-1)], dim=-1)  # (R, N + 1), from 0 to 1
+    R = weights.shape[0]
+    if deterministic:
+        u = ((torch.arange(n, dtype=pdf.dtype, device=pdf.device) + 0.5) / n).expand(R, n).contiguous()
+    else:
+        u = torch.rand(R, n, generator=generator, dtype=pdf.dtype).to(pdf.device)  # (R, n)
+    upper = torch.searchsorted(cdf, u, right=True).clamp(1, cdf.shape[-1] - 1)  # (R, n): bin = upper - 1
+    c0, c1 = cdf.gather(-1, upper - 1), cdf.gather(-1, upper)
+    e0, e1 = edges.gather(-1, upper - 1), edges.gather(-1, upper)
+    return e0 + (u - c0) / (c1 - c0).clamp_min(1e-12) * (e1 - e0)  # linear inside the bin
+
+
+def render_at(
+    field: Field,
+    origins: torch.Tensor,
+    dirs: torch.Tensor,
+    t: torch.Tensor,
+    near: float,
+    far: float,
+    background: float = 1.0,
+) -> tuple[Render, torch.Tensor]:
+    """Render rays ``(R, 3)`` at given distances ``t`` ``(R, N)`` (any order, any spacing).
+
+    Each sample stands for the bin between the midpoints to its neighbours (``near`` and ``far`` at
+    the ends), so that bins tile ``[near, far]``. Returns the :class:`Render` (with ``t`` sorted) and the
+    bin edges ``(R, N + 1)``.
+    """
+    if t.ndim != 2 or t.shape[0] != origins.shape[0]:
+        raise ValueError(f"expected t (R, N) for {origins.shape[0]} rays, got {tuple(t.shape)}")
+    t, _ = t.sort(dim=-1)
+    mids = (t[:, 1:] + t[:, :-1]) / 2  # (R, N - 1)
+    edges = torch.cat([torch.full_like(t[:, :1], near), mids, torch.full_like(t[:, :1], far)], dim=-1)  # (R, N + 1)
+    points = origins[:, None, :] + t[..., None] * dirs[:, None, :]  # (R, N, 3)
+    rgb, sigma = field(points, dirs[:, None, :].expand_as(points))  # (R, N, 3), (R, N)
+    color, weights = composite(sigma, rgb, edges[:, 1:] - edges[:, :-1])  # (R, 3), (R, N)
+    acc = weights.sum(dim=-1)  # (R,)
+    return Render(color + (1.0 - acc[:, None]) * background, (weights * t).sum(dim=-1), acc, weights), edges
+
+
+def render_hierarchical(
+    field: Field,
+    origins: torch.Tensor,
+    dirs: torch.Tensor,
+    near: float,
+    far: float,
+    n_coarse: int,
+    n_fine: int,
+    deterministic: bool = True,
+    background: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Render:
+    """NeRF's two passes with one field: ``n_coarse`` bin midpoints, then ``n_fine`` more samples drawn
+    from the coarse weights (:func:`sample_pdf`); the fine render uses all ``n_coarse + n_fine`` samples.
+
+    The render uses ``n_coarse + n_fine`` distinct points per ray; this short version evaluates the
+    coarse points twice. (The paper trains a second, "fine" network and evaluates it at all of them,
+    ``2 n_coarse + n_fine`` evaluations in all.)
+    """
+    t_coarse, _ = sample_along_rays(origins.shape[0], near, far, n_coarse)  # (R, N_c) midpoints
+    t_coarse = t_coarse.to(origins)
+    coarse, edges = render_at(field, origins, dirs, t_coarse, near, far, background)
+    t_fine = sample_pdf(edges, coarse.weights.detach(), n_fine, deterministic, generator)  # (R, N_f)
+    fine, _ = render_at(field, origins, dirs, torch.cat([t_coarse, t_fine], dim=-1), near, far, background)
+    return fine
 
 
 @torch.no_grad()

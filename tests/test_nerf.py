@@ -328,3 +328,38 @@ def test_psnr():
     assert nerf.psnr(a, a + 0.5, max_val=0.5) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="same shape"):
         nerf.psnr(a, torch.zeros(4, 4))
+
+
+def test_sample_pdf_follows_the_weights():
+    edges = torch.linspace(0.0, 4.0, 5).expand(2, 5)  # 4 bins of width 1
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    t = nerf.sample_pdf(edges, weights, 40_000, generator=torch.Generator().manual_seed(0))
+    share = torch.stack([torch.histc(row, bins=4, min=0.0, max=4.0) for row in t]) / 40_000
+    torch.testing.assert_close(share, weights / weights.sum(-1, keepdim=True), atol=0.01, rtol=0.0)
+    inside = t[0][(t[0] > 2) & (t[0] < 3)]  # uniform inside a bin: mean at the bin's centre
+    assert abs(inside.mean().item() - 2.5) < 0.01
+    det = nerf.sample_pdf(edges[:1], torch.tensor([[0.0, 0.0, 1.0, 0.0]]), 4, deterministic=True)
+    assert ((det > 2) & (det < 3)).all() and torch.allclose(det.diff(), torch.full((1, 3), 0.25), atol=1e-3)
+
+
+def test_render_at_uniform_midpoints_equals_render_rays():
+    scene = nerf.SoftSpheresScene()
+    origins, dirs = nerf.get_rays(4, 5, 5.0, nerf.pose_on_sphere(30.0, 20.0, 4.0))
+    origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+    ref = nerf.render_rays(scene, origins, dirs, 2.5, 5.5, 16)
+    t, _ = nerf.sample_along_rays(origins.shape[0], 2.5, 5.5, 16)
+    got, edges = nerf.render_at(scene, origins, dirs, t.flip(-1), 2.5, 5.5)  # order does not matter
+    torch.testing.assert_close(got.rgb, ref.rgb)
+    torch.testing.assert_close(got.depth, ref.depth)
+    assert edges.shape == (20, 17)
+    fine = nerf.render_hierarchical(scene, origins, dirs, 2.5, 5.5, 8, 8)
+    assert fine.weights.shape == (20, 16) and (fine.acc <= 1 + 1e-6).all()
+
+
+def test_hierarchical_errors():
+    with pytest.raises(ValueError, match="edges"):
+        nerf.sample_pdf(torch.zeros(2, 5), torch.zeros(2, 5), 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        nerf.sample_pdf(torch.zeros(1, 3), torch.tensor([[1.0, -1.0]]), 3)
+    with pytest.raises(ValueError, match="t"):
+        nerf.render_at(nerf.SoftSpheresScene(), torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(3, 4), 1.0, 2.0)
