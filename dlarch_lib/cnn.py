@@ -8,6 +8,10 @@
 - :class:`ResBlock` is the basic residual block (conv without bias before BatchNorm,
   projection shortcut when the shape changes); :class:`SmallResNet` stacks them for 8x8 digits.
 - :func:`train_digits_classifier` trains a :class:`SmallResNet` on ``load_digits_split``.
+- Modern blocks: :func:`depthwise_conv2d` and :func:`grouped_conv2d_by_slices` write grouped
+  convolutions out; :func:`grouped_conv_cost` and :func:`block_cost` count parameters and multiply-adds;
+  :class:`PlainBlock`, :class:`SeparableBlock`, :class:`BottleneckBlock` (pre-activation, as in
+  chapter 3) and :class:`ConvNeXtBlock`; :class:`BlockNet` builds a digits classifier from one kind.
 """
 
 from __future__ import annotations
@@ -274,3 +278,267 @@ def train_digits_classifier(
         model = SmallResNet(width=width).to(device)
     _, acc = fit_digits_classifier(model, load_digits_split(seed=seed), epochs=epochs, seed=seed)
     return model.eval(), acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Modern convolution blocks: grouped, depthwise-separable, bottleneck, ConvNeXt, and their costs
+# ---------------------------------------------------------------------------------------------
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """Depthwise cross-correlation from scratch: each channel filtered by its own ``k x k`` kernel.
+
+    x ``(N, C, H, W)``, weight ``(C, 1, k, k)`` (the layout of ``nn.Conv2d(C, C, k, groups=C)``);
+    returns ``(N, C, H + 2 padding - k + 1, W + 2 padding - k + 1)``, stride 1, no bias.
+    ``y[n, c] = sum_ij weight[c, 0, i, j] * xp[n, c, u + i, v + j]``: no sum over channels, so the
+    cost is ``k^2 C`` multiply-adds per pixel instead of ``k^2 C^2``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if weight.ndim != 4 or weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be ({c}, 1, k, k) for {c} channels, got shape {tuple(weight.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    k = weight.shape[2]
+    ho, wo = conv_output_size(x.shape[2], k, 1, padding), conv_output_size(x.shape[3], k, 1, padding)
+    xp = F.pad(x, (padding, padding, padding, padding))  # (N, C, H + 2p, W + 2p)
+    out = x.new_zeros(x.shape[0], c, ho, wo)
+    for i in range(k):
+        for j in range(k):
+            out = out + weight[:, 0, i, j].view(1, c, 1, 1) * xp[:, :, i : i + ho, j : j + wo]  # (N, C, Ho, Wo)
+    return out
+
+
+def grouped_conv2d_by_slices(
+    x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None = None, padding: int = 0
+) -> torch.Tensor:
+    """A grouped convolution as ``groups`` independent ordinary convolutions on channel slices.
+
+    x ``(N, C, H, W)``, weight ``(O, C // groups, k, k)``: group ``g`` convolves input channels
+    ``[g C/G, (g+1) C/G)`` with output filters ``[g O/G, (g+1) O/G)``, and the results are
+    concatenated along the channels. Equal to ``F.conv2d(..., groups=groups)`` (the chapter checks it).
+    """
+    if x.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"x and weight must be 4-D, got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c, o = x.shape[1], weight.shape[0]
+    if c % groups or o % groups:
+        raise ValueError(f"groups={groups} must divide both in_channels={c} and out_channels={o}")
+    if weight.shape[1] * groups != c:
+        raise ValueError(f"weight expects {weight.shape[1] * groups} input channels (groups={groups}), x has {c}")
+    ci, co = c // groups, o // groups
+    outs = [
+        F.conv2d(
+            x[:, g * ci : (g + 1) * ci],  # (N, C/G, H, W)
+            weight[g * co : (g + 1) * co],  # (O/G, C/G, k, k)
+            None if bias is None else bias[g * co : (g + 1) * co],
+            padding=padding,
+        )
+        for g in range(groups)
+    ]
+    return torch.cat(outs, dim=1)  # (N, O, Ho, Wo)
+
+
+def grouped_conv_cost(
+    in_channels: int, out_channels: int, kernel: int, out_size: int, groups: int = 1, bias: bool = False
+) -> tuple[int, int]:
+    """(parameters, multiply-adds) of a ``kernel x kernel`` convolution with ``groups`` groups
+    producing an ``out_size x out_size`` map, for one image.
+
+    Each of the ``out_channels`` filters sees ``in_channels / groups`` channels through
+    ``kernel^2`` taps: ``params = out (in / G) k^2 (+ out)``, ``MACs = out_size^2 out (in / G) k^2``.
+    """
+    if min(in_channels, out_channels, kernel, out_size, groups) < 1:
+        raise ValueError(
+            f"need channels, kernel, out_size, groups >= 1; got {in_channels}, {out_channels}, {kernel}, "
+            f"{out_size}, {groups}"
+        )
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups={groups} must divide both in_channels={in_channels} and out_channels={out_channels}")
+    weights = out_channels * (in_channels // groups) * kernel * kernel
+    return weights + (out_channels if bias else 0), weights * out_size * out_size
+
+
+BLOCK_KINDS = ("plain", "separable", "bottleneck", "convnext")
+
+
+def block_cost(kind: str, channels: int, size: int, reduction: int = 4, expansion: int = 4) -> tuple[int, int]:
+    """(parameters, multiply-adds) of one block of :data:`BLOCK_KINDS` on a ``(channels, size, size)`` map.
+
+    Counts what the formulas of the chapter count: every weight, norm scale and shift, and bias, and
+    the multiply-adds of the convolutions and matrix products (not of norms, activations, additions).
+    With ``C = channels`` and ``P = size^2``:
+
+    - ``"plain"`` (:class:`PlainBlock`): two 3x3 convs, ``18 C^2 + 4 C`` params, ``18 C^2 P`` MACs;
+    - ``"separable"`` (:class:`SeparableBlock`): two (depthwise 3x3, pointwise 1x1) pairs,
+      ``2 C^2 + 18 C + 8 C`` params, ``(2 C^2 + 18 C) P`` MACs;
+    - ``"bottleneck"`` (:class:`BottleneckBlock`, ``B = C / reduction``): 1x1 reduce, 3x3, 1x1
+      expand, ``2 C B + 9 B^2 + 2 C + 4 B`` params, ``(2 C B + 9 B^2) P`` MACs;
+    - ``"convnext"`` (:class:`ConvNeXtBlock`, ``E = expansion``): 7x7 depthwise with bias, LayerNorm,
+      1x1 to ``E C``, GELU, 1x1 back, ``49 C + C + 2 C + 2 E C^2 + E C + C`` params,
+      ``(49 C + 2 E C^2) P`` MACs.
+    """
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"kind must be one of {BLOCK_KINDS}, got {kind!r}")
+    if channels < 1 or size < 1:
+        raise ValueError(f"need channels, size >= 1; got {channels}, {size}")
+    c = channels
+    if kind == "plain":
+        parts = [grouped_conv_cost(c, c, 3, size)] * 2
+        norms = 2 * (2 * c)  # two BatchNorms (scale and shift)
+    elif kind == "separable":
+        parts = [grouped_conv_cost(c, c, 3, size, groups=c), grouped_conv_cost(c, c, 1, size)] * 2
+        norms = 4 * (2 * c)
+    elif kind == "bottleneck":
+        if reduction < 1 or c % reduction:
+            raise ValueError(f"reduction={reduction} must be >= 1 and divide channels={c}")
+        b = c // reduction
+        parts = [grouped_conv_cost(c, b, 1, size), grouped_conv_cost(b, b, 3, size), grouped_conv_cost(b, c, 1, size)]
+        norms = 2 * c + 2 * b + 2 * b  # pre-activation: BN(C) before the reduce, BN(B) before the 3x3 and the expand
+    else:
+        if expansion < 1:
+            raise ValueError(f"expansion must be >= 1, got {expansion}")
+        e = expansion
+        parts = [grouped_conv_cost(c, c, 7, size, groups=c, bias=True), grouped_conv_cost(c, e * c, 1, size, bias=True)]
+        parts.append(grouped_conv_cost(e * c, c, 1, size, bias=True))
+        norms = 2 * c  # one LayerNorm
+    return sum(p for p, _ in parts) + norms, sum(m for _, m in parts)
+
+
+def _preact_conv(in_channels: int, out_channels: int, kernel: int, groups: int = 1) -> nn.Sequential:
+    """BatchNorm -> ReLU -> conv (no bias, "same" padding): chapter 3's pre-activation order."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(),
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, groups=groups, bias=False),
+    )
+
+
+class _Residual(nn.Module):
+    """``x + branch(x)`` on ``(N, C, H, W)``: nothing after the addition (the identity path stays clean)."""
+
+    branch: nn.Module
+    channels: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, C, H, W)``."""
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__} expects (N, {self.channels}, H, W), got {tuple(x.shape)}")
+        return x + self.branch(x)
+
+
+class PlainBlock(_Residual):
+    """Pre-activation basic block: ``x + conv3(relu(bn(conv3(relu(bn(x))))))``, ``C -> C``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels = channels
+        self.branch = nn.Sequential(_preact_conv(channels, channels, 3), _preact_conv(channels, channels, 3))
+
+
+class SeparableBlock(_Residual):
+    """Pre-activation MobileNet-style block: two depthwise-separable 3x3 convolutions, ``C -> C``.
+
+    Each separable conv is a depthwise 3x3 (``groups = C``: filters every channel on its own) then a
+    pointwise 1x1 (mixes channels), each preceded by BatchNorm and ReLU.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels = channels
+        c = channels
+        self.branch = nn.Sequential(
+            _preact_conv(c, c, 3, groups=c),
+            _preact_conv(c, c, 1),
+            _preact_conv(c, c, 3, groups=c),
+            _preact_conv(c, c, 1),
+        )
+
+
+class BottleneckBlock(_Residual):
+    """Pre-activation ResNet bottleneck: 1x1 reduce to ``C / reduction``, 3x3, 1x1 expand back to ``C``."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        if channels < 1 or reduction < 1 or channels % reduction:
+            raise ValueError(f"need channels >= 1 and reduction >= 1 dividing it; got {channels}, {reduction}")
+        self.channels = channels
+        b = channels // reduction
+        self.branch = nn.Sequential(_preact_conv(channels, b, 1), _preact_conv(b, b, 3), _preact_conv(b, channels, 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt-style block: ``x + pw2(gelu(pw1(layernorm(dwconv7(x)))))``, ``C -> C``.
+
+    The 7x7 depthwise conv mixes space, the two pointwise layers (``nn.Linear`` on channels-last
+    tensors, the same map as a 1x1 conv) mix channels through an ``expansion``-times wider hidden
+    layer. One LayerNorm over the channels, one GELU, nothing after the addition. (Liu et al. also
+    scale the branch by a learned per-channel factor, "layer scale"; left out here.)
+    """
+
+    def __init__(self, channels: int, kernel: int = 7, expansion: int = 4) -> None:
+        super().__init__()
+        if channels < 1 or expansion < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"need channels, expansion >= 1 and an odd kernel; got {channels}, {expansion}, {kernel}")
+        self.channels = channels
+        self.dwconv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.pw1 = nn.Linear(channels, expansion * channels)
+        self.pw2 = nn.Linear(expansion * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W) -> (N, C, H, W)``."""
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"ConvNeXtBlock expects (N, {self.channels}, H, W), got {tuple(x.shape)}")
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C): channels last for LayerNorm and Linear
+        y = self.pw2(F.gelu(self.pw1(self.norm(y))))  # (N, H, W, C)
+        return x + y.permute(0, 3, 1, 2)  # (N, C, H, W)
+
+
+def make_block(kind: str, channels: int) -> nn.Module:
+    """A block of :data:`BLOCK_KINDS` on ``channels`` channels (the defaults of :func:`block_cost`)."""
+    blocks: dict[str, type[nn.Module]] = {
+        "plain": PlainBlock,
+        "separable": SeparableBlock,
+        "bottleneck": BottleneckBlock,
+        "convnext": ConvNeXtBlock,
+    }
+    if kind not in blocks:
+        raise ValueError(f"kind must be one of {BLOCK_KINDS}, got {kind!r}")
+    return blocks[kind](channels)
+
+
+class BlockNet(nn.Module):
+    """A small CNN for ``(N, 1, 8, 8)`` digits built from one kind of block.
+
+    stem: 3x3 conv ``1 -> width``; ``depth`` blocks at 8x8; 2x2 max-pool (stride 2) to 4x4;
+    ``depth`` blocks at 4x4; BatchNorm and ReLU (the blocks are pre-activation, so the last
+    branch output is not yet normalised); global average pool ``(N, width)``; linear -> logits.
+    The width is constant, so only the blocks differ between kinds.
+    """
+
+    def __init__(self, kind: str, width: int, depth: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        if width < 1 or depth < 1 or num_classes < 2:
+            raise ValueError(f"need width, depth >= 1 and num_classes >= 2; got {width}, {depth}, {num_classes}")
+        self.kind = kind
+        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.stage1 = nn.Sequential(*[make_block(kind, width) for _ in range(depth)])
+        self.pool = nn.MaxPool2d(2)
+        self.stage2 = nn.Sequential(*[make_block(kind, width) for _ in range(depth)])
+        self.final = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, 8, 8) -> (N, num_classes)``."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"BlockNet expects (N, 1, H, W), got {tuple(x.shape)}")
+        h = self.stage1(self.stem(x))  # (N, width, 8, 8)
+        h = self.final(self.stage2(self.pool(h)))  # (N, width, 4, 4)
+        return self.head(h.mean(dim=(2, 3)))  # (N, num_classes)
