@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -218,3 +218,87 @@ def count_linear_pieces(model: nn.Module, lo: float = 0.0, hi: float = 1.0, n: i
     # a kink strictly inside a grid cell shows up as two consecutive changes: count runs
     starts = changes[1:] & (1 - changes[:-1])
     return int(changes[0].item() + starts.sum().item()) + 1
+
+
+def activation_regions(model: nn.Sequential, lo: float = -1.0, hi: float = 1.0, n: int = 400) -> int:
+    """Distinct ReLU on/off patterns of a 2-input ``Linear``/``ReLU`` stack over an ``n x n`` grid of ``[lo, hi]^2``.
+
+    Each pattern fixes which units are active, and on the set of inputs that share it the network
+    is one affine map, so this counts the linear regions the grid's points fall in (a lower bound:
+    a region smaller than a grid cell can be missed).
+    """
+    first = next((m for m in model if isinstance(m, nn.Linear)), None)
+    if first is None or first.in_features != 2:
+        raise ValueError("activation_regions needs an nn.Sequential whose first Linear layer has 2 inputs")
+    if n < 2 or not lo < hi:
+        raise ValueError(f"need n >= 2 and lo < hi; got {n=}, {lo=}, {hi=}")
+    xs = torch.linspace(lo, hi, n, dtype=first.weight.dtype, device=first.weight.device)
+    h = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), dim=-1).reshape(-1, 2)  # (n^2, 2)
+    patterns = []
+    with torch.no_grad():
+        for layer in model:
+            h = layer(h)
+            if isinstance(layer, nn.ReLU):
+                patterns.append(h > 0)  # (n^2, width)
+    if not patterns:
+        raise ValueError("the model has no ReLU layer")
+    return int(torch.unique(torch.cat(patterns, dim=1), dim=0).shape[0])
+
+
+def line_arrangement_regions(weight: torch.Tensor, bias: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> int:
+    """Exact number of regions that the lines ``w_k . x + b_k = 0`` cut the open square ``(lo, hi)^2`` into.
+
+    ``weight`` ``(n, 2)``, ``bias`` ``(n,)``. For lines in general position (no two parallel, no three
+    through one point, none through a corner), each line that crosses the square adds one region plus one
+    per earlier line it meets inside: ``1 + #lines crossing + #crossings inside``.
+    """
+    if weight.ndim != 2 or weight.shape[1] != 2 or bias.shape != weight.shape[:1]:
+        raise ValueError(f"expected weight (n, 2) and bias (n,), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    w, b = weight.double(), bias.double()
+    corners = torch.tensor([[lo, lo], [lo, hi], [hi, lo], [hi, hi]], dtype=torch.float64)
+    side = corners @ w.T + b  # (4, n): the sign at each corner
+    crossing = (side.min(dim=0).values < 0) & (side.max(dim=0).values > 0)  # (n,)
+    inside = 0
+    idx = torch.nonzero(crossing).flatten().tolist()
+    for a_pos, i in enumerate(idx):
+        for j in idx[a_pos + 1 :]:
+            A = torch.stack([w[i], w[j]])  # (2, 2)
+            if torch.linalg.det(A).abs() < 1e-12:
+                continue  # parallel: no crossing
+            point = torch.linalg.solve(A, -torch.stack([b[i], b[j]]))  # (2,)
+            inside += int(bool(((point > lo) & (point < hi)).all()))
+    return 1 + len(idx) + inside
+
+
+def ridge_relu_net(
+    directions: torch.Tensor,
+    profiles: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    n_pieces: int,
+    ranges: Sequence[tuple[float, float]],
+) -> nn.Sequential:
+    """One hidden layer on ``R^d`` for a sum of ridge functions ``f(x) = sum_r g_r(a_r . x)``.
+
+    ``directions`` ``(m, d)`` holds the ``a_r``; ``g_r`` is interpolated on ``ranges[r]`` (which must
+    contain ``a_r . x`` over the domain) by :func:`interpolating_relu_net` with ``n_pieces`` units, so the
+    network has ``m * n_pieces`` hidden units. Input ``(N, d)``, output ``(N, 1)``, float64.
+    """
+    if directions.ndim != 2 or not len(profiles) == len(ranges) == directions.shape[0]:
+        raise ValueError(
+            f"need directions (m, d) with m profiles and m ranges; got {tuple(directions.shape)}, "
+            f"{len(profiles)} profiles, {len(ranges)} ranges"
+        )
+    m, d = directions.shape
+    hidden = nn.Linear(d, m * n_pieces).double()
+    output = nn.Linear(m * n_pieces, 1).double()
+    with torch.no_grad():
+        output.bias.zero_()
+        for r, (g, (lo, hi)) in enumerate(zip(profiles, ranges)):
+            one_d = interpolating_relu_net(g, n_pieces, lo, hi)  # x -> relu(x - t_j) units on [lo, hi]
+            first, last = one_d[0], one_d[2]
+            assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+            rows = slice(r * n_pieces, (r + 1) * n_pieces)
+            hidden.weight[rows] = directions[r].double()  # unit j of ridge r sees a_r . x
+            hidden.bias[rows] = first.bias
+            output.weight[0, rows] = last.weight[0]
+            output.bias.add_(last.bias)
+    return nn.Sequential(hidden, nn.ReLU(), output)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from dlarch_lib import approx
 from dlarch_lib.approx import (
     count_linear_pieces,
     fit_one_hidden_layer,
@@ -107,3 +108,39 @@ def test_fit_one_hidden_layer_is_seeded_and_leaves_the_callers_stream_alone():
     assert a[0].weight.device.type == "cpu"
     with pytest.raises(ValueError, match="steps"):
         fit_one_hidden_layer(f, 8, steps=0, device="cpu")
+
+
+def test_line_arrangement_hand_cases():
+    cross = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # x = 0.1 and y = -0.2: four quadrants
+    assert approx.line_arrangement_regions(cross, torch.tensor([-0.1, 0.2])) == 4
+    assert approx.line_arrangement_regions(cross, torch.tensor([-5.0, 0.2])) == 2  # x = 5 misses the square
+    three = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # plus x + y = 0.05: 1 + 3 + 3 crossings
+    assert approx.line_arrangement_regions(three, torch.tensor([-0.1, 0.2, -0.05])) == 7
+    with pytest.raises(ValueError, match="weight"):
+        approx.line_arrangement_regions(torch.zeros(3, 3), torch.zeros(3))
+
+
+def test_activation_regions_of_one_layer_match_the_arrangement():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 1))
+    exact = approx.line_arrangement_regions(net[0].weight, net[0].bias)
+    counted = approx.activation_regions(net, n=600)
+    assert 0.9 * exact <= counted <= exact
+    with pytest.raises(ValueError, match="2 inputs"):
+        approx.activation_regions(nn.Sequential(nn.Linear(3, 4), nn.ReLU()))
+    with pytest.raises(ValueError, match="no ReLU"):
+        approx.activation_regions(nn.Sequential(nn.Linear(2, 4)))
+
+
+def test_ridge_net_meets_the_interpolation_bound():
+    f = lambda x: torch.sin(math.pi * x[:, 0]) * torch.cos(math.pi * x[:, 1])
+    g = lambda u: 0.5 * torch.sin(math.pi * u)  # f = g(x + y) + g(x - y)
+    net = approx.ridge_relu_net(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), [g, g], 16, [(0.0, 2.0), (-1.0, 1.0)])
+    xs = torch.linspace(0, 1, 101, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        err = (net(grid)[:, 0] - f(grid)).abs().max().item()
+    assert err <= 2 * (2 / 16) ** 2 * (math.pi**2 / 2) / 8 + 1e-12
+    assert net[0].out_features == 32
+    with pytest.raises(ValueError, match="directions"):
+        approx.ridge_relu_net(torch.ones(2, 2), [g], 4, [(0.0, 1.0)])
