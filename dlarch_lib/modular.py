@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Generic, TypeVar
 
@@ -311,3 +311,32 @@ def mlp_parameter_count(config: MLPConfig) -> int:
     d, w, n, k = config.in_features, config.width, config.depth, config.num_classes
     norm = 2 * w if config.norm in ("batch", "layer") else 0  # a scale and a shift per unit
     return (d * w + w + norm) + (n - 1) * (w * w + w + norm) + (w * k + k)
+
+
+# --- stem, stages, head: a design space ----------------------------------------------------
+
+
+def staged_cnn(
+    widths: Sequence[int], depths: Sequence[int], stem_width: int = 16, in_channels: int = 1, num_classes: int = 10
+) -> nn.Sequential:
+    """RegNet's template: a stem, stages that halve the resolution, and a head.
+
+    ``(B, in_channels, H, W) -> (B, num_classes)``. The stem is a 3x3 convolution to ``stem_width``
+    channels. Stage ``i`` has ``depths[i]`` blocks of width ``widths[i]`` (3x3 conv, batch norm, ReLU);
+    its first block has stride 2. The head is global average pooling and a linear classifier. A
+    *design space* is a distribution over ``(widths, depths)``; its quality is the distribution of
+    the errors of models drawn from it (Radosavovic et al., 2020).
+    """
+    if len(widths) != len(depths) or not widths:
+        raise ValueError(f"need one depth per stage width; got widths={list(widths)}, depths={list(depths)}")
+    if min(*widths, *depths, stem_width, in_channels, num_classes) < 1:
+        raise ValueError(f"all sizes must be >= 1; got {widths=}, {depths=}, {stem_width=}")
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, stem_width, 3, padding=1), nn.BatchNorm2d(stem_width), nn.ReLU()]
+    c_in = stem_width
+    for width, depth in zip(widths, depths):
+        for block in range(depth):
+            stride = 2 if block == 0 else 1  # the stage's first block halves H and W
+            layers += [nn.Conv2d(c_in, width, 3, stride=stride, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            c_in = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]  # head: (B, C) -> (B, classes)
+    return nn.Sequential(*layers)

@@ -181,3 +181,15 @@ def test_config_built_models_train():
     model = build_model({"arch": "mlp", "width": 32, "depth": 1, "norm": "batch"})
     fit(model, train, epochs=4, lr=3e-3, progress=False)
     assert evaluate(model, test)["acc"] > 0.85
+
+
+def test_staged_cnn_template():
+    net = modular.staged_cnn([8, 16], [2, 1], stem_width=4)
+    assert net(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 8, 16]  # stem, stage 1 (two blocks), stage 2
+    assert [c.stride[0] for c in convs] == [1, 2, 1, 2]  # each stage's first block halves the resolution
+    with pytest.raises(ValueError, match="one depth per stage"):
+        modular.staged_cnn([8, 16], [1])
+    with pytest.raises(ValueError, match=">= 1"):
+        modular.staged_cnn([8, 0], [1, 1])
