@@ -1,6 +1,7 @@
 """Encoder-decoder models for sequences: a digit-reversal task, a fixed-vector (bottleneck)
-GRU encoder-decoder and the same model with attention over the encoder states, and decoding
-by greedy and beam search.
+GRU encoder-decoder, the same model with attention over the encoder states, a Transformer
+encoder-decoder, decoding by greedy search, beam search and top-k / nucleus sampling, and
+label smoothing.
 
 - :func:`make_reversal_batch` draws a seeded batch of the task "reverse a digit string",
   tokenised with ``PAD``/``BOS``/``EOS`` and padded (:func:`pad_sequences`).
@@ -14,6 +15,12 @@ by greedy and beam search.
 - :func:`greedy_search`, :func:`beam_search` and :func:`exhaustive_search` work on any
   ``step_fn(prefixes) -> log-probs``; :meth:`Seq2Seq.step_fn` makes one from a trained model
   and a source sequence, :func:`step_fn_from_table` from a hand-written distribution.
+- :class:`TransformerSeq2Seq` (Vaswani et al., 2017): :class:`EncoderLayer` and
+  :class:`DecoderLayer` (causal self-attention, cross-attention to the memory, MLP; post-LN or
+  pre-LN) stacked by :class:`TransformerEncoderDecoder`, which loads and equals ``nn.Transformer``.
+- :meth:`EncoderDecoder.sample_decode` draws from :func:`truncated_probs` (top-k, Fan et al.,
+  2018; nucleus, Holtzman et al., 2020). :func:`label_smoothed_cross_entropy` and
+  :func:`label_smoothing_step` (Szegedy et al., 2016); :func:`max_probs` measures confidence.
 
 Shapes: B batch, S source length, T target length, V vocabulary, E embedding, H hidden size,
 K beams. Training, evaluation and decoding run on the model's device.
@@ -24,15 +31,22 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dlarch_lib.attention import padding_mask, scaled_dot_product_attention
+from dlarch_lib.attention import (
+    MultiHeadAttention,
+    causal_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+    sinusoidal_positions,
+)
 from dlarch_lib.core.train import History, Step, fit, model_device
+from dlarch_lib.rnn import sampling_probs
 
 PAD, BOS, EOS = 0, 1, 2
 DIGIT0 = 3  # token id of the digit "0"; "9" is 12
@@ -111,10 +125,111 @@ def make_reversal_batch(n: int, min_len: int, max_len: int, generator: torch.Gen
     return Batch(src[:, :width], lengths, tgt_in[:, : width + 1], tgt_out[:, : width + 1])
 
 
+# --- sampling: top-k and nucleus (top-p) truncation ------------------------------------------
+
+
+def truncated_probs(
+    logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """The distribution a sampler draws from: ``softmax(logits / T)``, truncated, renormalised: ``(..., V)``.
+
+    ``top_k`` keeps the ``k`` most probable tokens (:func:`dlarch_lib.rnn.sampling_probs`, which
+    also applies the temperature; ``temperature=0`` is greedy). ``top_p`` then keeps the *nucleus*
+    (Holtzman et al., 2020): the most probable tokens, in decreasing order, up to and including
+    the first one at which their mass reaches ``p`` -- the smallest set with mass ``>= p``.
+    ``top_p=1`` keeps every token of positive probability.
+    """
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    probs = sampling_probs(logits, temperature, top_k)  # (..., V) float32, top-k applied
+    if top_p is not None:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (..., V)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more probable tokens
+        keep_sorted = before < top_p  # the first token that reaches p is kept, the rest are not
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = probs * keep
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+# --- what every encoder-decoder here can do: greedy and sampled decoding ----------------------
+
+
+class EncoderDecoder(nn.Module):
+    """Base of the chapter's models: ``forward(src, src_lengths, tgt_in) -> logits (B, T, V)``.
+
+    A subclass supplies :meth:`_stepper`, which encodes a batch once and returns a function from
+    the prefixes decoded so far ``(B, t)`` to the next-token logits ``(B, V)``; greedy and sampled
+    decoding are the same loop with a different choice of token.
+    """
+
+    def _stepper(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode_loop(
+        self,
+        src: torch.Tensor,
+        src_lengths: torch.Tensor,
+        max_len: int,
+        choose: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Decode from ``BOS``, ``choose(logits (B, V)) -> tokens (B,)``: ``(B, <= max_len)``, PAD after EOS."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        device = model_device(self)
+        src, src_lengths = src.to(device), src_lengths.to(device)
+        next_logits = self._stepper(src, src_lengths)
+        B = src.shape[0]
+        y = torch.full((B, 1), BOS, dtype=torch.long, device=device)  # (B, t): the prefixes so far
+        done, out = torch.zeros(B, dtype=torch.bool, device=device), []
+        for _ in range(max_len):
+            tok = choose(next_logits(y))  # (B,)
+            out.append(tok.masked_fill(done, PAD))
+            done |= tok == EOS
+            y = torch.cat([y, tok[:, None]], dim=1)
+            if done.all():
+                break
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def greedy_decode(self, src: torch.Tensor, src_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Pick the most likely token at every step: ``(B, <= max_len)`` tokens, ``PAD`` after ``EOS``.
+
+        It stops early once every row has emitted ``EOS``. Runs (and returns) on the model's device.
+        """
+        return self._decode_loop(src, src_lengths, max_len, lambda logits: logits.argmax(-1))
+
+    @torch.no_grad()
+    def sample_decode(
+        self,
+        src: torch.Tensor,
+        src_lengths: torch.Tensor,
+        max_len: int,
+        *,
+        generator: torch.Generator,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw every token from :func:`truncated_probs` (top-k and/or nucleus): like :meth:`greedy_decode`.
+
+        The draws use ``generator``, a CPU generator, so a seed gives the same samples on any
+        device. The model runs in its current mode (call ``eval()`` first).
+        """
+        if generator.device.type != "cpu":
+            raise ValueError(f"sample_decode draws on the CPU; pass a CPU generator, got one on {generator.device}")
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            probs = truncated_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature).cpu()  # (B, V)
+            return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)  # (B,)
+
+        return self._decode_loop(src, src_lengths, max_len, choose)
+
+
 # --- the models -----------------------------------------------------------------------------
 
 
-class Seq2Seq(nn.Module):
+class Seq2Seq(EncoderDecoder):
     """GRU encoder-decoder; subclasses say how the context ``c_t`` is formed (:meth:`context`).
 
     Encoder: embedding, then a bidirectional GRU with ``H/2`` units per direction, giving the
@@ -182,28 +297,17 @@ class Seq2Seq(nn.Module):
         memory, final = self.encode(src, src_lengths)
         return self.decode(tgt_in, memory, src_lengths, final)[0]
 
-    @torch.no_grad()
-    def greedy_decode(self, src: torch.Tensor, src_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Pick the most likely token at every step: ``(B, <= max_len)`` tokens, ``PAD`` after ``EOS``.
-
-        It stops early once every row has emitted ``EOS``. Runs (and returns) on the model's device.
-        """
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        device = model_device(self)
-        src, src_lengths = src.to(device), src_lengths.to(device)
+    def _stepper(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Encode once; the closure reads only the newest token of each prefix, carrying the GRU state."""
         memory, final = self.encode(src, src_lengths)
-        B = src.shape[0]
-        y = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
-        state, done, out = final, torch.zeros(B, dtype=torch.bool, device=src.device), []
-        for _ in range(max_len):
-            logits, state, _ = self.decode(y, memory, src_lengths, final, state)  # one step: T = 1
-            y = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-            out.append(y[:, 0].masked_fill(done, PAD))
-            done |= y[:, 0] == EOS
-            if done.all():
-                break
-        return torch.stack(out, dim=1)
+        state = final
+
+        def next_logits(prefixes: torch.Tensor) -> torch.Tensor:  # (B, t) -> (B, V)
+            nonlocal state
+            logits, state, _ = self.decode(prefixes[:, -1:], memory, src_lengths, final, state)  # one step: T = 1
+            return logits[:, -1]
+
+        return next_logits
 
     @torch.no_grad()
     def attention_map(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -262,6 +366,257 @@ class AttentionSeq2Seq(Seq2Seq):
         return scaled_dot_product_attention(self.context_proj(states), memory, memory, mask)  # (B,T,H), (B,T,S)
 
 
+# --- the Transformer encoder-decoder --------------------------------------------------------
+
+
+def _attend(attn: MultiHeadAttention, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return cast(torch.Tensor, attn(q, kv, kv, mask))  # (B, T_q, d)
+
+
+class EncoderLayer(nn.Module):
+    """A Transformer encoder layer: self-attention, then a ReLU MLP, each a residual branch.
+
+    Post-LN (``norm_first=False``; Vaswani et al., 2017): ``x = LN(x + SA(x))``, ``x = LN(x + MLP(x))``.
+    Pre-LN (``norm_first=True``): ``x = x + SA(LN(x))``, ``x = x + MLP(LN(x))``. Sub-module names
+    follow ``nn.TransformerEncoderLayer``; there is no dropout. ``mask`` (bool, True = attend) is
+    the source padding mask ``(B, 1, S)``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm_first: bool = False) -> None:
+        super().__init__()
+        if d_ff < 1:
+            raise ValueError(f"d_ff must be >= 1, got {d_ff}")
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, n_heads)
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The position-wise MLP ``W_2 relu(W_1 x + b_1) + b_2``: ``(B, T, d) -> (B, T, d)``."""
+        return self.linear2(F.relu(self.linear1(x)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, S, d) -> (B, S, d)``."""
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + _attend(self.self_attn, h, h, mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + _attend(self.self_attn, x, x, mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class DecoderLayer(nn.Module):
+    """A Transformer decoder layer: causal self-attention, cross-attention to the memory, a ReLU MLP.
+
+    Post-LN: ``y = LN(y + SA(y))``, ``y = LN(y + CA(y, m))``, ``y = LN(y + MLP(y))``; pre-LN
+    normalises the input of each branch instead. The queries of the cross-attention come from the
+    decoder, its keys and values from the encoder's memory ``m``. Sub-module names follow
+    ``nn.TransformerDecoderLayer`` (``multihead_attn`` is the cross-attention).
+    """
+
+    last_weights: torch.Tensor  # (B, h, T, S): the cross-attention weights of the last call
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm_first: bool = False) -> None:
+        super().__init__()
+        if d_ff < 1:
+            raise ValueError(f"d_ff must be >= 1, got {d_ff}")
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, n_heads)
+        self.multihead_attn = MultiHeadAttention(d_model, n_heads)
+        self.linear1, self.linear2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def mlp(self, y: torch.Tensor) -> torch.Tensor:
+        """The position-wise MLP: ``(B, T, d) -> (B, T, d)``."""
+        return self.linear2(F.relu(self.linear1(y)))
+
+    def cross(self, y: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
+        """Cross-attention: queries ``y (B, T, d)``, keys and values ``memory (B, S, d)``; weights ``(B, h, T, S)``."""
+        out, weights = self.multihead_attn(y, memory, memory, memory_mask, return_weights=True)
+        self.last_weights = weights.detach()  # kept for attention maps
+        return cast(torch.Tensor, out)
+
+    def forward(
+        self,
+        y: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``y (B, T, d)``, ``memory (B, S, d)`` -> ``(B, T, d)``; ``tgt_mask (T, T)``, ``memory_mask (B, 1, S)``."""
+        if self.norm_first:
+            h = self.norm1(y)
+            y = y + _attend(self.self_attn, h, h, tgt_mask)
+            y = y + self.cross(self.norm2(y), memory, memory_mask)
+            return y + self.mlp(self.norm3(y))
+        y = self.norm1(y + _attend(self.self_attn, y, y, tgt_mask))
+        y = self.norm2(y + self.cross(y, memory, memory_mask))
+        return self.norm3(y + self.mlp(y))
+
+
+class TransformerEncoderDecoder(nn.Module):
+    """The Transformer's encoder-decoder stack on embedded sequences, laid out like ``nn.Transformer``.
+
+    ``n_layers`` :class:`EncoderLayer` then a LayerNorm give the memory; ``n_layers``
+    :class:`DecoderLayer`, each with cross-attention to that memory, then a LayerNorm give the
+    decoder's output. Masks are bool with True = attend (the opposite of ``nn.Transformer``'s).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_layers: int, d_ff: int, norm_first: bool = False) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.encoder_layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, norm_first) for _ in range(n_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(d_model, n_heads, d_ff, norm_first) for _ in range(n_layers))
+        self.encoder_norm, self.decoder_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+
+    def encode(self, x: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded source ``(B, S, d)`` -> memory ``(B, S, d)``; ``src_mask (B, 1, S)``."""
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        y: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embedded target ``(B, T, d)`` and memory ``(B, S, d)`` -> ``(B, T, d)``."""
+        for layer in self.decoder_layers:
+            y = layer(y, memory, tgt_mask, memory_mask)
+        return self.decoder_norm(y)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``src (B, S, d)``, ``tgt (B, T, d)`` -> ``(B, T, d)``; ``src_mask`` masks padded keys in both stacks."""
+        return self.decode(tgt, self.encode(src, src_mask), tgt_mask, src_mask)
+
+    @torch.no_grad()
+    def load_from_torch(self, ref: nn.Transformer) -> TransformerEncoderDecoder:
+        """Copy the weights of an ``nn.Transformer`` of the same shape (returns ``self``)."""
+        ref_enc, ref_dec = cast(nn.TransformerEncoder, ref.encoder), cast(nn.TransformerDecoder, ref.decoder)
+        if len(ref_enc.layers) != len(self.encoder_layers) or len(ref_dec.layers) != len(self.decoder_layers):
+            raise ValueError(
+                f"layer counts differ: torch has {len(ref_enc.layers)} + {len(ref_dec.layers)}, "
+                f"this one {len(self.encoder_layers)} + {len(self.decoder_layers)}"
+            )
+        pairs: list[tuple[nn.Module, nn.Module]] = [
+            *zip(self.encoder_layers, ref_enc.layers),
+            *zip(self.decoder_layers, ref_dec.layers),
+        ]
+        for mine, theirs in pairs:
+            if mine.norm_first != theirs.norm_first:
+                raise ValueError(f"norm_first differs: torch {theirs.norm_first}, this one {mine.norm_first}")
+            for name, child in mine.named_children():
+                if isinstance(child, MultiHeadAttention):
+                    child.load_from_torch(getattr(theirs, name))
+                else:
+                    child.load_state_dict(getattr(theirs, name).state_dict())
+        assert ref_enc.norm is not None and ref_dec.norm is not None  # nn.Transformer always has both
+        self.encoder_norm.load_state_dict(ref_enc.norm.state_dict())
+        self.decoder_norm.load_state_dict(ref_dec.norm.state_dict())
+        return self
+
+
+class TransformerSeq2Seq(EncoderDecoder):
+    """A Transformer encoder-decoder for the reversal task (Vaswani et al., 2017), no dropout.
+
+    Tokens are embedded (one table for source and target, scaled by ``sqrt(d)``) and added to
+    sinusoidal positions; :class:`TransformerEncoderDecoder` maps them to decoder outputs, and a
+    linear layer to next-token logits. Padded source positions are masked as keys everywhere;
+    the decoder's self-attention is causal. ``max_len`` bounds both sequence lengths.
+    """
+
+    positions: torch.Tensor  # (max_len, d) sinusoidal encodings, a buffer
+
+    def __init__(
+        self,
+        vocab_size: int = VOCAB_SIZE,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        d_ff: int = 128,
+        norm_first: bool = True,
+        max_len: int = 64,
+    ) -> None:
+        super().__init__()
+        if vocab_size <= DIGIT0 or max_len < 2:
+            raise ValueError(f"need vocab_size > {DIGIT0} and max_len >= 2, got {vocab_size} and {max_len}")
+        self.vocab_size, self.d_model, self.max_len = vocab_size, d_model, max_len
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)  # sqrt(d) * embedding: entries of variance 1
+        with torch.no_grad():
+            self.embed.weight[PAD] = 0.0
+        self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)
+        self.transformer = TransformerEncoderDecoder(d_model, n_heads, n_layers, d_ff, norm_first)
+        self.out = nn.Linear(d_model, vocab_size)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` -> ``sqrt(d) * embedding + position`` ``(B, T, d)``."""
+        if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
+            raise ValueError(f"expected token ids (B, T) with T <= {self.max_len}, got shape {tuple(tokens.shape)}")
+        return self.embed(tokens) * math.sqrt(self.d_model) + self.positions[: tokens.shape[1]]
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``src (B, S)``, lengths ``(B,)`` -> memory ``(B, S, d)`` and the key mask ``(B, 1, S)`` (True = real)."""
+        if src.ndim != 2 or src_lengths.shape != (src.shape[0],):
+            raise ValueError(
+                f"expected src (B, S) and src_lengths (B,), got {tuple(src.shape)} and {tuple(src_lengths.shape)}"
+            )
+        if int(src_lengths.min()) < 1 or int(src_lengths.max()) > src.shape[1]:
+            raise ValueError(f"src_lengths must lie in [1, {src.shape[1]}]")
+        mask = padding_mask(src_lengths, src.shape[1])[:, None, :]  # (B, 1, S)
+        return self.transformer.encode(self.embed_tokens(src), mask), mask
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs ``(B, T)``, memory ``(B, S, d)``, key mask ``(B, 1, S)`` -> logits ``(B, T, V)``."""
+        if tgt_in.ndim != 2 or tgt_in.shape[0] != memory.shape[0]:
+            raise ValueError(f"tgt_in must be (B, T) with B = {memory.shape[0]}, got {tuple(tgt_in.shape)}")
+        causal = causal_mask(tgt_in.shape[1], device=tgt_in.device)  # (T, T)
+        return self.out(self.transformer.decode(self.embed_tokens(tgt_in), memory, causal, mask))
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: ``src (B, S)``, ``src_lengths (B,)``, ``tgt_in (B, T)`` -> logits ``(B, T, V)``."""
+        memory, mask = self.encode(src, src_lengths)
+        return self.decode(tgt_in, memory, mask)
+
+    def _stepper(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Encode once; the closure re-reads each whole prefix (a causal decoder keeps no state here)."""
+        memory, mask = self.encode(src, src_lengths)
+        return lambda prefixes: self.decode(prefixes, memory, mask)[:, -1]  # (B, t) -> (B, V)
+
+    @torch.no_grad()
+    def attention_map(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """The last decoder layer's cross-attention, averaged over heads, while reading ``tgt_in``: ``(B, T, S)``."""
+        device = model_device(self)
+        self(src.to(device), src_lengths.to(device), tgt_in.to(device))
+        last = cast(DecoderLayer, self.transformer.decoder_layers[-1])
+        return last.last_weights.mean(1)  # (B, h, T, S) -> (B, T, S)
+
+    @torch.no_grad()
+    def step_fn(self, src: torch.Tensor, src_length: int) -> StepFn:
+        """A ``step_fn`` for :func:`beam_search` on one source ``src (S,)``, as :meth:`Seq2Seq.step_fn`."""
+        if src.ndim != 1:
+            raise ValueError(f"step_fn takes one source sequence (S,), got shape {tuple(src.shape)}")
+        device = model_device(self)
+        memory, mask = self.encode(src[None].to(device), torch.tensor([src_length], device=device))
+
+        @torch.no_grad()
+        def fn(prefixes: torch.Tensor) -> torch.Tensor:
+            K = prefixes.shape[0]
+            logits = self.decode(prefixes.to(device), memory.expand(K, -1, -1), mask.expand(K, -1, -1))
+            return F.log_softmax(logits[:, -1], dim=-1).to(prefixes.device)  # (K, V)
+
+        return fn
+
+
 # --- training and evaluation ----------------------------------------------------------------
 
 
@@ -284,6 +639,54 @@ def sequence_log_prob(logits: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tens
     return (logp * (tgt_out != PAD)).sum(dim=1)
 
 
+def label_smoothed_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, eps: float, ignore_index: int = PAD
+) -> torch.Tensor:
+    """Cross-entropy against the smoothed target ``q = (1 - eps) onehot(y) + eps / V``, mean over kept rows.
+
+    ``logits (N, V)``, ``target (N,)``; rows whose target is ``ignore_index`` are left out. Written as
+    the decomposition ``(1 - eps) * (-log p_y) + eps * mean_v(-log p_v)``; equal to
+    ``F.cross_entropy(logits, target, label_smoothing=eps, ignore_index=ignore_index)``.
+    """
+    if logits.ndim != 2 or target.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be in [0, 1], got {eps}")
+    keep = target != ignore_index  # (N,)
+    logp = F.log_softmax(logits[keep], dim=-1)  # (N', V)
+    nll = -logp.gather(1, target[keep][:, None])[:, 0]  # (N',): cross-entropy with the one-hot target
+    uniform = -logp.mean(dim=-1)  # (N',): cross-entropy with the uniform distribution
+    return ((1 - eps) * nll + eps * uniform).mean()
+
+
+def label_smoothing_step(eps: float) -> Step:
+    """A teacher-forcing step whose loss is :func:`label_smoothed_cross_entropy` with smoothing ``eps``."""
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be in [0, 1], got {eps}")
+
+    def step(model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+        return label_smoothed_cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), eps)
+
+    return step
+
+
+@torch.no_grad()
+def max_probs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's confidence at every real target token, ``max_v p(v | y_<t, x)`` (teacher-forced): ``(N,)``.
+
+    ``N`` counts the non-``PAD`` targets of ``batch``. The model is put in eval mode and gets its
+    mode back; it runs on its device, and the result comes back on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    src, src_lengths, tgt_in, tgt_out = (t.to(device) for t in batch)
+    probs = model(src, src_lengths, tgt_in).softmax(-1).amax(-1)  # (B, T)
+    model.train(was_training)
+    return probs[tgt_out != PAD].cpu()
+
+
 def teacher_forcing_step(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The encoder-decoder's training step: teacher forcing.
 
@@ -296,7 +699,7 @@ def teacher_forcing_step(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def train_seq2seq(
-    model: Seq2Seq,
+    model: EncoderDecoder,
     *,
     steps: int,
     batch_size: int = 64,
@@ -348,7 +751,7 @@ def exact_match(pred: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy_by_length(
-    model: Seq2Seq, lengths: Sequence[int], n_per_length: int = 200, seed: int = 1
+    model: EncoderDecoder, lengths: Sequence[int], n_per_length: int = 200, seed: int = 1
 ) -> dict[int, float]:
     """Exact-match accuracy of greedy decoding on ``n_per_length`` fresh strings of each length.
 

@@ -324,3 +324,160 @@ def test_search_returns_best_prefix_when_nothing_finishes_and_errors():
         s2s.greedy_search(loop, TOY_BOS, TOY_EOS, max_len=0)
     with pytest.raises(ValueError, match="max_len must be"):
         s2s.exhaustive_search(loop, TOY_BOS, TOY_EOS, max_len=0)
+
+
+# --- the Transformer encoder-decoder --------------------------------------------------------
+
+
+def small_transformer(norm_first=True):
+    return s2s.TransformerSeq2Seq(d_model=16, n_heads=2, n_layers=2, d_ff=24, norm_first=norm_first, max_len=16)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_stack_equals_torch_nn_transformer(norm_first):
+    ref = torch.nn.Transformer(
+        d_model=16, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=32,
+        dropout=0.0, batch_first=True, norm_first=norm_first,
+    )  # fmt: skip
+    mine = s2s.TransformerEncoderDecoder(16, 4, 2, 32, norm_first=norm_first).load_from_torch(ref)
+    src, tgt, lengths = torch.randn(3, 7, 16), torch.randn(3, 5, 16), torch.tensor([7, 3, 5])
+    keep = s2s.padding_mask(lengths, 7)  # (B, S): True = real token; torch's masks say True = ignore
+    want = ref(
+        src, tgt, tgt_mask=~s2s.causal_mask(5), src_key_padding_mask=~keep, memory_key_padding_mask=~keep,
+        tgt_is_causal=True,
+    )  # fmt: skip
+    got = mine(src, tgt, keep[:, None, :], s2s.causal_mask(5))
+    torch.testing.assert_close(got, want)
+    assert sum(p.numel() for p in mine.parameters()) == sum(p.numel() for p in ref.parameters())
+    with pytest.raises(ValueError, match="norm_first differs"):
+        s2s.TransformerEncoderDecoder(16, 4, 2, 32, norm_first=not norm_first).load_from_torch(ref)
+    with pytest.raises(ValueError, match="layer counts differ"):
+        s2s.TransformerEncoderDecoder(16, 4, 1, 32, norm_first=norm_first).load_from_torch(ref)
+
+
+def test_transformer_decoder_is_causal_and_ignores_source_padding():
+    model = small_transformer().eval()
+    b = batch()
+    logits = model(b.src, b.src_lengths, b.tgt_in)
+    assert logits.shape == (*b.tgt_in.shape, s2s.VOCAB_SIZE)
+    changed = b.tgt_in.clone()
+    changed[:, 3:] = 5  # change the future: positions < 3 must not notice
+    torch.testing.assert_close(model(b.src, b.src_lengths, changed)[:, :3], logits[:, :3])
+    junk = b.src.masked_fill(~s2s.padding_mask(b.src_lengths, b.src.shape[1]), 7)  # digits in the padding
+    torch.testing.assert_close(model(junk, b.src_lengths, b.tgt_in), logits)
+    w = model.attention_map(b.src, b.src_lengths, b.tgt_in)  # (B, T, S)
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
+    with pytest.raises(ValueError, match="T <= 16"):
+        model(b.src, b.src_lengths, torch.full((6, 17), BOS))
+    with pytest.raises(ValueError, match="src_lengths must lie"):
+        model(b.src, torch.zeros(6, dtype=torch.long), b.tgt_in)
+    with pytest.raises(ValueError, match="n_layers must be >= 1"):
+        s2s.TransformerEncoderDecoder(16, 2, 0, 24)
+    with pytest.raises(ValueError, match="d_ff must be >= 1"):
+        s2s.TransformerSeq2Seq(d_model=16, n_heads=2, d_ff=0)
+
+
+def test_transformer_greedy_decode_agrees_with_teacher_forcing_and_search():
+    model = small_transformer().eval()
+    b = batch()
+    pred = model.greedy_decode(b.src, b.src_lengths, max_len=5)
+    tgt_in = torch.cat([torch.full((6, 1), BOS), pred[:, :-1]], dim=1)
+    refed = model(b.src, b.src_lengths, tgt_in).argmax(-1)
+    alive = torch.cumsum(pred == EOS, 1) - (pred == EOS).long() == 0
+    assert torch.equal(refed[alive], pred[alive]) and torch.all(pred[~alive] == PAD)
+    fn = model.step_fn(b.src[0], int(b.src_lengths[0]))
+    assert s2s.greedy_search(fn, BOS, EOS, max_len=5)[0] == [t for t in pred[0].tolist() if t != PAD]
+
+
+def test_transformer_learns_short_reversals():
+    torch.manual_seed(0)
+    model = s2s.TransformerSeq2Seq(d_model=32, n_heads=2, n_layers=1, d_ff=32)
+    s2s.train_seq2seq(model, steps=150, batch_size=64, max_len=3, lr=1e-2, progress=False)
+    acc = s2s.accuracy_by_length(model, [1, 2, 3], n_per_length=50)
+    assert min(acc.values()) >= 0.9, acc
+
+
+# --- sampling: top-k and nucleus ----------------------------------------------------------------
+
+
+def test_top_k_and_nucleus_keep_the_right_sets():
+    probs = torch.tensor([0.05, 0.5, 0.1, 0.3, 0.05])
+    logits = probs.log()
+    k2 = s2s.truncated_probs(logits, top_k=2)
+    torch.testing.assert_close(k2, torch.tensor([0, 0.625, 0, 0.375, 0]))
+    p85 = s2s.truncated_probs(logits, top_p=0.85)  # 0.5 + 0.3 = 0.8 < 0.85: the 0.1 joins, 0.9 >= 0.85
+    torch.testing.assert_close(p85, torch.tensor([0, 0.5, 0.1, 0.3, 0]) / 0.9)
+    torch.testing.assert_close(s2s.truncated_probs(logits, top_p=0.5), torch.tensor([0.0, 1, 0, 0, 0]))
+    torch.testing.assert_close(s2s.truncated_probs(logits, top_p=1.0), probs)
+    both = s2s.truncated_probs(logits, top_k=2, top_p=0.7)  # top-2 renormalised: 0.625 >= 0.7? no: keep both
+    torch.testing.assert_close(both, k2)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        s2s.truncated_probs(logits, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        s2s.truncated_probs(logits, top_k=6)
+
+
+def test_nucleus_is_the_smallest_set_with_mass_p_on_random_distributions():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(200, 9, generator=g).pow(3).softmax(-1) ** 4
+    probs = probs / probs.sum(-1, keepdim=True)
+    for p in (0.3, 0.6, 0.9, 0.99):
+        kept = s2s.truncated_probs(probs.log(), top_p=p) > 0  # (N, V)
+        mass = (probs * kept).sum(-1)
+        assert torch.all(mass >= p - 1e-6)
+        smallest_kept = probs.masked_fill(~kept, 2.0).amin(-1)  # dropping it must fall below p
+        assert torch.all(mass - smallest_kept < p)
+        largest_dropped = probs.masked_fill(kept, -1.0).amax(-1)
+        assert torch.all(largest_dropped <= smallest_kept)  # the kept tokens are the most probable ones
+
+
+def test_sampling_never_leaves_the_truncated_set():
+    model = small_transformer().eval()
+    b = batch(n=32, lo=3, hi=6)
+    g = torch.Generator().manual_seed(0)
+    pred = model.sample_decode(b.src, b.src_lengths, max_len=6, generator=g, top_k=2)
+    tgt_in = torch.cat([torch.full((32, 1), BOS), pred[:, :-1]], dim=1)
+    top2 = model(b.src, b.src_lengths, tgt_in).topk(2, dim=-1).indices  # (B, T, 2)
+    alive = torch.cumsum(pred == EOS, 1) - (pred == EOS).long() == 0
+    assert torch.all((top2 == pred[..., None]).any(-1)[alive])  # every emitted token is one of the 2 largest
+    again = model.sample_decode(b.src, b.src_lengths, max_len=6, generator=torch.Generator().manual_seed(0), top_k=2)
+    assert torch.equal(pred, again)  # seeded
+    near_greedy = model.sample_decode(b.src, b.src_lengths, max_len=6, generator=g, top_k=1)
+    assert torch.equal(near_greedy, model.greedy_decode(b.src, b.src_lengths, max_len=6))  # top-1 is greedy
+    pure = model.sample_decode(b.src, b.src_lengths, max_len=6, generator=g)
+    assert not torch.equal(pure, near_greedy)  # an untrained model's full distribution is far from one-hot
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        model.sample_decode(b.src, b.src_lengths, 0, generator=g)
+
+
+# --- label smoothing ----------------------------------------------------------------------------
+
+
+def test_label_smoothed_loss_equals_torch_and_its_decomposition():
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(20, 7, generator=g), torch.randint(0, 7, (20,), generator=g)
+    for eps in (0.0, 0.1, 0.5):
+        got = s2s.label_smoothed_cross_entropy(logits, target, eps, ignore_index=PAD)
+        torch.testing.assert_close(got, F.cross_entropy(logits, target, label_smoothing=eps, ignore_index=PAD))
+        q = torch.full((20, 7), eps / 7).scatter_add(1, target[:, None], torch.full((20, 1), 1 - eps))  # smoothed
+        q = q[target != PAD]
+        torch.testing.assert_close(got, -(q * logits[target != PAD].log_softmax(-1)).sum(-1).mean())
+    with pytest.raises(ValueError, match="eps must be in"):
+        s2s.label_smoothed_cross_entropy(logits, target, 1.5)
+    with pytest.raises(ValueError, match="expected logits"):
+        s2s.label_smoothed_cross_entropy(logits, target[:3], 0.1)
+    with pytest.raises(ValueError, match="eps must be in"):
+        s2s.label_smoothing_step(-0.1)
+
+
+def test_label_smoothing_step_and_confidence():
+    model = small_transformer()
+    b = batch()
+    torch.testing.assert_close(s2s.label_smoothing_step(0.0)(model, b), s2s.teacher_forcing_step(model, b))
+    model.train()
+    conf = s2s.max_probs(model, b)
+    assert model.training and conf.shape == (int((b.tgt_out != PAD).sum()),)
+    assert torch.all((conf > 1 / s2s.VOCAB_SIZE) & (conf < 1))
+    with torch.no_grad():
+        model.out.bias[EOS] = 100.0  # every position predicts EOS with certainty
+    assert torch.all(s2s.max_probs(model, b) > 0.999)
