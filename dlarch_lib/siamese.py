@@ -9,9 +9,16 @@
   steps for the book's engine ``dlarch_lib.core.train.fit``
 - :func:`sample_pairs`, :func:`sample_triplets`   seeded index samplers over a label vector
 - :func:`one_shot_accuracy`  N-way one-shot episodes with nearest-support classification
+- :func:`info_nce_logits`, :func:`info_nce_loss`   InfoNCE / NT-Xent (SimCLR) on two views
+- :func:`augment_digits`, :class:`ProjectionNet`, :func:`make_simclr_step`   two-view training
+- :func:`semi_hard_triplets`, :func:`semi_hard_triplet_loss`, :func:`semi_hard_step`   FaceNet mining
+- :func:`equal_error_rate`   the operating point of a ROC curve where FPR = 1 - TPR
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -253,3 +260,159 @@ def one_shot_accuracy(
         target = torch.arange(n_way).repeat_interleave(queries)  # query row r belongs to way r // queries
         acc[e] = (dist.argmin(dim=1) == target).float().mean()
     return acc
+
+
+def _check_views(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> None:
+    _check_embeddings("info_nce", z1, z2)
+    if len(z1) < 2:
+        raise ValueError(f"info_nce needs N >= 2 pairs (the other pairs are the negatives), got N={len(z1)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def info_nce_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NT-Xent classification problem: logits ``(2N, 2N)`` and targets ``(2N,)``.
+
+    ``z1[k]`` and ``z2[k]`` ``(N, D)`` are two views of example ``k``. The 2N embeddings are
+    L2-normalised and stacked as ``[z1; z2]``; logit ``(i, j)`` is ``cos(z_i, z_j) / temperature``
+    and the diagonal (a view compared with itself) is ``-inf``, so each row is a softmax over the
+    2N - 1 other views: one positive (the other view of the same example) and 2N - 2 negatives.
+    ``F.cross_entropy(logits, targets)`` is then :func:`info_nce_loss`.
+    """
+    _check_views(z1, z2, temperature)
+    n = len(z1)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D), unit length
+    logits = z @ z.T / temperature  # (2N, 2N) cosine similarities / tau
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))  # a view is not its own positive
+    targets = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # row k <-> row k + N
+    return logits, targets
+
+
+def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """InfoNCE / NT-Xent loss of SimCLR (Chen et al. 2020), averaged over all 2N views.
+
+    ``L = mean_i [ -s_{i,pos(i)} + log sum_{j != i} exp(s_{ij}) ]`` with ``s = cos / temperature``;
+    ``z1, z2`` are ``(N, D)`` (not necessarily normalised), ``N >= 2``.
+    """
+    logits, targets = info_nce_logits(z1, z2, temperature)  # (2N, 2N), (2N,)
+    positive = logits.gather(1, targets[:, None]).squeeze(1)  # (2N,)
+    return (torch.logsumexp(logits, dim=1) - positive).mean()  # the -inf diagonal adds exp(-inf) = 0
+
+
+def augment_digits(
+    x: torch.Tensor, generator: torch.Generator, max_shift: float = 1.0, max_degrees: float = 15.0, noise: float = 0.1
+) -> torch.Tensor:
+    """A random view of every image in ``x`` ``(B, 1, H, W)``: rotate, shift, add noise.
+
+    Each image gets its own rotation, uniform in ``+-max_degrees``, and shift, uniform in
+    ``+-max_shift`` pixels per axis (one ``affine_grid`` / ``grid_sample``, zero padding), then
+    Gaussian noise of standard deviation ``noise``. The random numbers come from ``generator``
+    (a CPU generator), so views are reproducible on every device.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"augment_digits expects images (B, C, H, W), got {tuple(x.shape)}")
+    if max_shift < 0 or max_degrees < 0 or noise < 0:
+        raise ValueError(f"max_shift, max_degrees and noise must be >= 0, got {max_shift}, {max_degrees}, {noise}")
+    b, _, h, w = x.shape
+    u = torch.rand(b, 3, generator=generator) * 2 - 1  # (B, 3) uniform in [-1, 1]
+    angle = u[:, 0] * math.radians(max_degrees)
+    cos, sin = angle.cos(), angle.sin()
+    shift = u[:, 1:] * max_shift * torch.tensor([2 / w, 2 / h])  # pixels -> grid units ([-1, 1] spans the image)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)  # (B, H, W, 2)
+    out = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)  # (B, C, H, W)
+    return out + noise * torch.randn(out.shape, generator=generator).to(x)
+
+
+class ProjectionNet(nn.Module):
+    """SimCLR's encoder + projection head: ``x -> g(f(x))``; the loss sees ``g``, evaluation uses ``f``."""
+
+    def __init__(self, encoder: nn.Module, dim_in: int, dim_out: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        if min(dim_in, dim_out, hidden) < 1:
+            raise ValueError(f"dim_in, dim_out and hidden must be >= 1, got {dim_in}, {dim_out}, {hidden}")
+        self.encoder = encoder
+        self.projection = nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project the encoder's embedding of ``x``: ``(B, dim_in) -> (B, dim_out)``."""
+        return self.projection(self.encoder(x))
+
+
+def make_simclr_step(
+    generator: torch.Generator, temperature: float = 0.5, **augment: float
+) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:
+    """A step for ``fit``: two random views of each image of a batch, then :func:`info_nce_loss`.
+
+    The batch is ``(images (B, 1, 8, 8), ...)``; labels, if present, are ignored (self-supervised).
+    ``augment`` is passed to :func:`augment_digits`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def simclr_step(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images = batch[0]
+        views = torch.cat([augment_digits(images, generator, **augment) for _ in range(2)])  # (2B, 1, 8, 8)
+        z1, z2 = model(views).chunk(2)  # (B, P) each
+        return info_nce_loss(z1, z2, temperature)
+
+    return simclr_step
+
+
+def semi_hard_triplets(
+    z: torch.Tensor, labels: torch.Tensor, margin: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FaceNet's semi-hard triplets of a batch: index tensors ``(anchor, positive, negative)``.
+
+    For every ordered positive pair ``(a, p)`` (same label, ``a != p``) the semi-hard negatives are
+    those farther than the positive but inside the margin, ``d(a, p) < d(a, n) < d(a, p) + margin``;
+    the nearest of them is chosen. Pairs without a semi-hard negative are left out. ``z`` ``(B, D)``.
+    """
+    _check_embeddings("semi_hard_triplets", z)
+    _check_margin(margin)
+    if labels.shape != z.shape[:1]:
+        raise ValueError(f"labels must be (B,) = {tuple(z.shape[:1])}, got {tuple(labels.shape)}")
+    dist = torch.cdist(z, z).detach()  # (B, B): mining picks indices, no gradient
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=z.device)
+    a, p = torch.nonzero(same & ~eye, as_tuple=True)  # (P,) every positive pair
+    d_ap = dist[a, p][:, None]  # (P, 1)
+    d_an = dist[a]  # (P, B)
+    semi_hard = ~same[a] & (d_an > d_ap) & (d_an < d_ap + margin)  # (P, B)
+    n = d_an.masked_fill(~semi_hard, float("inf")).argmin(dim=1)  # (P,) the nearest semi-hard negative
+    keep = semi_hard.any(dim=1)
+    return a[keep], p[keep], n[keep]
+
+
+def semi_hard_triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Mean :func:`triplet_loss` over the :func:`semi_hard_triplets` of a batch (0 when there are none)."""
+    a, p, n = semi_hard_triplets(z, labels, margin)
+    if len(a) == 0:
+        return z.sum() * 0.0  # no semi-hard triplet: zero loss, still part of the graph
+    return triplet_loss(z[a], z[p], z[n], margin)
+
+
+def semi_hard_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Step on labelled images ``(B, 1, 8, 8)``, ``(B,)``: :func:`semi_hard_triplet_loss` (margin 0.2)."""
+    images, labels = batch
+    return semi_hard_triplet_loss(model(images), labels, margin=0.2)
+
+
+def equal_error_rate(fpr: torch.Tensor, tpr: torch.Tensor) -> float:
+    """The equal error rate of a ROC curve: the false-positive rate where it equals ``1 - tpr``.
+
+    ``fpr`` and ``tpr`` ``(T,)`` are the curve's points in order of increasing ``fpr`` (as
+    ``sklearn.metrics.roc_curve`` returns them); the crossing is found by linear interpolation.
+    """
+    fpr, tpr = torch.as_tensor(fpr, dtype=torch.float64), torch.as_tensor(tpr, dtype=torch.float64)
+    if fpr.ndim != 1 or fpr.shape != tpr.shape or len(fpr) < 2:
+        raise ValueError(f"fpr and tpr must be (T,) with T >= 2, got {tuple(fpr.shape)} and {tuple(tpr.shape)}")
+    if (fpr.diff() < 0).any():
+        raise ValueError("fpr must be non-decreasing (a ROC curve in order)")
+    gap = fpr - (1 - tpr)  # (T,) increases along the curve: < 0 before the crossing, >= 0 after
+    k = int(torch.nonzero(gap >= 0)[0, 0]) if (gap >= 0).any() else len(gap) - 1
+    if k == 0 or gap[k] == gap[k - 1]:
+        return float(fpr[k])
+    w = gap[k] / (gap[k] - gap[k - 1])  # linear interpolation between points k - 1 and k
+    return float(w * fpr[k - 1] + (1 - w) * fpr[k])

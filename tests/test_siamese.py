@@ -146,3 +146,121 @@ def test_training_steps_match_their_losses():
     torch.testing.assert_close(
         sm.batch_hard_step(encoder, (x[:, 0], labels)), sm.batch_hard_triplet_loss(encoder(x[:, 0]), labels)
     )
+
+
+def _info_nce_slow(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """NT-Xent by its definition, one view at a time: -log softmax of the positive among the 2N - 1 others."""
+    z = nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n2, terms = len(z), []
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        sims = torch.stack([z[i] @ z[j] / tau for j in range(n2) if j != i])
+        terms.append(-(z[i] @ z[pos] / tau) + torch.logsumexp(sims, dim=0))
+    return torch.stack(terms).mean()
+
+
+def test_info_nce_matches_loop_and_cross_entropy():
+    z1, z2 = _emb(5, 4, 0).double(), _emb(5, 4, 1).double()
+    for tau in (0.1, 0.5, 2.0):
+        loss = sm.info_nce_loss(z1, z2, tau)
+        torch.testing.assert_close(loss, _info_nce_slow(z1, z2, tau))
+        logits, targets = sm.info_nce_logits(z1, z2, tau)
+        assert logits.shape == (10, 10) and torch.isinf(logits.diagonal()).all()
+        torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, targets))
+        # the same classification built independently: column 0 the positive, then the 2N - 2 negatives
+        z = nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+        rows = []
+        for i in range(10):
+            pos = (i + 5) % 10
+            rows.append(torch.stack([z[i] @ z[pos]] + [z[i] @ z[j] for j in range(10) if j not in (i, pos)]) / tau)
+        ref = nn.functional.cross_entropy(torch.stack(rows), torch.zeros(10, dtype=torch.long))
+        torch.testing.assert_close(loss, ref)
+
+
+def test_info_nce_uniform_logits_give_log_of_candidates_and_errors():
+    same = torch.ones(4, 3)  # every view identical: a uniform softmax over 2N - 1 = 7 candidates
+    torch.testing.assert_close(sm.info_nce_loss(same, same, 0.3), torch.log(torch.tensor(7.0)))
+    z = _emb(4, 3)  # perfectly aligned views and a low temperature: the loss falls toward 0
+    assert sm.info_nce_loss(z, z, 0.01) < sm.info_nce_loss(z, z, 1.0)
+    with pytest.raises(ValueError, match="share one shape"):
+        sm.info_nce_loss(z, z[:3])
+    with pytest.raises(ValueError, match="N >= 2"):
+        sm.info_nce_loss(z[:1], z[:1])
+    with pytest.raises(ValueError, match="temperature"):
+        sm.info_nce_logits(z, z, 0.0)
+
+
+def test_augment_digits_identity_reproducible_and_errors():
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    same = sm.augment_digits(x, torch.Generator().manual_seed(1), max_shift=0, max_degrees=0, noise=0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)  # no rotation, shift or noise: the image itself
+    v1 = sm.augment_digits(x, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(v1, sm.augment_digits(x, torch.Generator().manual_seed(2)))
+    assert v1.shape == x.shape and not torch.allclose(v1, x, atol=0.05)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        sm.augment_digits(x[:, 0], torch.Generator())
+    with pytest.raises(ValueError, match=">= 0"):
+        sm.augment_digits(x, torch.Generator(), noise=-1.0)
+
+
+def test_projection_net_and_simclr_step():
+    torch.manual_seed(0)
+    encoder = sm.EmbeddingNet(dim=8, width=2)
+    model = sm.ProjectionNet(encoder, 8, dim_out=5, hidden=7)
+    x = torch.rand(6, 1, 8, 8)
+    assert model(x).shape == (6, 5)
+    step = sm.make_simclr_step(torch.Generator().manual_seed(0), temperature=0.5)
+    loss = step(model, (x, torch.zeros(6)))
+    assert loss.ndim == 0 and 0 < loss < float(torch.log(torch.tensor(11.0))) + 2 / 0.5
+    loss.backward()
+    assert encoder.head[-1].weight.grad.abs().sum() > 0  # the encoder learns through the projection head
+    with pytest.raises(ValueError, match="dim_in"):
+        sm.ProjectionNet(encoder, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        sm.make_simclr_step(torch.Generator(), temperature=-1.0)
+
+
+def test_semi_hard_triplets_on_a_hand_made_batch():
+    z = torch.tensor([[0.0], [0.1], [0.25], [1.0], [0.28]])  # 1-D points: distances are easy to read
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    a, p, n = sm.semi_hard_triplets(z, labels, margin=0.2)
+    # (0, 1): d_ap = 0.1; negatives at 0.25 and 0.28 are semi-hard, 1.0 is easy -> the nearer, 2
+    # (1, 0): d_ap = 0.1; negatives at 0.15 and 0.18 are semi-hard -> 2
+    # (2, 3): d_ap = 0.75; every negative is nearer than the positive (hard) -> no semi-hard one, left out
+    # (3, 2): d_ap = 0.75; 0.9 is semi-hard, 1.0 and 0.72 are not -> 1
+    assert list(zip(a.tolist(), p.tolist(), n.tolist())) == [(0, 1, 2), (1, 0, 2), (3, 2, 1)]
+    expected = sm.triplet_loss(z[a], z[p], z[n], margin=0.2)
+    torch.testing.assert_close(sm.semi_hard_triplet_loss(z, labels, margin=0.2), expected)
+    far = torch.tensor([[0.0], [0.1], [5.0], [5.1]])  # all negatives beyond the margin: no triplet, zero loss
+    zero = sm.semi_hard_triplet_loss(far.requires_grad_(), torch.tensor([0, 0, 1, 1]))
+    assert zero == 0 and zero.requires_grad
+    with pytest.raises(ValueError, match="labels must be"):
+        sm.semi_hard_triplets(z, labels[:2])
+    with pytest.raises(ValueError, match="margin"):
+        sm.semi_hard_triplets(z, labels, margin=0.0)
+
+
+def test_semi_hard_triplets_match_brute_force():
+    z, labels = _emb(12, 3, 5), torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(0))
+    dist = torch.cdist(z, z)
+    expected = []
+    for i in range(12):
+        for j in range(12):
+            if i != j and labels[i] == labels[j]:
+                cand = [k for k in range(12) if labels[k] != labels[i] and dist[i, j] < dist[i, k] < dist[i, j] + 0.5]
+                if cand:
+                    expected.append((i, j, min(cand, key=lambda k: dist[i, k].item())))
+    a, p, n = sm.semi_hard_triplets(z, labels, margin=0.5)
+    assert expected and list(zip(a.tolist(), p.tolist(), n.tolist())) == expected
+
+
+def test_equal_error_rate_by_hand_and_errors():
+    assert sm.equal_error_rate(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.0, 0.5, 1.0])) == 0.5  # chance
+    assert sm.equal_error_rate(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])) == 0.0  # perfect
+    # the crossing lies between the 2nd and 3rd points: t = 0.2 / 0.7 of the way, FPR = FNR = 0.22 / 0.7
+    eer = sm.equal_error_rate(torch.tensor([0.0, 0.2, 0.6, 1.0]), torch.tensor([0.0, 0.6, 0.9, 1.0]))
+    assert abs(eer - 0.22 / 0.7) < 1e-6
+    with pytest.raises(ValueError, match="non-decreasing"):
+        sm.equal_error_rate(torch.tensor([0.0, 0.5, 0.2]), torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"\(T,\)"):
+        sm.equal_error_rate(torch.tensor([0.0, 1.0]), torch.tensor([1.0]))
