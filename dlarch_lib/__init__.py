@@ -43,6 +43,7 @@ modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
 26  :mod:`dlarch_lib.lm`                    language models: GPT, MLM
 26  :mod:`dlarch_lib.bpe`                   byte-level byte-pair encoding (the GPT-2 tokenizer)
 27  :mod:`dlarch_lib.vae`                   the VAE
+27  :mod:`dlarch_lib.diffusion`             a tiny DDPM: closed-form noising, a denoiser, ancestral sampling
 28  :mod:`dlarch_lib.techniques`            training techniques: schedules, normalisation, regularisation
 29  :mod:`dlarch_lib.frameworks`            frameworks: JAX, torch.compile
 
@@ -86,6 +87,7 @@ CHAPTER_OF: dict[str, int] = {
     "lm": 26,
     "bpe": 26,
     "vae": 27,
+    "diffusion": 27,
     "techniques": 28,
     "frameworks": 29,
 }

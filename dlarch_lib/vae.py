@@ -8,6 +8,9 @@
   :func:`negative_elbo`, the training step :func:`elbo_step` and :func:`train_vae` (through the
   book's engine ``dlarch_lib.core.train.fit``), :func:`reconstruct`, :func:`interpolate`. The VAE
   samples through chapter 8's :class:`~dlarch_lib.gan.ImageGenerator` API: ``model.sample(n, generator)``.
+- beta-VAE and KL annealing: ``train_vae(..., beta=, warmup_steps=)`` through :func:`beta_elbo_step`;
+  :func:`active_units` (Burda et al.'s activity statistic) to count the latent units in use.
+- Forward versus reverse KL in one dimension: :func:`kl_on_grid`, :func:`fit_gaussian_kl`.
 - Uses: :func:`roc_auc` (anomaly detection scored by -ELBO) and :func:`augment_by_posterior`
   (extra labelled images decoded from ``q(z|x)`` of the few labelled ones).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +30,7 @@ from torch import nn
 
 from dlarch_lib.core.data import TensorBatches
 from dlarch_lib.core.runtime import seeded
-from dlarch_lib.core.train import History, fit, model_device
+from dlarch_lib.core.train import History, Step, fit, model_device
 from dlarch_lib.gan import ImageGenerator
 
 # ----------------------------------------------------------------------------- the two ELBO pieces
@@ -176,6 +180,39 @@ def negative_elbo(model: VAE, images: torch.Tensor, n_samples: int = 1, seed: in
     return total / n_samples
 
 
+def beta_schedule(beta: float, warmup_steps: int = 0) -> Callable[[int], float]:
+    """The weight of the KL term at optimizer step ``t`` (0, 1, ...): ``beta * min(1, t / warmup_steps)``.
+
+    ``warmup_steps = 0`` gives the constant ``beta`` (a beta-VAE; ``beta = 1`` is the ELBO). With
+    ``warmup_steps > 0`` the weight rises linearly from 0 (KL annealing).
+    """
+    if beta < 0 or warmup_steps < 0:
+        raise ValueError(f"beta and warmup_steps must be >= 0, got {beta}, {warmup_steps}")
+    if warmup_steps == 0:
+        return lambda t: beta
+    return lambda t: beta * min(1.0, t / warmup_steps)
+
+
+def beta_elbo_step(beta: float = 1.0, warmup_steps: int = 0) -> Step:
+    """A training step minimising ``reconstruction + beta_t * kl`` with ``beta_t`` from :func:`beta_schedule`.
+
+    The returned step counts its own calls (one per optimizer step). It records the two terms
+    (``reconstruction``, ``kl``, nats per image) and the weight used (``beta``). With ``beta = 1``,
+    ``warmup_steps = 0`` it is :func:`elbo_step`.
+    """
+    weight = beta_schedule(beta, warmup_steps)
+    calls = [0]
+
+    def step(model: nn.Module, batch: tuple[torch.Tensor]) -> dict[str, Any]:
+        (images,) = batch
+        rec, kl = elbo_terms(model, images)  # (B,), (B,)
+        b = weight(calls[0])
+        calls[0] += 1
+        return {"loss": (rec + b * kl).mean(), "reconstruction": rec.mean(), "kl": kl.mean(), "beta": b}
+
+    return step
+
+
 def elbo_step(model: nn.Module, batch: tuple[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE's training step: the mean ``-ELBO`` of a batch ``(images,)``, images ``(B, 1, H, W)`` in [0, 1].
 
@@ -195,8 +232,13 @@ def train_vae(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    beta: float = 1.0,
+    warmup_steps: int = 0,
 ) -> History:
     """Minimise the mean ``-ELBO`` on ``images (N, 1, 8, 8)`` with :func:`elbo_step` and Adam.
+
+    ``beta`` and ``warmup_steps`` weight the KL term as in :func:`beta_elbo_step` (a beta-VAE, KL
+    annealing); the defaults train on the plain ``-ELBO``.
 
     Trains on the model's device (move it there first) and leaves the model in eval mode. The
     shuffling and the draws of ``z`` are seeded by ``seed``; the caller's random stream is untouched.
@@ -208,9 +250,74 @@ def train_vae(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     batches = TensorBatches(images, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     with seeded(seed):  # the reparameterisation noise draws from the global generator
-        history = fit(model, batches, elbo_step, epochs=epochs, lr=lr, progress=progress, desc="VAE")
+        step = elbo_step if (beta == 1.0 and warmup_steps == 0) else beta_elbo_step(beta, warmup_steps)
+        history = fit(model, batches, step, epochs=epochs, lr=lr, progress=progress, desc="VAE")
     model.eval()
     return history
+
+
+@torch.no_grad()
+def active_units(model: VAE, images: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
+    """Burda et al.'s activity of each latent unit: ``A_j = Var_x(E_q[z_j | x]) = Var_x(mu_j(x))``.
+
+    ``images (N, 1, H, W)`` with ``N >= 2``. Returns ``(number of units with A_j > threshold, A (z_dim,))``
+    (``A`` in float64 on the CPU). An inactive unit's posterior mean ignores the image: the decoder
+    cannot use it, and its KL can be driven to zero (posterior collapse of that unit).
+    """
+    if len(images) < 2 or threshold < 0:
+        raise ValueError(f"need at least two images and threshold >= 0, got {len(images)}, {threshold}")
+    mu, _ = model.encode(images.to(model_device(model)))  # (N, z)
+    activity = mu.double().var(dim=0).cpu()  # (z,): unbiased variance over the images
+    return int((activity > threshold).sum()), activity
+
+
+# ----------------------------------------------------------------------------- forward versus reverse KL
+
+
+def kl_on_grid(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) = integral p log(p / q) dx`` by the trapezoid rule on an even grid ``x (G,)``.
+
+    ``p``, ``q`` are densities on the grid ``(G,)``; points where ``p = 0`` contribute zero.
+    Differentiable in ``p`` and ``q``.
+    """
+    if p.ndim != 1 or p.shape != q.shape or p.shape != x.shape or len(x) < 2:
+        raise ValueError(
+            f"expected p, q, x of equal shape (G,), G >= 2, got {tuple(p.shape)}, {tuple(q.shape)}, {tuple(x.shape)}"
+        )
+    integrand = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(q.clamp_min(1e-300))), 0 * p)
+    return torch.trapezoid(integrand, x)
+
+
+def fit_gaussian_kl(
+    p: torch.Tensor,
+    x: torch.Tensor,
+    direction: str,
+    mu0: float = 0.0,
+    std0: float = 1.0,
+    steps: int = 300,
+    lr: float = 0.05,
+) -> tuple[float, float]:
+    """Fit one Gaussian ``q = N(mu, std^2)`` to a density ``p (G,)`` on the grid ``x (G,)``.
+
+    ``direction="forward"`` minimises ``KL(p || q)`` (maximum likelihood: mass-covering),
+    ``"reverse"`` minimises ``KL(q || p)`` (mode-seeking). Adam on ``(mu, log std)`` from
+    ``(mu0, std0)``, in float64; returns ``(mu, std)``.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if std0 <= 0 or steps < 1:
+        raise ValueError(f"need std0 > 0 and steps >= 1, got {std0}, {steps}")
+    p, x = p.double(), x.double()
+    mu = torch.tensor(float(mu0), dtype=torch.float64, requires_grad=True)
+    log_std = torch.tensor(math.log(std0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([mu, log_std], lr=lr)
+    for _ in range(steps):
+        q = torch.exp(-0.5 * ((x - mu) / log_std.exp()) ** 2 - log_std) / math.sqrt(2 * math.pi)  # (G,)
+        loss = kl_on_grid(p, q, x) if direction == "forward" else kl_on_grid(q, p, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(mu.detach()), float(log_std.detach().exp())
 
 
 @torch.no_grad()

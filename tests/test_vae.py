@@ -192,3 +192,79 @@ def test_nats_to_bits_per_pixel():
     assert vae.nats_to_bits_per_pixel(64 * math.log(2)) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         vae.nats_to_bits_per_pixel(1.0, pixels=0)
+
+
+# ----------------------------------------------------------------------------- beta-VAE, active units
+
+
+def test_beta_schedule_and_step():
+    assert vae.beta_schedule(4.0)(0) == 4.0 and vae.beta_schedule(4.0)(10**6) == 4.0
+    ramp = vae.beta_schedule(2.0, warmup_steps=10)
+    assert [ramp(t) for t in (0, 5, 10, 20)] == [0.0, 1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match=">= 0"):
+        vae.beta_schedule(-1.0)
+    torch.manual_seed(0)
+    m, x = vae.VAE(z_dim=3, hidden=8), _images(5)
+    step = vae.beta_elbo_step(3.0, warmup_steps=2)
+    weights = []
+    for _ in range(3):
+        torch.manual_seed(1)
+        out = step(m, (x,))
+        weights.append(out["beta"])
+        torch.testing.assert_close(out["loss"], out["reconstruction"] + out["beta"] * out["kl"])
+    assert weights == [0.0, 1.5, 3.0]
+    torch.manual_seed(1)
+    plain = vae.elbo_step(m, (x,))
+    torch.manual_seed(1)
+    torch.testing.assert_close(vae.beta_elbo_step(1.0)(m, (x,))["loss"], plain["loss"])  # beta = 1 is the ELBO
+
+
+def test_large_beta_lowers_the_rate():
+    x = _images(64)
+    kls = []
+    for beta in (0.25, 8.0):
+        torch.manual_seed(0)
+        m = vae.VAE(z_dim=4, hidden=32)
+        hist = vae.train_vae(m, x, epochs=10, batch_size=32, lr=3e-3, progress=False, beta=beta)
+        kls.append(hist.logs["kl"][-1])
+        assert hist.logs["beta"][-1] == beta
+    assert kls[1] < kls[0] / 2
+
+
+def test_active_units_is_the_variance_of_the_posterior_mean():
+    torch.manual_seed(0)
+    m = vae.VAE(z_dim=4, hidden=16).eval()
+    x = _images(20)
+    n, activity = vae.active_units(m, x, threshold=0.0)
+    mu, _ = m.encode(x)
+    torch.testing.assert_close(activity, mu.double().var(0).detach())
+    assert n == 4 and activity.shape == (4,)
+    with torch.no_grad():  # make unit 0 ignore the image: its posterior mean is a constant
+        m.encoder[2].weight[0].zero_()
+    n0, activity0 = vae.active_units(m, x, threshold=1e-12)
+    assert n0 == 3 and activity0[0] == 0
+    with pytest.raises(ValueError, match="two images"):
+        vae.active_units(m, x[:1])
+
+
+# ----------------------------------------------------------------------------- forward versus reverse KL
+
+
+def test_kl_on_grid_matches_the_closed_form():
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+    p, q = Normal(0.5, 1.2), Normal(-0.3, 0.7)
+    got = vae.kl_on_grid(p.log_prob(x).exp(), q.log_prob(x).exp(), x)
+    torch.testing.assert_close(got, kl_divergence(p, q).double(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="equal shape"):
+        vae.kl_on_grid(x, x[:-1], x)
+
+
+def test_fit_gaussian_kl_forward_matches_moments_and_reverse_finds_a_mode():
+    x = torch.linspace(-8, 8, 1601, dtype=torch.float64)
+    p = 0.5 * Normal(-2.0, 0.5).log_prob(x).exp() + 0.5 * Normal(2.0, 0.5).log_prob(x).exp()
+    mu_f, std_f = vae.fit_gaussian_kl(p, x, "forward", mu0=0.5, std0=1.0, steps=600)
+    assert abs(mu_f) < 0.02 and abs(std_f - math.sqrt(0.25 + 4.0)) < 0.02  # moment matching
+    mu_r, std_r = vae.fit_gaussian_kl(p, x, "reverse", mu0=0.5, std0=1.0, steps=600)
+    assert abs(mu_r - 2.0) < 0.05 and abs(std_r - 0.5) < 0.05  # one mode, its own width
+    with pytest.raises(ValueError, match="direction"):
+        vae.fit_gaussian_kl(p, x, "sideways")
