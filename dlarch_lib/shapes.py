@@ -6,7 +6,9 @@ textured, noisy background, fully seeded and vectorised over the whole batch (a 
 
 - segmentation: ``masks`` ``(N, H, W)`` int64, 0 = background, ``1 + CLASSES.index(name)``;
 - detection: ``boxes[i]`` ``(k_i, 4)`` in pixel edges ``(x0, y0, x1, y1)`` (x1, y1 exclusive),
-  tight around the *visible* pixels of each object, and ``labels[i]`` ``(k_i,)`` in 1..3.
+  tight around the *visible* pixels of each object, and ``labels[i]`` ``(k_i,)`` in 1..3;
+- instances: ``instances`` ``(N, H, W)`` int64, 0 = background, ``1 + j`` for the ``j``-th shape
+  drawn (which object owns each pixel, where ``masks`` only says which class).
 
 Later shapes are painted over earlier ones; an object hidden completely gets no box.
 """
@@ -30,6 +32,7 @@ class ShapesSet:
     masks: torch.Tensor  # (N, H, W) int64, 0 = background, 1..3 = CLASSES
     boxes: list[torch.Tensor]  # N tensors (k_i, 4) float32: x0, y0, x1, y1 in pixel edges
     labels: list[torch.Tensor]  # N tensors (k_i,) int64 in 1..3
+    instances: torch.Tensor | None = None  # (N, H, W) int64, 0 = background, 1 + j = the j-th shape drawn
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -38,7 +41,8 @@ class ShapesSet:
         """A sub-set by slice, e.g. ``data[:1000]``."""
         if not isinstance(index, slice):
             raise TypeError(f"index a ShapesSet with a slice, got {type(index).__name__}")
-        return ShapesSet(self.images[index], self.masks[index], self.boxes[index], self.labels[index])
+        instances = None if self.instances is None else self.instances[index]
+        return ShapesSet(self.images[index], self.masks[index], self.boxes[index], self.labels[index], instances)
 
     def class_frequencies(self) -> torch.Tensor:
         """Fraction of pixels of each class ``(NUM_CLASSES,)``, background first."""
@@ -140,4 +144,4 @@ def make_shapes(
     keep = torch.stack([v.flatten(1).any(dim=1) for v in visible], dim=1)  # (N, S)
     boxes = [boxes_all[i][keep[i]] for i in range(n)]
     labels = [cls[i][keep[i]] for i in range(n)]
-    return ShapesSet(images=images, masks=masks, boxes=boxes, labels=labels)
+    return ShapesSet(images=images, masks=masks, boxes=boxes, labels=labels, instances=owner + 1)

@@ -227,6 +227,38 @@ def boundary_band(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     return (hi != lo)[:, 0]
 
 
+def border_weights(
+    instances: torch.Tensor, masks: torch.Tensor, num_classes: int, w0: float = 10.0, sigma: float = 2.0
+) -> torch.Tensor:
+    """The U-Net paper's pixel weights ``w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2))``: ``(N, H, W)``.
+
+    ``instances`` ``(N, H, W)`` (0 = background, ``k >= 1`` = object ``k``) and ``masks`` ``(N, H, W)`` class ids.
+    ``w_c`` balances the classes: a pixel of class ``c`` weighs ``1 / (K f_c)``, ``f_c`` the class's pixel share
+    in the batch and ``K`` the number of classes present, so every present class carries the same total weight.
+    The border term acts on background pixels; ``d1`` and ``d2`` are the (Euclidean) distances to the nearest
+    and the second-nearest object, so it is large only in narrow gaps *between* two objects.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if instances.ndim != 3 or masks.shape != instances.shape:
+        raise ValueError(f"expected instances and masks (N, H, W), got {tuple(instances.shape)}, {tuple(masks.shape)}")
+    if sigma <= 0 or w0 < 0:
+        raise ValueError(f"need sigma > 0 and w0 >= 0, got {sigma=}, {w0=}")
+    counts = torch.bincount(masks.flatten(), minlength=num_classes).double()  # (K,)
+    present = counts > 0
+    w_class = torch.where(present, masks.numel() / (present.sum() * counts.clamp_min(1)), torch.zeros_like(counts))
+    weights = w_class[masks]  # (N, H, W)
+    border = torch.zeros_like(weights)
+    for i, inst in enumerate(instances.cpu().numpy()):
+        ids = [k for k in range(1, int(inst.max()) + 1) if (inst == k).any()]
+        if len(ids) < 2:
+            continue  # one object: no gap between two
+        dist = torch.stack([torch.from_numpy(distance_transform_edt(inst != k)) for k in ids])  # (n_obj, H, W)
+        d1, d2 = dist.sort(dim=0).values[:2]  # nearest and second-nearest object
+        border[i] = w0 * torch.exp(-((d1 + d2) ** 2) / (2 * sigma**2)) * torch.from_numpy(inst == 0)
+    return (weights + border.to(weights.device)).float()
+
+
 def checkerboard_share(maps: torch.Tensor) -> torch.Tensor:
     """Share of each map's variance that repeats with period 2: ``(..., H, W) -> (...)``, in ``[0, 1]``.
 

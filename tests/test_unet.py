@@ -7,6 +7,7 @@ from torch import nn
 from dlarch_lib.cnn import receptive_field
 from dlarch_lib.unet import (
     UNet,
+    border_weights,
     boundary_band,
     checkerboard_share,
     confusion_matrix,
@@ -179,3 +180,21 @@ def test_checkerboard_share_values():
     assert 0.01 < checkerboard_share(mixed) < 0.99
     with pytest.raises(ValueError, match="even"):
         checkerboard_share(torch.zeros(3, 5))
+
+
+def test_border_weights_single_out_gaps_between_objects():
+    inst = torch.zeros(2, 12, 12, dtype=torch.long)
+    inst[0, 2:10, 1:5], inst[0, 2:10, 6:11] = 1, 2  # two objects, one background column (x = 5) between them
+    inst[1, 3:8, 3:8] = 1  # a single object
+    masks = (inst > 0).long()
+    w = border_weights(inst, masks, num_classes=2, w0=10.0, sigma=2.0)
+    assert w.shape == (2, 12, 12)
+    gap, far_edge = w[0, 5, 5], w[0, 5, 0]  # in the gap (d1 = d2 = 1), and at x = 0 beside object 1 only
+    assert gap > 3 and far_edge < 1.5 and gap > 5 * far_edge
+    counts = torch.bincount(masks.flatten(), minlength=2).double()
+    expected_single = (masks.numel() / (2 * counts))[masks[1]].float()
+    torch.testing.assert_close(w[1], expected_single)  # one object: only the class term
+    with pytest.raises(ValueError, match="instances"):
+        border_weights(inst[0], masks[0], 2)
+    with pytest.raises(ValueError, match="sigma"):
+        border_weights(inst, masks, 2, sigma=0.0)
