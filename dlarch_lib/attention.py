@@ -1,5 +1,6 @@
 """Attention and the Transformer, written out: scaled dot-product attention, masks,
-multi-head attention, sinusoidal positions, a pre-LN block and a tiny GPT.
+multi-head attention, sinusoidal positions, a pre-LN block and a tiny GPT, with the key/value
+cache (:class:`KVCache`) that makes its generation cost linear in the length per token.
 
 Everything here is checked against PyTorch's own reference in the tests
 (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``). Masks are boolean and
@@ -77,6 +78,79 @@ def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
 
 
+class KVCache:
+    """The keys and values of the positions a causal Transformer has already read, one pair per layer.
+
+    Layer ``l`` holds ``keys[l]`` and ``values[l]``, each ``(B, h, T, d_k)`` (``None`` before the first
+    call). :meth:`MultiHeadAttention.forward_cached` appends the new positions' keys and values and
+    attends over all of them, so a model that reads its input in pieces through the cache computes what
+    one pass over the whole input computes (exactly so only under a causal mask). Any model made of
+    :class:`MultiHeadAttention` layers can use it: give each layer its index ``l``.
+    The cache stores ``2 L B T d`` numbers for ``L`` layers of width ``d = h d_k``.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers the cache has room for."""
+        return len(self.keys)
+
+    def layer_length(self, layer: int) -> int:
+        """Positions cached in ``layer`` (0 when it is empty)."""
+        self._check_layer(layer)
+        k = self.keys[layer]
+        return 0 if k is None else k.shape[-2]
+
+    @property
+    def length(self) -> int:
+        """Positions cached in the first layer: where the next token's position starts."""
+        return self.layer_length(0)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``k, v (B, h, T_new, d_k)`` to ``layer``; return all its keys and values ``(B, h, T + T_new, d_k)``."""
+        self._check_layer(layer)
+        if k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(f"k and v must both be (B, h, T_new, d_k); got {tuple(k.shape)} and {tuple(v.shape)}")
+        old_k, old_v = self.keys[layer], self.values[layer]
+        if old_k is not None and old_v is not None:
+            if (old_k.shape[0], old_k.shape[1], old_k.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+                raise ValueError(
+                    f"layer {layer} caches (B, h, T, d_k) = {tuple(old_k.shape)}; cannot append {tuple(k.shape)}"
+                )
+            k, v = torch.cat([old_k, k], dim=-2), torch.cat([old_v, v], dim=-2)  # (B, h, T + T_new, d_k)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def cropped(self, length: int) -> KVCache:
+        """A new cache holding the first ``length`` positions of every layer (views, no copy): rolls back
+        generation to an earlier point. Appending to it leaves this cache unchanged."""
+        shortest = min(self.layer_length(layer) for layer in range(self.n_layers))
+        if not 0 <= length <= shortest:
+            raise ValueError(f"length must be in [0, {shortest}], got {length}")
+        out = KVCache(self.n_layers)
+        if length:
+            out.keys = [None if k is None else k[..., :length, :] for k in self.keys]
+            out.values = [None if v is None else v[..., :length, :] for v in self.values]
+        return out
+
+    def numel(self) -> int:
+        """Numbers stored: ``2 L B T d`` when every layer holds ``T`` positions of width ``d``."""
+        return sum(t.numel() for t in self.keys + self.values if t is not None)
+
+    def nbytes(self) -> int:
+        """Bytes stored (``numel`` times the element size)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < len(self.keys):
+            raise ValueError(f"layer must be in [0, {len(self.keys)}), got {layer}")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: ``Concat(head_1..head_h) W^O``, ``head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)``.
 
@@ -125,6 +199,29 @@ class MultiHeadAttention(nn.Module):
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)  # (B, h, T_q, d_k)
         out = self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # concat heads, then W^O
         return (out, weights) if return_weights else out
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """Causal self-attention for ``T_new`` new positions ``x (B, T_new, d_model)`` that follow the
+        ``T`` positions in ``cache[layer]``: ``(B, T_new, d_model)``.
+
+        Only the new positions are projected; their keys and values are appended to the cache, and new
+        position ``T + i`` attends to cached and new positions ``j <= T + i``. Reading a sequence in
+        pieces this way gives the same outputs as ``forward`` on the whole sequence with a causal mask.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, T_new, {self.d_model}), got {tuple(x.shape)}")
+        past, T_new, h = cache.layer_length(layer), x.shape[1], self.n_heads
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=h)  # (B, h, T_new, d_k)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=h)  # only the new keys ...
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=h)  # ... and values are computed
+        k, v = cache.append(layer, k, v)  # (B, h, T + T_new, d_k): the past is read, not recomputed
+        mask = None
+        if T_new > 1:  # new position T + i sees keys j <= T + i; a single new token sees everything
+            keys_at = torch.arange(past + T_new, device=x.device)  # (T + T_new,)
+            mask = keys_at[None, :] <= past + torch.arange(T_new, device=x.device)[:, None]  # (T_new, T + T_new)
+        p = self.dropout if self.training else 0.0
+        out, _ = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)  # (B, h, T_new, d_k)
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
 
     @torch.no_grad()
     def load_from_torch(self, mha: nn.MultiheadAttention) -> MultiHeadAttention:
@@ -183,6 +280,20 @@ class TransformerBlock(nn.Module):
         """``(B, T, d) -> (B, T, d)``; ``mask`` as in :class:`MultiHeadAttention`."""
         x = x + self.drop(self.attn(self.ln1(x), mask=mask))  # the residual path is never normalised
         return x + self.mlp(self.ln2(x))
+
+    def forward_with_weights(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward``, and also the attention weights ``(B, h, T, T)``."""
+        a, weights = self.attn(self.ln1(x), mask=mask, return_weights=True)
+        x = x + self.drop(a)
+        return x + self.mlp(self.ln2(x)), weights
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """``forward`` for new positions ``x (B, T_new, d)`` after those in ``cache`` (causal; see
+        :meth:`MultiHeadAttention.forward_cached`): ``(B, T_new, d)``."""
+        x = x + self.drop(self.attn.forward_cached(self.ln1(x), cache, layer))
+        return x + self.mlp(self.ln2(x))  # the MLP acts on each position alone: nothing to cache
 
 
 class GPT(nn.Module):
@@ -247,3 +358,91 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln_f(x))  # (B, T, V)
+
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """The causal attention weights of every layer and head on ``idx (B, T)``: ``(L, B, h, T, T)``."""
+        x = self.embed_tokens(idx)  # (B, T, d)
+        mask = self.mask[: idx.shape[1], : idx.shape[1]]
+        maps = []
+        for block in self.blocks:
+            x, w = cast(TransformerBlock, block).forward_with_weights(x, mask)  # w: (B, h, T, T)
+            maps.append(w)
+        return torch.stack(maps)
+
+    def new_cache(self) -> KVCache:
+        """An empty :class:`KVCache` with one slot per block."""
+        return KVCache(len(self.blocks))
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits ``(B, T_new, V)`` for new tokens ``idx (B, T_new)`` that follow the ``T`` tokens in ``cache``.
+
+        The new tokens get positions ``T .. T + T_new - 1``, and their keys and values join the cache.
+        Reading a sequence in pieces gives the logits of ``forward`` on the whole sequence; the total
+        length cannot exceed ``context`` (the learned positions end there).
+        """
+        if idx.ndim != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be (B, T_new) token ids with T_new >= 1, got shape {tuple(idx.shape)}")
+        if cache.n_layers != len(self.blocks):
+            raise ValueError(f"the cache has {cache.n_layers} layers, the model {len(self.blocks)}")
+        past, T_new = cache.length, idx.shape[1]
+        if past + T_new > self.context:
+            raise ValueError(f"{past} cached + {T_new} new tokens exceed the context {self.context}")
+        x = self.drop(self.tok(idx) + self.pos.weight[past : past + T_new])  # (B, T_new, d)
+        for layer, block in enumerate(self.blocks):
+            x = cast(TransformerBlock, block).forward_cached(x, cache, layer)
+        return self.head(self.ln_f(x))  # (B, T_new, V)
+
+
+class CachedLM(nn.Module):
+    """A model with a key/value cache, seen as a language model with a state, for :func:`dlarch_lib.rnn.generate`.
+
+    ``model`` needs ``new_cache()`` and ``forward_cached(idx, cache) -> logits`` (as :class:`GPT` has).
+    ``forward(idx)`` starts a new cache and reads ``idx``; ``forward(idx, cache)`` reads only the new
+    tokens. Both return ``(logits (B, T_new, V), cache)``, so the book's sampler reads the prompt once and
+    then one token per step, like a recurrent network: ``rnn.generate(CachedLM(gpt), prompt, n)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not (callable(getattr(model, "new_cache", None)) and callable(getattr(model, "forward_cached", None))):
+            raise ValueError(f"{type(model).__name__} has no new_cache() and forward_cached(idx, cache)")
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """``(B, T_new)`` ids -> ``(logits (B, T_new, V), cache)``."""
+        model = cast(GPT, self.model)  # any model with these two methods
+        cache = model.new_cache() if cache is None else cache
+        return model.forward_cached(idx, cache), cache
+
+
+def decode_greedy(
+    model: nn.Module, prompt: torch.Tensor, n: int, *, use_cache: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of ``n`` tokens after ``prompt (B, T0)``: ids ``(B, T0 + n)`` and the logits ``(B, n, V)``
+    from which each new token was chosen.
+
+    With ``use_cache=False`` every step runs ``model(ids)`` over the whole sequence so far (no cropping:
+    ``T0 + n`` must fit the model's context); with ``use_cache=True`` the model (a :class:`GPT` or anything
+    with ``new_cache`` and ``forward_cached``) reads the prompt once and then one token per step.
+    The model is put in eval mode and gets its mode back.
+    """
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be (B, T0) ids with T0 >= 1, got shape {tuple(prompt.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    step = CachedLM(model) if use_cache else None
+    was_training = model.training
+    model.eval()
+    ids = prompt.to(next(model.parameters()).device)  # (B, T0)
+    cache: KVCache | None = None
+    chosen = []
+    with torch.no_grad():
+        for i in range(n):
+            if step is None:
+                logits = model(ids)  # (B, T, V): the whole sequence again
+            else:
+                logits, cache = step(ids if i == 0 else ids[:, -1:], cache)  # (B, 1 or T0, V)
+            chosen.append(logits[:, -1])  # (B, V)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    model.train(was_training)
+    return ids, torch.stack(chosen, dim=1)

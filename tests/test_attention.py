@@ -11,9 +11,12 @@ from torch import nn
 
 from dlarch_lib.attention import (
     GPT,
+    CachedLM,
+    KVCache,
     MultiHeadAttention,
     TransformerBlock,
     causal_mask,
+    decode_greedy,
     padding_mask,
     scaled_dot_product_attention,
     sinusoidal_positions,
@@ -212,3 +215,105 @@ def test_gpt_learns_a_repeating_sequence():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+# --- key/value cache ----------------------------------------------------------------------------
+
+
+def test_cached_pieces_equal_one_causal_pass():
+    gpt = GPT(vocab_size=13, context=12, d_model=16, n_heads=4, n_layers=3).eval()
+    idx = torch.randint(0, 13, (2, 12))
+    cache = gpt.new_cache()
+    pieces = [gpt.forward_cached(idx[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 9), (9, 12))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), gpt(idx))  # prompt in one call, then single tokens
+    assert cache.length == 12 and cache.numel() == 2 * 3 * 2 * 12 * 16  # 2 L B T d
+    assert cache.nbytes() == 4 * cache.numel()
+    k0 = cache.keys[0]
+    assert k0 is not None and k0.shape == (2, 4, 12, 4)  # (B, h, T, d_k)
+
+
+def test_mha_forward_cached_matches_causal_forward():
+    mha = MultiHeadAttention(16, 2).eval()
+    x = torch.randn(3, 7, 16)
+    cache = KVCache(1)
+    out = torch.cat([mha.forward_cached(x[:, :3], cache, 0), mha.forward_cached(x[:, 3:], cache, 0)], dim=1)
+    torch.testing.assert_close(out, mha(x, mask=causal_mask(7)))
+
+
+def test_greedy_decoding_with_cache_equals_recomputation():
+    gpt = GPT(vocab_size=9, context=20, d_model=16, n_heads=2, n_layers=2)
+    prompt = torch.randint(0, 9, (3, 4))
+    ids_full, logits_full = decode_greedy(gpt, prompt, 16, use_cache=False)
+    ids_kv, logits_kv = decode_greedy(gpt, prompt, 16, use_cache=True)
+    assert ids_full.shape == (3, 20) and logits_full.shape == (3, 16, 9)
+    assert torch.equal(ids_kv, ids_full)
+    torch.testing.assert_close(logits_kv, logits_full)
+    assert not torch.allclose(logits_full[:, 0], logits_full[:, -1])  # the steps saw different contexts
+    assert gpt.training  # its mode is given back
+
+
+def test_cached_lm_serves_the_book_sampler():
+    from dlarch_lib.rnn import generate
+
+    gpt = GPT(vocab_size=9, context=20, d_model=16, n_heads=2, n_layers=2)
+    prompt = torch.randint(0, 9, (2, 3))
+    greedy = generate(CachedLM(gpt), prompt, 10, temperature=0)
+    assert torch.equal(greedy, generate(gpt, prompt, 10, temperature=0))
+    logits, cache = CachedLM(gpt)(prompt)
+    assert logits.shape == (2, 3, 9) and cache.length == 3
+    with pytest.raises(ValueError, match="new_cache"):
+        CachedLM(nn.Linear(3, 3))
+
+
+def test_cache_cropped_rolls_back():
+    gpt = GPT(vocab_size=9, context=10, d_model=8, n_heads=2, n_layers=2).eval()
+    idx = torch.randint(0, 9, (1, 10))
+    cache = gpt.new_cache()
+    gpt.forward_cached(idx[:, :6], cache)
+    early = cache.cropped(4)
+    assert early.length == 4 and cache.length == 6
+    torch.testing.assert_close(gpt.forward_cached(idx[:, 4:10], early), gpt(idx)[:, 4:])
+    assert cache.length == 6  # the original is untouched
+    assert cache.cropped(0).numel() == 0
+    with pytest.raises(ValueError, match="length must be in"):
+        cache.cropped(7)
+
+
+def test_attention_maps():
+    gpt = GPT(vocab_size=9, context=8, d_model=16, n_heads=4, n_layers=2).eval()
+    idx = torch.randint(0, 9, (3, 8))
+    maps = gpt.attention_maps(idx)
+    assert maps.shape == (2, 3, 4, 8, 8)  # (L, B, h, T, T)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 3, 4, 8))
+    assert torch.all(maps.triu(1) == 0)
+    x = gpt.embed_tokens(idx)
+    _, w0 = gpt.blocks[0].attn(gpt.blocks[0].ln1(x), mask=causal_mask(8), return_weights=True)
+    torch.testing.assert_close(maps[0], w0)
+
+
+def test_cache_errors():
+    with pytest.raises(ValueError, match="n_layers"):
+        KVCache(0)
+    cache = KVCache(2)
+    with pytest.raises(ValueError, match="layer must be in"):
+        cache.append(2, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"\(B, h, T_new, d_k\)"):
+        cache.append(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5))
+    cache.append(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="cannot append"):
+        cache.append(0, torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))  # another batch size
+    gpt = GPT(vocab_size=9, context=6, d_model=8, n_heads=2, n_layers=2)
+    cache = gpt.new_cache()
+    gpt.forward_cached(torch.zeros(1, 5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="exceed the context 6"):
+        gpt.forward_cached(torch.zeros(1, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="the cache has 3 layers"):
+        gpt.forward_cached(torch.zeros(1, 1, dtype=torch.long), KVCache(3))
+    with pytest.raises(ValueError, match=r"\(B, T_new\)"):
+        gpt.forward_cached(torch.zeros(1, 0, dtype=torch.long), gpt.new_cache())
+    with pytest.raises(ValueError, match=r"x must be \(B, T_new, 8\)"):
+        gpt.blocks[0].attn.forward_cached(torch.zeros(1, 2, 4), gpt.new_cache(), 0)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        decode_greedy(gpt, torch.zeros(1, 2, dtype=torch.long), 0, use_cache=True)
+    with pytest.raises(ValueError, match="prompt must be"):
+        decode_greedy(gpt, torch.zeros(2, dtype=torch.long), 3, use_cache=True)
