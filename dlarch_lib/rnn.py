@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -430,3 +431,269 @@ def train_on_stream(
         progress=progress,
         desc=desc,
     )
+
+
+# --- chapter 5, part 2: a long-dependency task, the GRU, truncated BPTT, bidirectional stacks --------------
+
+
+def adding_problem(batch: int, steps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adding problem (Hochreiter and Schmidhuber, 1997; in the form of Le et al., 2015).
+
+    Each of ``batch`` sequences has ``steps`` time steps of two features: a value drawn uniformly
+    from ``[0, 1)`` and a marker that is 1 at exactly two steps, one in the first half
+    (``t < steps // 2``) and one in the second, 0 elsewhere. The target is the sum of the two
+    marked values. Returns ``x (B, T, 2)`` (value, marker) and ``y (B,)``, drawn on the CPU from
+    ``generator`` (a CPU ``torch.Generator``).
+    """
+    if batch < 1 or steps < 2:
+        raise ValueError(f"adding_problem needs batch >= 1 and steps >= 2, got {batch} and {steps}")
+    values = torch.rand(batch, steps, generator=generator)  # (B, T)
+    half = steps // 2
+    first = torch.randint(0, half, (batch,), generator=generator)  # (B,) in [0, T/2)
+    second = torch.randint(half, steps, (batch,), generator=generator)  # (B,) in [T/2, T)
+    markers = torch.zeros(batch, steps)  # (B, T)
+    rows = torch.arange(batch)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    x = torch.stack([values, markers], dim=-1)  # (B, T, 2)
+    y = (values * markers).sum(dim=1)  # (B,)
+    return x, y
+
+
+class SequenceRegressor(nn.Module):
+    """A recurrent layer (``"rnn"``: tanh ``nn.RNN``, ``"lstm"``, ``"gru"``) with a linear read-out at the last step.
+
+    ``forward(x)`` maps ``x (B, T, I)`` to one number per sequence, ``(B,)``: the regression output
+    for tasks such as :func:`adding_problem`. PyTorch's fused layers are used for speed; the chapter
+    proves :class:`LSTMCell` and :class:`GRUCell` equal to their cells first.
+    """
+
+    KINDS: dict[str, type[nn.Module]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, kind: str, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {sorted(self.KINDS)}, got {kind!r}")
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(f"input_size and hidden_size must be >= 1, got {input_size} and {hidden_size}")
+        self.kind, self.input_size, self.hidden_size = kind, input_size, hidden_size
+        self.rnn = self.KINDS[kind](input_size, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, I)`` -> ``(B,)``: the linear read-out of the last hidden state."""
+        if x.ndim != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"SequenceRegressor expects x of shape (B, T, {self.input_size}), got {tuple(x.shape)}")
+        out, _ = self.rnn(x)  # (B, T, H)
+        return self.head(out[:, -1]).squeeze(-1)  # (B,)
+
+
+def mse_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A regression step for ``fit``: the mean squared error of ``model(x)`` against ``y`` (same shape)."""
+    x, y = batch
+    pred = model(x)
+    if pred.shape != y.shape:
+        raise ValueError(f"the model's output {tuple(pred.shape)} does not match the target {tuple(y.shape)}")
+    return F.mse_loss(pred, y)
+
+
+class GRUCell(nn.Module):
+    """One GRU step, written out. Same parameters and gate order (r, z, n) as ``nn.GRUCell``.
+
+    ``weight_ih`` is ``(3H, I)`` and ``weight_hh`` is ``(3H, H)``; their row blocks are the reset
+    gate ``r``, the update gate ``z`` and the candidate ``n``. The reset gate multiplies the recurrent
+    part of the candidate *after* its bias, ``r * (W_hn h + b_hn)``, as PyTorch (and cuDNN) do.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(f"input_size and hidden_size must be >= 1, got {input_size} and {hidden_size}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))  # (3H, I)
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))  # (3H, H)
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size))  # (3H,)
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size))  # (3H,)
+        bound = 1.0 / math.sqrt(hidden_size)  # PyTorch's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def gates(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reset gate ``r``, update gate ``z`` and candidate ``n``, each ``(B, H)``."""
+        i_r, i_z, i_n = (x @ self.weight_ih.T + self.bias_ih).chunk(3, dim=-1)  # 3 x (B, H)
+        h_r, h_z, h_n = (h @ self.weight_hh.T + self.bias_hh).chunk(3, dim=-1)  # 3 x (B, H)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        return r, z, torch.tanh(i_n + r * h_n)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """One step: ``x (B, I)`` and ``h (B, H)`` (zeros if None) -> the new ``h (B, H)``."""
+        if x.ndim != 2 or x.shape[1] != self.input_size:
+            raise ValueError(f"GRUCell expects x of shape (B, {self.input_size}), got {tuple(x.shape)}")
+        if h is None:
+            h = x.new_zeros(x.shape[0], self.hidden_size)
+        if h.shape != (x.shape[0], self.hidden_size):
+            raise ValueError(f"h must be {(x.shape[0], self.hidden_size)}, got {tuple(h.shape)}")
+        r, z, n = self.gates(x, h)
+        return (1 - z) * n + z * h  # z is the fraction of the old state kept
+
+    @classmethod
+    def from_torch(cls, ref: nn.GRUCell) -> GRUCell:
+        """A copy of ``ref`` (an ``nn.GRUCell`` with biases) as a from-scratch cell."""
+        if ref.bias is False:
+            raise ValueError("only GRU cells with biases are supported (bias=True)")
+        cell = cls(ref.input_size, ref.hidden_size).to(ref.weight_ih.device, ref.weight_ih.dtype)
+        cell.load_state_dict(ref.state_dict())  # identical parameter names and layouts
+        return cell
+
+
+class BiLSTM(nn.Module):
+    """A stacked bidirectional LSTM made of :class:`LSTM` layers; the interface of ``nn.LSTM(bidirectional=True)``.
+
+    Layer ``l`` runs one LSTM forward in time and another over the time-reversed sequence, then
+    concatenates their outputs step by step, so every output sees the whole sequence. The next layer
+    reads those ``2H`` features. ``forward(x)`` with ``x (B, T, I)`` (batch first, zero initial state)
+    returns ``out (B, T, 2H)`` (forward half first) and ``(h_n, c_n)``, each ``(2L, B, H)`` in
+    PyTorch's order: layer 0 forward, layer 0 backward, layer 1 forward, ...
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
+        super().__init__()
+        if min(input_size, hidden_size, num_layers) < 1:
+            raise ValueError(
+                f"input_size, hidden_size and num_layers must be >= 1, got {(input_size, hidden_size, num_layers)}"
+            )
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        sizes = [input_size] + [2 * hidden_size] * (num_layers - 1)
+        self.forward_layers = nn.ModuleList(LSTM(n_in, hidden_size) for n_in in sizes)
+        self.backward_layers = nn.ModuleList(LSTM(n_in, hidden_size) for n_in in sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """Run the stack over ``x (B, T, I)``; see the class docstring for shapes."""
+        if x.ndim != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"BiLSTM expects x of shape (B, T, {self.input_size}), got {tuple(x.shape)}")
+        h_n, c_n = [], []
+        layer_input = x  # (B, T, I), then (B, T, 2H)
+        for fwd, bwd in zip(self.forward_layers, self.backward_layers, strict=True):
+            out_f, (h_f, c_f) = fwd(layer_input)  # (B, T, H), 2 x (1, B, H)
+            out_b, (h_b, c_b) = bwd(layer_input.flip(1))  # reads x_T first
+            layer_input = torch.cat([out_f, out_b.flip(1)], dim=-1)  # (B, T, 2H), aligned in time
+            h_n += [h_f[0], h_b[0]]
+            c_n += [c_f[0], c_b[0]]
+        return layer_input, (torch.stack(h_n), torch.stack(c_n))  # (B, T, 2H), 2 x (2L, B, H)
+
+    @classmethod
+    def from_torch(cls, ref: nn.LSTM) -> BiLSTM:
+        """Copy the weights of a bidirectional, batch-first ``nn.LSTM`` with biases and no projection."""
+        if not ref.bidirectional or not ref.batch_first or ref.proj_size or not ref.bias:
+            raise ValueError("from_torch needs a bidirectional, batch_first nn.LSTM with biases and proj_size=0")
+        model = cls(ref.input_size, ref.hidden_size, ref.num_layers)
+        first = ref.all_weights[0][0]  # weight_ih_l0
+        model.to(first.device, first.dtype)
+        with torch.no_grad():
+            for k in range(ref.num_layers):
+                for suffix, layers in (("", model.forward_layers), ("_reverse", model.backward_layers)):
+                    layer = layers[k]
+                    assert isinstance(layer, LSTM)  # one single-layer LSTM per direction and layer
+                    cell = layer.cells[0]
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        getattr(cell, name).copy_(getattr(ref, f"{name}_l{k}{suffix}"))
+        return model
+
+
+RecurrentState = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def detach_state(state: RecurrentState) -> RecurrentState:
+    """The same state cut from the graph: a tensor (``nn.RNN``/``nn.GRU``) or a tuple ``(h, c)`` (``nn.LSTM``)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return tuple(s.detach() for s in state)
+
+
+def tbptt(
+    model: nn.Module,
+    x: torch.Tensor,
+    k: int,
+    loss_fn: Callable[[torch.Tensor, int], torch.Tensor | None],
+    state: Any = None,
+) -> tuple[float, Any]:
+    """Truncated backpropagation through time: forward and backward ``k`` steps at a time.
+
+    ``model`` is a batch-first recurrent module, ``model(chunk, state) -> (out, state)``, and ``x`` is
+    ``(B, T, I)``. For each chunk ``x[:, s : s + k]`` the model runs from the carried state,
+    ``loss_fn(out_chunk, s)`` scores its outputs (``None`` when the chunk has nothing to score), the
+    loss is backpropagated at once, and the state is detached before the next chunk. So no gradient
+    flows further back than the start of its chunk, and autograd never holds more than ``k`` steps of
+    activations. Gradients accumulate in ``.grad`` (call ``zero_grad`` before, ``step`` after).
+    Returns the summed loss and the final (detached) state.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"tbptt expects x of shape (B, T, I), got {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"the truncation length k must be >= 1, got {k}")
+    total = 0.0
+    for start in range(0, x.shape[1], k):
+        out, state = model(x[:, start : start + k], state)  # (B, <=k, H)
+        loss = loss_fn(out, start)
+        if loss is not None:
+            loss.backward()  # frees this chunk's graph
+            total += loss.item()
+        state = detach_state(state)  # the truncation: the next chunk starts a new graph
+        del out, loss  # an unscored chunk's graph goes now, not after the next chunk's forward
+    return total, state
+
+
+class SavedTensorMeter:
+    """Context manager: the peak number of bytes that autograd holds for backward while it is active.
+
+    Every tensor a graph saves for the backward pass is counted once per storage while any graph
+    holds it (a saved tensor is released when its graph is freed, e.g. by ``backward()``). Storages
+    listed in ``exclude`` (pass the model's parameters) are not counted, so :attr:`peak` measures the
+    activations. Read :attr:`peak` (bytes) after the ``with`` block.
+    """
+
+    def __init__(self, exclude: Any = ()) -> None:
+        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self.current = 0
+        self.peak = 0
+        self._holders: dict[int, int] = {}  # storage pointer -> number of saved references
+        self._hooks: Any = None
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._holders[key] -= 1
+        if self._holders[key] == 0:
+            del self._holders[key]
+            self.current -= nbytes
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.exclude:
+            return t
+        if key not in self._holders:
+            self._holders[key] = 0
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self._holders[key] += 1
+        handle = _Saved(t.detach())  # detached: holding the output itself would make a reference cycle
+        weakref.finalize(handle, self._release, key, storage.nbytes())
+        return handle
+
+    @staticmethod
+    def _unpack(saved: Any) -> torch.Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _Saved:
+    """A saved tensor, wrapped so that :class:`SavedTensorMeter` sees when autograd lets go of it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor

@@ -13,7 +13,7 @@ is tested against:
 The experiments train with the book's engine, :func:`dlarch_lib.core.train.fit`: the digits MLP
 (``modular.MLPConfig``) with :func:`train_classifier`, whose step :func:`scheduled_step` logs the
 learning rate a ``LambdaLR`` schedule sets at every step, and a plain RNN on the adding problem
-(:func:`adding_problem`, :func:`train_rnn`), whose step :func:`clipped_sgd_step` clips the
+(chapter 5's :func:`dlarch_lib.rnn.adding_problem`, :func:`train_rnn`), whose step :func:`clipped_sgd_step` clips the
 gradient and records its norm.
 """
 
@@ -361,26 +361,6 @@ def train_classifier(
 
 
 # --------------------------------------------------------------------------- an exploding RNN
-
-
-def adding_problem(n: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adding problem: ``x`` ``(n, length, 2)``, target ``y`` ``(n,)``.
-
-    Channel 0 holds uniform numbers in [0, 1]; channel 1 marks two positions, one in each half of
-    the sequence; the target is the sum of the two marked numbers. Predicting the mean, 1, gives
-    a mean squared error of 1/6.
-    """
-    if n < 1 or length < 2:
-        raise ValueError(f"need n >= 1 and length >= 2, got {n} and {length}")
-    g = torch.Generator().manual_seed(seed)
-    values = torch.rand(n, length, generator=g)
-    first = torch.randint(0, length // 2, (n,), generator=g)
-    second = torch.randint(length // 2, length, (n,), generator=g)
-    marks = torch.zeros(n, length)
-    rows = torch.arange(n)
-    marks[rows, first] = 1.0
-    marks[rows, second] = 1.0
-    return torch.stack([values, marks], dim=-1), values[rows, first] + values[rows, second]
 
 
 class RNNRegressor(nn.Module):

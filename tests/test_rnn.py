@@ -251,3 +251,129 @@ def test_eval_nats_is_deterministic_and_checks_input(corpus):
         rnn.eval_nats(model, corpus, split="test")
     with pytest.raises(ValueError, match="longer than"):
         rnn.eval_nats(model, corpus, context=10_000)
+
+
+def test_adding_problem_targets_markers_and_baseline():
+    g = torch.Generator().manual_seed(0)
+    x, y = rnn.adding_problem(4000, 20, g)
+    assert x.shape == (4000, 20, 2) and y.shape == (4000,)
+    markers = x[..., 1]
+    assert torch.all(markers.sum(dim=1) == 2)
+    assert torch.all(markers[:, :10].sum(dim=1) == 1) and torch.all(markers[:, 10:].sum(dim=1) == 1)
+    torch.testing.assert_close(y, (x[..., 0] * markers).sum(dim=1))
+    # predicting 1 (the mean of the sum of two uniforms) costs the variance 2/12 = 1/6
+    assert abs(((y - 1.0) ** 2).mean().item() - 1 / 6) < 0.01
+    again = rnn.adding_problem(4000, 20, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+    with pytest.raises(ValueError, match="steps >= 2"):
+        rnn.adding_problem(4, 1, g)
+
+
+def test_sequence_regressor_and_mse_step():
+    for kind in ("rnn", "lstm", "gru"):
+        model = rnn.SequenceRegressor(kind, 2, 8)
+        x, y = rnn.adding_problem(5, 7, torch.Generator().manual_seed(1))
+        assert model(x).shape == (5,)
+        torch.testing.assert_close(rnn.mse_step(model, (x, y)), ((model(x) - y) ** 2).mean())
+    assert isinstance(rnn.SequenceRegressor("rnn", 2, 8).rnn, nn.RNN)
+    with pytest.raises(ValueError, match="kind must be"):
+        rnn.SequenceRegressor("transformer", 2, 8)
+    with pytest.raises(ValueError, match="expects x"):
+        rnn.SequenceRegressor("lstm", 2, 8)(torch.randn(5, 7, 3))
+    with pytest.raises(ValueError, match="does not match"):
+        rnn.mse_step(rnn.SequenceRegressor("lstm", 2, 8), (torch.randn(5, 7, 2), torch.randn(5, 1)))
+
+
+def test_gru_cell_matches_torch_and_checks_input():
+    ref = nn.GRUCell(5, 7)
+    cell = rnn.GRUCell.from_torch(ref)
+    x, h = torch.randn(3, 5), torch.randn(3, 7)
+    torch.testing.assert_close(cell(x, h), ref(x, h))
+    torch.testing.assert_close(cell(x), ref(x))  # zero initial state
+    r, z, n = cell.gates(x, h)
+    torch.testing.assert_close(cell(x, h), (1 - z) * n + z * h)
+    lstm_params = sum(p.numel() for p in nn.LSTMCell(5, 7).parameters())
+    assert 4 * sum(p.numel() for p in cell.parameters()) == 3 * lstm_params
+    with pytest.raises(ValueError, match="input_size and hidden_size"):
+        rnn.GRUCell(3, 0)
+    with pytest.raises(ValueError, match="GRUCell expects x"):
+        cell(torch.randn(3, 4), h)
+    with pytest.raises(ValueError, match="h must be"):
+        cell(x, torch.randn(3, 6))
+    with pytest.raises(ValueError, match="biases"):
+        rnn.GRUCell.from_torch(nn.GRUCell(5, 7, bias=False))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bilstm_matches_torch(layers):
+    ref = nn.LSTM(4, 6, num_layers=layers, bidirectional=True, batch_first=True)
+    ours = rnn.BiLSTM.from_torch(ref)
+    x = torch.randn(3, 9, 4)
+    out, (h_n, c_n) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x)
+    assert out.shape == (3, 9, 12) and h_n.shape == (2 * layers, 3, 6)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(h_n, h_ref)
+    torch.testing.assert_close(c_n, c_ref)
+    torch.testing.assert_close(out[:, -1, :6], h_n[-2])  # forward direction ends at the last step
+    torch.testing.assert_close(out[:, 0, 6:], h_n[-1])  # backward direction ends at the first step
+
+
+def test_bilstm_errors():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        rnn.BiLSTM(4, 6, num_layers=0)
+    with pytest.raises(ValueError, match="BiLSTM expects x"):
+        rnn.BiLSTM(4, 6)(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="bidirectional"):
+        rnn.BiLSTM.from_torch(nn.LSTM(4, 6, batch_first=True))
+
+
+def test_tbptt_cuts_the_gradient_at_the_truncation():
+    model = nn.RNN(2, 8, batch_first=True).double()
+    T, k = 12, 4
+    x = torch.randn(3, T, 2, dtype=torch.float64, requires_grad=True)
+
+    def last_step(out, start):  # score only the last output
+        return out[:, -1].sum() if start + out.shape[1] == T else None
+
+    total, state = rnn.tbptt(model, x, T, last_step)  # k = T: full backpropagation through time
+    full = x.grad.clone()
+    assert full[:, 0].abs().sum() > 0 and not state.requires_grad
+    torch.testing.assert_close(total, model(x.detach())[0][:, -1].sum().item())
+    x.grad = None
+    rnn.tbptt(model, x, k, last_step)
+    assert torch.all(x.grad[:, : T - k] == 0)  # exactly zero before the last chunk
+    torch.testing.assert_close(x.grad[:, T - k :], full[:, T - k :])  # the last chunk is untouched
+    with pytest.raises(ValueError, match="truncation length"):
+        rnn.tbptt(model, x, 0, last_step)
+    with pytest.raises(ValueError, match="tbptt expects"):
+        rnn.tbptt(model, x[0], k, last_step)
+
+
+def test_tbptt_accumulates_the_same_gradient_as_per_chunk_backward():
+    model = nn.LSTM(2, 5, batch_first=True)
+    x = torch.randn(2, 10, 2)
+    model.zero_grad()
+    rnn.tbptt(model, x, 5, lambda out, s: out.pow(2).mean())
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out1, (h, c) = model(x[:, :5])
+    out2, _ = model(x[:, 5:], (h.detach(), c.detach()))
+    (out1.pow(2).mean() + out2.pow(2).mean()).backward()
+    for a, p in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+    assert isinstance(rnn.detach_state((h, c)), tuple)
+
+
+def test_saved_tensor_meter_scales_with_the_truncation_length():
+    model = rnn.LSTM(2, 16)
+    x = torch.randn(4, 24, 2)
+    peaks = {}
+    for k in (24, 12, 6):
+        with rnn.SavedTensorMeter(exclude=[*model.parameters(), x]) as meter:
+            rnn.tbptt(model, x, k, lambda out, s: out.pow(2).mean())
+        peaks[k] = meter.peak
+        assert meter.current == 0  # everything saved was released by backward
+    assert peaks[24] > 0
+    for k in (12, 6):
+        assert abs(peaks[k] / peaks[24] - k / 24) < 0.05 * k / 24
