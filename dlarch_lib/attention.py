@@ -195,10 +195,17 @@ class MultiHeadAttention(nn.Module):
         q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=h)  # (B, h, T_q, d_k)
         k = rearrange(self.k_proj(key), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
         v = rearrange(self.v_proj(value), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
-        p = self.dropout if self.training else 0.0
-        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)  # (B, h, T_q, d_k)
+        out, weights = self.attend(q, k, v, mask, need_weights=return_weights)  # (B, h, T_q, d_k)
         out = self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # concat heads, then W^O
         return (out, weights) if return_weights else out
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' attention: ``q (B, h, T_q, d_k)``, ``k, v (B, h, T_k, d_k)`` -> outputs ``(B, h, T_q, d_k)``
+        and weights ``(B, h, T_q, T_k)``. Softmax attention here; a subclass may swap the rule and keep the rest."""
+        p = self.dropout if self.training else 0.0
+        return scaled_dot_product_attention(q, k, v, mask, dropout_p=p)
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """Causal self-attention for ``T_new`` new positions ``x (B, T_new, d_model)`` that follow the

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from dlarch_lib.attention import MultiHeadAttention, TransformerBlock, scaled_dot_product_attention
@@ -341,7 +340,8 @@ def linear_attention(
 class LinearMultiHeadAttention(MultiHeadAttention):
     """:class:`~dlarch_lib.attention.MultiHeadAttention` with :func:`linear_attention` in each head.
 
-    Same projections and shapes; no mask (``causal=True`` at construction gives the causal form).
+    Same projections, shapes and ``forward``; only :meth:`attend` changes. No mask (``causal=True`` at
+    construction gives the causal form).
     ``return_weights=True`` also returns the per-head weights ``(B, h, T_q, T_k)``, built the slow way.
     """
 
@@ -349,31 +349,15 @@ class LinearMultiHeadAttention(MultiHeadAttention):
         super().__init__(d_model, n_heads)
         self.causal = causal
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor | None = None,
-        value: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        *,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """query ``(B, T_q, d_model)``, key/value ``(B, T_k, d_model)`` -> ``(B, T_q, d_model)``."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`linear_attention` per head; the weights are built the slow way only when asked for."""
         if mask is not None:
             raise ValueError("linear attention takes no mask (use causal=True for the causal form)")
-        key = query if key is None else key
-        value = key if value is None else value
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if x.ndim != 3 or x.shape[-1] != self.d_model:
-                raise ValueError(f"{name} must be (B, T, {self.d_model}), got {tuple(x.shape)}")
-        h = self.n_heads
-        q = rearrange(self.q_proj(query), "b t (h d) -> b h t d", h=h)  # (B, h, T_q, d_k)
-        k = rearrange(self.k_proj(key), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
-        v = rearrange(self.v_proj(value), "b t (h d) -> b h t d", h=h)  # (B, h, T_k, d_k)
-        out = self.out_proj(rearrange(linear_attention(q, k, v, self.causal), "b h t d -> b t (h d)"))
-        if return_weights:
-            return out, kernel_attention_weights(q, k, self.causal)
-        return out
+        out = linear_attention(q, k, v, self.causal)  # (B, h, T_q, d_k)
+        weights = kernel_attention_weights(q, k, self.causal) if need_weights else out.new_empty(0)
+        return out, weights
 
 
 class MemoryReader(nn.Module):
