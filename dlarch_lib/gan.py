@@ -14,6 +14,10 @@
 - StyleGAN2 pieces at small scale: :class:`MappingNetwork`, :func:`modulated_conv2d` /
   :class:`ModulatedConv2d` (modulation, demodulation, the grouped-convolution trick),
   :class:`NoiseInjection`, :func:`mix_styles` and a tiny :class:`StyleGenerator`.
+- Mode collapse on a 2-D ring of Gaussians (:func:`ring_centres`, :func:`sample_ring`,
+  :func:`mode_coverage`): several runs side by side (:class:`EnsembleMLP`, :class:`ToyGAN`, optionally
+  conditional on the mode), trained by :func:`train_toy_gan` with the standard loss or WGAN-GP
+  (:func:`gradient_penalty`, :func:`wasserstein_losses`).
 
 Images on the outside are ``(N, 1, 8, 8)`` in [0, 1] (as :mod:`dlarch_lib.core.data` gives them);
 inside the GAN they live in [-1, 1] (tanh output), see :func:`to_signed` / :func:`to_unit`.
@@ -555,3 +559,314 @@ class StyleGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         w = self.mapping(z)  # (B, w_dim)
         return self.synthesis(w[:, None].expand(-1, self.num_ws, -1))
+
+
+# ----------------------------------------------------------------------------- 2-D testbed
+# Mode collapse, WGAN-GP and conditioning on a ring of Gaussians.
+#
+# Shapes: ``R`` independent training runs are held side by side in one module (one weight matrix per run,
+# multiplied with ``torch.baddbmm``), so a few seeds train for little more than the price of one on a CPU.
+# Points are ``(R, B, 2)``, labels ``(R, B)``, codes ``(R, B, z_dim)``.
+
+
+def ring_centres(modes: int = 8, radius: float = 2.0) -> torch.Tensor:
+    """The ``modes`` centres ``(K, 2)`` evenly spaced on a circle of ``radius``, the first at angle 0."""
+    if modes < 1 or radius <= 0:
+        raise ValueError(f"modes must be >= 1 and radius > 0, got {modes}, {radius}")
+    angle = 2 * math.pi * torch.arange(modes, dtype=torch.float32) / modes  # (K,)
+    return radius * torch.stack([angle.cos(), angle.sin()], dim=1)  # (K, 2)
+
+
+def sample_ring(
+    n: int,
+    *,
+    runs: int = 1,
+    modes: int = 8,
+    radius: float = 2.0,
+    std: float = 0.05,
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``modes`` equal Gaussians (standard deviation ``std``) on a ring: points ``(runs, n, 2)``, labels ``(runs, n)``.
+
+    The mode of each point is uniform unless ``labels`` ``(runs, n)`` fixes it; everything is drawn on the
+    CPU from ``generator``.
+    """
+    if n < 1 or runs < 1 or std <= 0:
+        raise ValueError(f"n and runs must be >= 1 and std > 0, got {n}, {runs}, {std}")
+    if labels is None:
+        labels = torch.randint(0, modes, (runs, n), generator=generator)
+    elif labels.shape != (runs, n) or int(labels.min()) < 0 or int(labels.max()) >= modes:
+        raise ValueError(f"labels must be (runs, n) = {(runs, n)} in [0, {modes}), got {tuple(labels.shape)}")
+    centres = ring_centres(modes, radius)[labels]  # (runs, n, 2)
+    return centres + std * torch.randn(runs, n, 2, generator=generator), labels
+
+
+def nearest_mode(points: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For points ``(..., 2)``: the index of the nearest centre ``(...)`` and the distance to it ``(...)``."""
+    if points.shape[-1] != centres.shape[-1] or centres.ndim != 2:
+        raise ValueError(
+            f"points (..., D) and centres (K, D) must agree, got {tuple(points.shape)}, {tuple(centres.shape)}"
+        )
+    dist = torch.linalg.vector_norm(points[..., None, :] - centres.to(points), dim=-1)  # (..., K)
+    d, index = dist.min(dim=-1)
+    return index, d
+
+
+def mode_coverage(
+    points: torch.Tensor, centres: torch.Tensor, std: float, *, within: float = 3.0, min_share: float = 0.25
+) -> dict[str, float]:
+    """How many modes a sample ``(n, 2)`` of one generator covers, and how many of its points are good.
+
+    A point is *high quality* when it lies within ``within * std`` of its nearest centre; a mode is
+    *covered* when at least ``min_share`` of its fair share ``n / K`` of high-quality points lands on it.
+    Returns ``modes`` (an int, 0 to K), ``high_quality`` (a fraction) and ``balance`` (the smallest
+    covered mode's count over the largest mode's count, 0 if none covered).
+    """
+    if points.ndim != 2 or len(points) == 0:
+        raise ValueError(f"expected a non-empty sample (n, 2) of one generator, got {tuple(points.shape)}")
+    if std <= 0 or within <= 0 or not 0 < min_share <= 1:
+        raise ValueError(f"need std > 0, within > 0 and 0 < min_share <= 1, got {std}, {within}, {min_share}")
+    index, dist = nearest_mode(points, centres)
+    good = dist < within * std  # (n,)
+    counts = torch.bincount(index[good], minlength=len(centres)).float()  # (K,)
+    covered = counts >= min_share * len(points) / len(centres)
+    balance = float(counts[covered].min() / counts.max()) if covered.any() else 0.0
+    return {"modes": int(covered.sum()), "high_quality": float(good.float().mean()), "balance": balance}
+
+
+class EnsembleLinear(nn.Module):
+    """``runs`` independent linear layers applied side by side: ``(R, B, in) -> (R, B, out)``.
+
+    Run ``r`` computes ``x[r] @ weight[r] + bias[r]``, i.e. ``F.linear(x[r], weight[r].T, bias[r])``;
+    initialised as ``nn.Linear`` is (uniform in ``+-1/sqrt(in)``), from the global generator.
+    """
+
+    def __init__(self, runs: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        if min(runs, in_features, out_features) < 1:
+            raise ValueError(
+                f"runs, in_features and out_features must be >= 1, got {runs}, {in_features}, {out_features}"
+            )
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(runs, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(runs, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runs, fan_in = self.weight.shape[:2]
+        if x.ndim != 3 or x.shape[0] != runs or x.shape[2] != fan_in:
+            raise ValueError(f"expected x of shape ({runs}, B, {fan_in}), got {tuple(x.shape)}")
+        return torch.baddbmm(self.bias, x, self.weight)  # (R, B, out)
+
+
+class EnsembleMLP(nn.Module):
+    """``runs`` independent MLPs ``in -> hidden -> hidden -> out`` (ReLU): ``(R, B, in) -> (R, B, out)``."""
+
+    def __init__(self, runs: int, in_features: int, out_features: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.runs, self.in_features = runs, in_features
+        self.net = nn.Sequential(
+            EnsembleLinear(runs, in_features, hidden),
+            nn.ReLU(),
+            EnsembleLinear(runs, hidden, hidden),
+            nn.ReLU(),
+            EnsembleLinear(runs, hidden, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def member(self, run: int) -> nn.Sequential:
+        """Run ``run`` as a plain ``nn.Sequential`` of ``nn.Linear`` and ``nn.ReLU`` (a copy, for checking)."""
+        if not 0 <= run < self.runs:
+            raise ValueError(f"run must be in [0, {self.runs}), got {run}")
+        layers: list[nn.Module] = []
+        for layer in self.net:
+            if isinstance(layer, EnsembleLinear):
+                linear = nn.Linear(layer.weight.shape[1], layer.weight.shape[2])
+                with torch.no_grad():
+                    linear.weight.copy_(layer.weight[run].T)
+                    linear.bias.copy_(layer.bias[run, 0])
+                layers.append(linear)
+            else:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers).to(model_device(self))
+
+
+class ToyGAN(nn.Module):
+    """``runs`` GANs on 2-D points, side by side; conditional on a label in ``[0, num_classes)`` if ``num_classes > 0``.
+
+    The generator maps ``[z, onehot(y)]`` ``(R, B, z_dim + C)`` to points ``(R, B, 2)``; the critic (the
+    discriminator) maps ``[x, onehot(y)]`` ``(R, B, 2 + C)`` to scores ``(R, B)``. Conditioning by
+    concatenating the label to both inputs is the conditional GAN of Mirza and Osindero.
+    """
+
+    def __init__(self, runs: int = 1, z_dim: int = 2, hidden: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        if min(runs, z_dim, hidden) < 1 or num_classes < 0:
+            raise ValueError(
+                f"runs, z_dim, hidden must be >= 1 and num_classes >= 0, got {runs}, {z_dim}, {hidden}, {num_classes}"
+            )
+        self.runs, self.z_dim, self.num_classes = runs, z_dim, num_classes
+        self.generator = EnsembleMLP(runs, z_dim + num_classes, 2, hidden)
+        self.critic = EnsembleMLP(runs, 2 + num_classes, 1, hidden)
+
+    def _with_labels(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.num_classes == 0:
+            if labels is not None:
+                raise ValueError("this ToyGAN is unconditional (num_classes=0): pass no labels")
+            return x
+        if labels is None or labels.shape != x.shape[:2]:
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"a conditional ToyGAN needs labels of shape {tuple(x.shape[:2])}, got {got}")
+        return torch.cat([x, F.one_hot(labels, self.num_classes).to(x)], dim=-1)  # (R, B, D + C)
+
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes ``z`` ``(R, B, z_dim)`` (and labels ``(R, B)``) -> points ``(R, B, 2)``, differentiable."""
+        return self.generator(self._with_labels(z, labels))
+
+    def score(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Points ``(R, B, 2)`` (and labels) -> critic scores (logits for a standard GAN) ``(R, B)``."""
+        return self.critic(self._with_labels(x, labels)).squeeze(-1)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` points per run ``(R, n, 2)`` on the CPU, ``z ~ N(0, I)`` drawn on the CPU from ``generator``."""
+        z = torch.randn(self.runs, n, self.z_dim, generator=generator)
+        device = model_device(self)
+        return self.generate(z.to(device), None if labels is None else labels.to(device)).cpu()
+
+
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    t: torch.Tensor | None = None,
+    *,
+    event_dims: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WGAN-GP's penalty ``E[(||grad f(x_hat)|| - 1)^2]`` at ``x_hat = t real + (1 - t) fake``, ``t ~ U(0, 1)``.
+
+    ``real`` and ``fake`` have shape ``batch + event`` where the last ``event_dims`` dimensions make one
+    sample (1 for points ``(..., D)``, 3 for images ``(B, C, H, W)``). ``t`` has shape ``batch + (1,) *
+    event_dims`` (drawn on the CPU from ``generator`` if ``None``). The critic must score every sample on
+    its own (no batch norm), so the gradient of the sum of its scores is each sample's own gradient.
+    The result keeps the graph (``create_graph=True``): its gradient reaches the critic's parameters.
+    """
+    if real.shape != fake.shape or not 1 <= event_dims < real.ndim:
+        raise ValueError(
+            f"real and fake must share a shape with 1 <= event_dims < ndim, got {tuple(real.shape)}, "
+            f"{tuple(fake.shape)}, event_dims={event_dims}"
+        )
+    t_shape = real.shape[: real.ndim - event_dims] + (1,) * event_dims
+    if t is None:
+        t = torch.rand(t_shape, generator=generator).to(real)
+    elif t.shape != t_shape:
+        raise ValueError(f"t must have shape {tuple(t_shape)}, got {tuple(t.shape)}")
+    x_hat = (t * real + (1 - t) * fake.detach()).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    norms = torch.linalg.vector_norm(grad, dim=tuple(range(-event_dims, 0)))  # batch shape
+    return (norms - 1).pow(2).mean()
+
+
+def wasserstein_losses(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The WGAN losses from critic scores ``(...)``: critic ``E f(fake) - E f(real)``, generator ``-E f(fake)``.
+
+    The critic's loss is minus the dual estimate of ``W1`` (Kantorovich-Rubinstein) for a 1-Lipschitz critic.
+    """
+    return fake_scores.mean() - real_scores.mean(), -fake_scores.mean()
+
+
+TOY_LOSSES = ("non_saturating", "wgan_gp")
+
+
+def toy_gan_step(
+    model: ToyGAN,
+    batch: tuple[torch.Tensor, ...],
+    *,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    loss: str = "non_saturating",
+    gp_weight: float = 1.0,
+) -> dict[str, float]:
+    """``n`` critic updates, then one generator update, for every run of a :class:`ToyGAN` at once.
+
+    ``batch`` (from :func:`train_toy_gan`): real points ``(n, R, B, 2)`` with labels ``(n, R, B)``, codes
+    ``(n + 1, R, B, z_dim)``, labels for the generator's update ``(R, B)`` and interpolation weights
+    ``(n, R, B, 1)``. A critic update's fakes get the labels of its real batch (ignored if unconditional).
+    ``loss`` is ``"non_saturating"`` (the standard GAN) or ``"wgan_gp"`` (Wasserstein critic plus the
+    gradient penalty of weight ``gp_weight``).
+    """
+    real, real_labels, z, gen_labels, t = batch
+    cond = model.num_classes > 0
+    critic_loss = torch.zeros(())
+    for k in range(len(real)):
+        y = real_labels[k] if cond else None  # (R, B)
+        fake = model.generate(z[k], y).detach()  # (R, B, 2)
+        real_scores, fake_scores = model.score(real[k], y), model.score(fake, y)  # (R, B) each
+        if loss == "wgan_gp":
+            penalty = gradient_penalty(functools.partial(model.score, labels=y), real[k], fake, t[k])
+            critic_loss = wasserstein_losses(real_scores, fake_scores)[0] + gp_weight * penalty
+        else:
+            critic_loss = discriminator_loss(real_scores, fake_scores)
+        opt_d.zero_grad(set_to_none=True)
+        (critic_loss * model.runs).backward()  # the runs are independent: each gets the gradient of its own mean
+        opt_d.step()
+    y = gen_labels if cond else None
+    fake_scores = model.score(model.generate(z[-1], y), y)  # (R, B)
+    gen_loss = -fake_scores.mean() if loss == "wgan_gp" else generator_loss(fake_scores)
+    opt_g.zero_grad(set_to_none=True)
+    (gen_loss * model.runs).backward()
+    opt_g.step()
+    return {"d_loss": critic_loss.item(), "g_loss": gen_loss.item()}
+
+
+def train_toy_gan(
+    model: ToyGAN,
+    *,
+    steps: int,
+    loss: str = "non_saturating",
+    n_critic: int = 1,
+    gp_weight: float = 1.0,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.5, 0.9),
+    modes: int = 8,
+    radius: float = 2.0,
+    std: float = 0.05,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> History:
+    """Train every run of ``model`` on the ring of :func:`sample_ring` for ``steps`` generator updates.
+
+    Each step makes ``n_critic`` critic updates and one generator update (:func:`toy_gan_step`, Adam).
+    Real points, labels, codes and interpolation weights are drawn on the CPU from ``generator``; a
+    conditional model (``num_classes == modes``) draws the fakes' labels uniformly.
+    """
+    if loss not in TOY_LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {TOY_LOSSES}")
+    if steps < 1 or n_critic < 1 or batch_size < 1:
+        raise ValueError(f"steps, n_critic and batch_size must be >= 1, got {steps}, {n_critic}, {batch_size}")
+    if model.num_classes not in (0, modes):
+        raise ValueError(f"a conditional model needs num_classes == modes ({modes}), got {model.num_classes}")
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(model.critic.parameters(), lr=lr, betas=betas)
+    runs, n = model.runs, n_critic
+
+    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            real, real_labels = sample_ring(
+                n * batch_size, runs=runs, modes=modes, radius=radius, std=std, generator=generator
+            )
+            real = rearrange(real, "r (n b) d -> n r b d", n=n)  # (n, R, B, 2)
+            real_labels = rearrange(real_labels, "r (n b) -> n r b", n=n)
+            z = torch.randn(n + 1, runs, batch_size, model.z_dim, generator=generator)
+            gen_labels = torch.randint(0, modes, (runs, batch_size), generator=generator)
+            t = torch.rand(n, runs, batch_size, 1, generator=generator)
+            yield real, real_labels, z, gen_labels, t
+
+    step = functools.partial(toy_gan_step, opt_g=opt_g, opt_d=opt_d, loss=loss, gp_weight=gp_weight)
+    return fit(model, batches(), step, steps=steps, optimizer=None, progress=progress, desc=loss)

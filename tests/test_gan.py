@@ -340,3 +340,153 @@ def test_style_generator_mixing_changes_only_what_it_should():
         gen.synthesis(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="layers"):
         gan.StyleGenerator(layers=1)
+
+
+# ----------------------------------------------------------------------------- 2-D testbed
+
+
+def test_ring_centres_and_samples():
+    c = gan.ring_centres(8, 2.0)
+    assert c.shape == (8, 2)
+    torch.testing.assert_close(c.norm(dim=1), torch.full((8,), 2.0))
+    torch.testing.assert_close(c[0], torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(c[2], torch.tensor([0.0, 2.0]), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = gan.sample_ring(4000, runs=2, std=0.1, generator=g)
+    assert x.shape == (2, 4000, 2) and y.shape == (2, 4000)
+    assert torch.bincount(y.flatten(), minlength=8).min() > 800  # uniform over modes
+    offsets = x - c[y]
+    assert abs(offsets.std().item() - 0.1) < 0.005
+    fixed = torch.full((1, 5), 3)
+    x3, y3 = gan.sample_ring(5, labels=fixed, std=1e-3, generator=g)
+    assert torch.equal(y3, fixed) and torch.allclose(x3[0], c[3].expand(5, 2), atol=0.01)
+
+
+def test_ring_errors():
+    with pytest.raises(ValueError, match="radius"):
+        gan.ring_centres(8, 0.0)
+    with pytest.raises(ValueError, match="std"):
+        gan.sample_ring(10, std=0.0)
+    with pytest.raises(ValueError, match="labels must be"):
+        gan.sample_ring(3, labels=torch.tensor([[0, 1, 8]]))
+
+
+def test_mode_coverage_counts_modes_and_quality():
+    c = gan.ring_centres(8, 2.0)
+    on_three = c[torch.tensor([0, 1, 2] * 30)]  # (90, 2): exactly on three modes
+    between = torch.zeros(10, 2)  # the origin: far from every mode
+    s = gan.mode_coverage(torch.cat([on_three, between]), c, std=0.05)
+    assert s["modes"] == 3 and s["high_quality"] == pytest.approx(0.9) and s["balance"] == pytest.approx(1.0)
+    # a mode with too few points (below a quarter of its fair share) is not covered
+    few = torch.cat([c[torch.zeros(97, dtype=torch.long)], c[torch.tensor([5, 5, 5])]])
+    assert gan.mode_coverage(few, c, std=0.05)["modes"] == 1
+    index, dist = gan.nearest_mode(c[[4, 7]] + 0.01, c)
+    assert index.tolist() == [4, 7] and torch.allclose(dist, torch.full((2,), 0.01 * math.sqrt(2)))
+    with pytest.raises(ValueError, match="non-empty sample"):
+        gan.mode_coverage(torch.zeros(2, 5, 2), c, std=0.05)
+    with pytest.raises(ValueError, match="min_share"):
+        gan.mode_coverage(on_three, c, std=0.05, min_share=0.0)
+    with pytest.raises(ValueError, match="must agree"):
+        gan.nearest_mode(torch.zeros(4, 3), c)
+
+
+def test_ensemble_mlp_members_are_plain_torch_mlps():
+    torch.manual_seed(0)
+    mlp = gan.EnsembleMLP(3, 4, 2, hidden=8)
+    x = torch.randn(3, 5, 4)
+    out = mlp(x)
+    assert out.shape == (3, 5, 2)
+    for r in range(3):
+        torch.testing.assert_close(out[r], mlp.member(r)(x[r]))
+    # the runs are independent: run 0's output has no gradient in run 1's weights
+    out[0].sum().backward()
+    assert all(p.grad is not None and p.grad[1:].abs().sum() == 0 for p in mlp.parameters())
+    with pytest.raises(ValueError, match=r"expected x of shape \(3, B, 4\)"):
+        mlp(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="run must be"):
+        mlp.member(3)
+    with pytest.raises(ValueError, match="runs, in_features"):
+        gan.EnsembleLinear(0, 2, 2)
+
+
+def test_gradient_penalty_of_a_linear_critic_is_norm_w_minus_one_squared():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    critic = lambda x: x @ w + 0.7  # grad_x f = w everywhere
+    real, fake = torch.randn(2, 10, 3, generator=g, dtype=torch.float64), torch.randn(2, 10, 3, dtype=torch.float64)
+    gp = gan.gradient_penalty(critic, real, fake, generator=g)
+    expected = (w.detach().norm() - 1) ** 2
+    torch.testing.assert_close(gp, expected)
+    # create_graph: the penalty's gradient reaches the critic, d/dw (|w| - 1)^2 = 2 (|w| - 1) w / |w|
+    (grad_w,) = torch.autograd.grad(gp, w)
+    torch.testing.assert_close(grad_w, 2 * (w.norm() - 1) * w / w.norm())
+    # images: the norm runs over (C, H, W); a critic of unit-norm weight has zero penalty
+    v = torch.randn(1, 4, 4, generator=g)
+    v = v / v.norm()
+    img_critic = lambda x: (x * v).sum(dim=(1, 2, 3))
+    imgs = torch.randn(6, 1, 4, 4, generator=g)
+    torch.testing.assert_close(gan.gradient_penalty(img_critic, imgs, imgs.flip(0), event_dims=3), torch.tensor(0.0))
+
+
+def test_gradient_penalty_uses_the_interpolates():
+    real, fake = torch.tensor([[2.0]]), torch.tensor([[0.0]])
+    critic = lambda x: (x**2).sum(dim=-1)  # grad = 2x: at x_hat = 2t the norm is 4t
+    gp = gan.gradient_penalty(critic, real, fake, torch.tensor([[0.25]]))
+    torch.testing.assert_close(gp, torch.tensor(0.0))  # 4 * 0.25 = 1
+    gp = gan.gradient_penalty(critic, real, fake, torch.tensor([[1.0]]))
+    torch.testing.assert_close(gp, torch.tensor(9.0))  # at x_hat = real = 2 the norm is 4: (4 - 1)^2
+    with pytest.raises(ValueError, match="share a shape"):
+        gan.gradient_penalty(critic, real, torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="t must have shape"):
+        gan.gradient_penalty(critic, real, fake, torch.zeros(1))
+
+
+def test_wasserstein_losses():
+    critic, generator = gan.wasserstein_losses(torch.tensor([1.0, 3.0]), torch.tensor([0.0, -1.0, 1.0]))
+    assert critic.item() == pytest.approx(0.0 - 2.0) and generator.item() == pytest.approx(0.0)
+
+
+def test_toy_gan_conditioning_and_errors():
+    torch.manual_seed(0)
+    cond = gan.ToyGAN(runs=2, num_classes=8, hidden=8)
+    z, y = torch.randn(2, 5, 2), torch.randint(0, 8, (2, 5))
+    assert cond.generate(z, y).shape == (2, 5, 2) and cond.score(torch.randn(2, 5, 2), y).shape == (2, 5)
+    assert not torch.allclose(cond.generate(z, y), cond.generate(z, (y + 1) % 8))  # the label matters
+    assert cond.sample(7, torch.zeros(2, 7, dtype=torch.long), torch.Generator().manual_seed(0)).shape == (2, 7, 2)
+    with pytest.raises(ValueError, match="needs labels"):
+        cond.generate(z)
+    plain = gan.ToyGAN(runs=2, hidden=8)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain.generate(z, y)
+    with pytest.raises(ValueError, match="unknown loss"):
+        gan.train_toy_gan(plain, steps=1, loss="hinge")
+    with pytest.raises(ValueError, match="num_classes == modes"):
+        gan.train_toy_gan(gan.ToyGAN(num_classes=3), steps=1)
+    with pytest.raises(ValueError, match="n_critic"):
+        gan.train_toy_gan(plain, steps=1, n_critic=0)
+
+
+@pytest.mark.parametrize("loss", gan.TOY_LOSSES)
+def test_train_toy_gan_is_reproducible_and_learns_the_ring(loss):
+    def run() -> tuple[gan.ToyGAN, History]:
+        torch.manual_seed(0)
+        model = gan.ToyGAN(runs=2, hidden=32)
+        g = torch.Generator().manual_seed(1)
+        return model, gan.train_toy_gan(model, steps=150, loss=loss, n_critic=2, generator=g, progress=False)
+
+    (m1, h1), (_, h2) = run(), run()
+    assert h1.steps == 150 and len(h1.logs["d_loss"]) == 150
+    assert h1.logs["d_loss"] == h2.logs["d_loss"]
+    points = m1.sample(500, generator=torch.Generator().manual_seed(2))  # (2, 500, 2)
+    radius = points.norm(dim=-1).mean(dim=1)  # (2,): the untrained generator sits near the origin
+    assert torch.all((radius - 2.0).abs() < 0.6), radius
+
+
+def test_conditional_toy_gan_puts_labels_on_their_modes():
+    torch.manual_seed(0)
+    model = gan.ToyGAN(runs=1, num_classes=8, hidden=32)
+    gan.train_toy_gan(model, steps=400, generator=torch.Generator().manual_seed(0), progress=False)
+    labels = torch.arange(8).repeat(50)[None]  # (1, 400)
+    points = model.sample(400, labels, torch.Generator().manual_seed(1))
+    index, _ = gan.nearest_mode(points, gan.ring_centres())
+    assert (index == labels).float().mean() > 0.8
