@@ -205,3 +205,192 @@ def test_proposals_and_head():
     logits = head(detect.roi_align(torch.rand(5, 3, 8, 8), rois, 4, spatial_scale=0.25))
     assert logits.shape == (len(rois), 4)
     assert len(detect.detection_set(3, size=48, seed=0)) == 3
+
+
+# ----------------------------------------------------------------------------- Faster R-CNN pieces and COCO mAP
+
+
+def test_encode_decode_hand_values_and_inverse():
+    anchor = torch.tensor([[0.0, 0, 10, 20]])  # centre (5, 10), size 10 x 20
+    gt = torch.tensor([[2.0, 4, 22, 24]])  # centre (12, 14), size 20 x 20
+    deltas = detect.encode_boxes(anchor, gt)
+    torch.testing.assert_close(deltas, torch.tensor([[0.7, 0.2, torch.log(torch.tensor(2.0)).item(), 0.0]]))
+    torch.testing.assert_close(detect.decode_boxes(anchor, deltas), gt)
+    g = torch.Generator().manual_seed(0)
+    lo = torch.rand(50, 2, generator=g) * 20
+    ref = torch.cat([lo, lo + 1 + torch.rand(50, 2, generator=g) * 10], 1)
+    lo = torch.rand(50, 2, generator=g) * 20
+    tgt = torch.cat([lo, lo + 1 + torch.rand(50, 2, generator=g) * 10], 1)
+    torch.testing.assert_close(detect.decode_boxes(ref, detect.encode_boxes(ref, tgt)), tgt)
+    d = torch.randn(50, 4, generator=g)
+    torch.testing.assert_close(detect.encode_boxes(ref, detect.decode_boxes(ref, d)), d, atol=1e-4, rtol=1e-4)
+    # invariant to a common shift and scale of both boxes
+    torch.testing.assert_close(detect.encode_boxes(3 * ref + 7, 3 * tgt + 7), detect.encode_boxes(ref, tgt))
+
+
+def test_encode_decode_errors():
+    with pytest.raises(ValueError, match="must match"):
+        detect.encode_boxes(torch.zeros(2, 4), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="positive width"):
+        detect.encode_boxes(torch.tensor([[0.0, 0, 0, 1]]), torch.tensor([[0.0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="shape of reference"):
+        detect.decode_boxes(torch.ones(2, 4), torch.zeros(2, 3))
+    huge = detect.decode_boxes(torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([[0.0, 0, 100, 100]]))
+    assert torch.isfinite(huge).all()  # the log-scale clamp keeps exp finite
+
+
+def test_make_anchors_layout():
+    anchors = detect.make_anchors((2, 3), stride=4, sizes=(4.0, 8.0), ratios=(0.25, 1.0))
+    assert anchors.shape == (2 * 3 * 4, 4)
+    # cell (0, 0), size 4, ratio 1/4: w = 8, h = 2 around (2, 2)
+    torch.testing.assert_close(anchors[0], torch.tensor([-2.0, 1, 6, 3]))
+    # cell (1, 2) is the last: centre (10, 6); its last anchor is size 8, ratio 1
+    torch.testing.assert_close(anchors[-1], torch.tensor([6.0, 2, 14, 10]))
+    torch.testing.assert_close(detect.box_area(anchors)[:4], torch.tensor([16.0, 16, 64, 64]))
+    with pytest.raises(ValueError, match="positive"):
+        detect.make_anchors((2, 2), 4, sizes=(4.0, -1.0))
+    with pytest.raises(ValueError, match="non-empty"):
+        detect.make_anchors((0, 2), 4, sizes=(4.0,))
+
+
+def test_match_anchors_hand_case():
+    anchors = torch.tensor(
+        [
+            [0.0, 0, 10, 10],  # IoU 1 with gt 0: positive
+            [0, 0, 10, 8],  # IoU 0.8 with gt 0: positive
+            [0, 0, 10, 5],  # IoU 0.5: ignored
+            [30, 30, 40, 40],  # IoU 0: negative
+            [20, 0, 26, 10],  # IoU 0.6 with gt 1, its best anchor: positive by the second rule
+            [20, 0, 22, 10],  # IoU 0.2 with gt 1: negative
+        ]
+    )
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
+    labels, matched = detect.match_anchors(anchors, gt)
+    assert labels.tolist() == [1, 1, -1, 0, 1, 0]
+    assert matched[[0, 1, 4]].tolist() == [0, 0, 1]
+    labels, _ = detect.match_anchors(anchors, torch.zeros(0, 4))
+    assert labels.tolist() == [0] * 6
+    with pytest.raises(ValueError, match="negative <= positive"):
+        detect.match_anchors(anchors, gt, positive=0.3, negative=0.7)
+
+
+def test_rpn_head_shapes_loss_and_proposals():
+    anchors = detect.make_anchors((4, 4), 4, sizes=(6.0, 10.0), ratios=(0.5, 1.0, 2.0))
+    gt = [torch.tensor([[2.0, 2, 10, 10]]), torch.tensor([[4.0, 6, 12, 14], [0, 0, 6, 6]])]
+    labels, deltas = detect.rpn_targets(anchors, gt)
+    assert labels.shape == (2, 96) and deltas.shape == (2, 96, 4)
+    assert ((labels == 1).sum(1) >= torch.tensor([1, 2])).all()  # every object has an anchor
+    torch.testing.assert_close(detect.decode_boxes(anchors[labels[0] == 1], deltas[0][labels[0] == 1])[0], gt[0][0])
+    head = detect.RPNHead(channels=8, num_anchors=6, hidden=16)
+    obj, d = head(torch.randn(2, 8, 4, 4))
+    assert obj.shape == (2, 96) and d.shape == (2, 96, 4)
+    loss = detect.rpn_loss(obj, d, labels, deltas)
+    loss.backward()
+    assert loss.item() > 0 and head.objectness.weight.grad is not None
+    # a perfect RPN (huge logits on positives, exact deltas) gives its ground truth back as the top proposal
+    perfect = torch.where(labels == 1, 20.0, -20.0)
+    boxes, scores = detect.rpn_proposals(perfect, deltas, anchors, size=16, post_nms=5)
+    assert len(boxes) == 2 and len(boxes[0]) <= 5
+    assert detect.proposal_recall(boxes, gt, 0.99) == 1.0
+    with pytest.raises(ValueError, match="disagree"):
+        detect.rpn_loss(obj, d, labels[:, :10], deltas)
+    with pytest.raises(ValueError, match="disagree"):
+        detect.rpn_proposals(obj, d, anchors[:10], size=16)
+    with pytest.raises(ValueError, match="num_anchors"):
+        detect.RPNHead(channels=8, num_anchors=0)
+
+
+def test_proposal_targets_and_box_head():
+    rois = torch.tensor([[0.0, 0, 0, 10, 10], [0, 1, 1, 11, 11], [0, 20, 20, 25, 25], [1, 0, 0, 4, 4]])
+    gt_boxes = [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)]
+    gt_labels = [torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
+    classes, deltas = detect.proposal_targets(rois, gt_boxes, gt_labels)
+    assert classes.tolist() == [2, 2, 0, 0]
+    torch.testing.assert_close(deltas[1], torch.tensor([-0.1, -0.1, 0.0, 0.0]))
+    assert (deltas[[0, 2, 3]] == 0).all()
+    head = detect.RoIBoxHead(channels=3, output_size=2, hidden=8)
+    logits, d = head(torch.randn(4, 3, 2, 2))
+    assert logits.shape == (4, 4) and d.shape == (4, 4)
+    loss = detect.box_head_step(head, (torch.randn(4, 3, 2, 2), classes, deltas))
+    assert loss.item() > 0
+    feats = torch.randn(2, 3, 4, 4)
+    boxes, scores, labels = detect.two_stage_detect(head, feats, [rois[:3, 1:], rois[3:, 1:]], 16, 1 / 4)
+    assert len(boxes) == 2 and all(len(b) == len(s) == len(lab) for b, s, lab in zip(boxes, scores, labels))
+    unrefined, _, _ = detect.two_stage_detect(head, feats, [rois[:3, 1:], rois[3:, 1:]], 16, 1 / 4, refine=False)
+    assert all(any((u == r).all() for r in rois[:, 1:]) for u in unrefined[0])  # boxes stay proposals
+    with pytest.raises(ValueError, match="RoI features"):
+        head(torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="one proposal tensor per image"):
+        detect.two_stage_detect(head, feats, [rois[:, 1:]], 16, 1 / 4)
+    x = detect.roi_align(feats, rois, 2, 1 / 4)
+    again = detect.two_stage_detect(head, feats, [rois[:3, 1:], rois[3:, 1:]], 16, 1 / 4, roi_features=x)
+    assert all(torch.equal(a, b) for a, b in zip(again[0], boxes))  # precomputed crops give the same detections
+    with pytest.raises(ValueError, match="rows"):
+        detect.two_stage_detect(head, feats, [rois[:3, 1:], rois[3:, 1:]], 16, 1 / 4, roi_features=x[:2])
+    with pytest.raises(ValueError, match=r"\(K, 5\)"):
+        detect.proposal_targets(rois[:, 1:], gt_boxes, gt_labels)
+
+
+def test_coco_ap_101_points_hand_case():
+    # TP, FP, FP, TP, TP with 4 objects: envelope 1 up to R = 1/4, 3/5 up to R = 3/4, 0 beyond
+    tp, scores = torch.tensor([1, 0, 0, 1, 1]).bool(), torch.linspace(1.0, 0.1, 5)
+    expected = (26 * 1.0 + 50 * 0.6) / 101  # r = 0..0.25 (26 levels) and r = 0.26..0.75 (50 levels)
+    assert abs(detect.average_precision(tp, scores, 4, recall_points=101) - expected) < 1e-12
+    assert detect.average_precision(tp[:0], scores[:0], 4, recall_points=101) == 0.0
+    assert detect.average_precision(torch.tensor([False, True]), torch.tensor([0.9, 0.8]), 1, recall_points=101) == 0.5
+    with pytest.raises(ValueError, match="recall_points"):
+        detect.average_precision(tp, scores, 4, recall_points=1)
+
+
+def test_coco_map_perfect_and_iou_06():
+    gt_boxes = [torch.tensor([[0.0, 0, 5, 1], [10, 10, 20, 20]]), torch.tensor([[3.0, 3, 8, 8]])]
+    gt_labels = [torch.tensor([1, 2]), torch.tensor([1])]
+    scores = [torch.tensor([0.9, 0.8]), torch.tensor([0.7])]
+    perfect = detect.coco_map(gt_boxes, scores, gt_labels, gt_boxes, gt_labels)
+    assert perfect["map"] == 1.0 and len(perfect["per_iou"]) == 10
+    # every box with IoU exactly 0.6 (3/5 of its width kept): a true positive at 0.50, 0.55, 0.60 only
+    shrunk = [torch.tensor([[0.0, 0, 3, 1], [10, 10, 16, 20]]), torch.tensor([[3.0, 3, 6, 8]])]
+    result = detect.coco_map(shrunk, scores, gt_labels, gt_boxes, gt_labels)
+    assert abs(result["map"] - 0.3) < 1e-12
+    assert [v for v in result["per_iou"].values()] == [1.0] * 3 + [0.0] * 7
+    with pytest.raises(ValueError, match="iou_thresholds"):
+        detect.coco_map(shrunk, scores, gt_labels, gt_boxes, gt_labels, iou_thresholds=())
+
+
+def test_coco_rule_lets_a_duplicate_find_a_second_object():
+    gt = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10]])  # two overlapping objects (IoU 2/3)
+    dets = torch.tensor([[1.0, 0, 11, 10], [1, 0, 11, 10]])  # two duplicates, each with IoU 0.82 to both objects
+    scores = torch.tensor([0.9, 0.8])
+    assert detect.match_detections(dets, scores, gt, 0.5, rule="voc").tolist() == [True, False]
+    assert detect.match_detections(dets, scores, gt, 0.5, rule="coco").tolist() == [True, True]
+    with pytest.raises(ValueError, match="rule"):
+        detect.match_detections(dets, scores, gt, 0.5, rule="kitti")
+
+
+def test_proposal_recall():
+    props = [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)]
+    gt = [torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([[0.0, 0, 4, 4]])]
+    assert detect.proposal_recall(props, gt) == 1 / 3
+    with pytest.raises(ValueError, match="one proposal tensor per image"):
+        detect.proposal_recall(props[:1], gt)
+
+
+def test_coco_map_is_the_mean_of_per_threshold_maps():
+    g = torch.Generator().manual_seed(4)
+    gt_boxes, gt_labels, boxes, scores, labels = [], [], [], [], []
+    for _ in range(6):
+        lo = torch.rand(3, 2, generator=g) * 20
+        gt = torch.cat([lo, lo + 4 + torch.rand(3, 2, generator=g) * 6], 1)
+        gt_boxes.append(gt)
+        gt_labels.append(torch.randint(1, 3, (3,), generator=g))
+        noisy = gt.repeat(3, 1) + torch.randn(9, 4, generator=g)  # three noisy copies of each object
+        boxes.append(noisy)
+        scores.append(torch.rand(9, generator=g))
+        labels.append(gt_labels[-1].repeat(3))
+    result = detect.coco_map(boxes, scores, labels, gt_boxes, gt_labels)
+    for t, value in result["per_iou"].items():
+        ref = detect.mean_average_precision(boxes, scores, labels, gt_boxes, gt_labels, t, "coco", 101)["map"]
+        assert abs(value - ref) < 1e-12
+    values = list(result["per_iou"].values())
+    assert values[0] > values[-1] and all(a >= b for a, b in zip(values, values[1:]))  # stricter never scores higher
+    assert abs(result["map"] - sum(values) / 10) < 1e-12
