@@ -18,35 +18,45 @@ from dlarch_lib.core.train import model_device
 
 
 class Block(nn.Module):
-    """One pre-activation block ``h -> [h +] W relu(norm(h)) + b`` on ``(N, width)`` tensors.
+    """One block on ``(N, width)`` tensors, pre-activation by default.
 
-    ``residual=True`` adds the identity skip; ``norm=True`` puts a BatchNorm before the ReLU.
+    ``order="pre"`` (He et al. 2016b): ``h -> [h +] W relu(norm(h)) + b``, the skip is a pure identity.
+    ``order="post"`` (the original ResNet): ``h -> relu([h +] norm(W h + b))``, the ReLU comes after
+    the addition, so the skip passes through it. ``residual=True`` adds the identity skip;
+    ``norm=True`` adds a BatchNorm (before the ReLU in the branch, or after the linear layer).
     """
 
-    def __init__(self, width: int, residual: bool, norm: bool = False) -> None:
+    def __init__(self, width: int, residual: bool, norm: bool = False, order: str = "pre") -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if order not in ("pre", "post"):
+            raise ValueError(f"order must be 'pre' or 'post', got {order!r}")
         self.residual = residual
+        self.order = order
         self.norm = nn.BatchNorm1d(width) if norm else nn.Identity()
         self.linear = nn.Linear(width, width)
 
     def branch(self, h: torch.Tensor) -> torch.Tensor:
         """The residual function ``F(h)``: ``(N, width) -> (N, width)``."""
+        if self.order == "post":
+            return self.norm(self.linear(h))  # norm(W h + b); the ReLU follows the addition
         return self.linear(F.relu(self.norm(h)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h + F(h)`` for a residual block, ``F(h)`` for a plain one; ``(N, width) -> (N, width)``."""
+        """``[h +] F(h)`` (pre) or ``relu([h +] F(h))`` (post); ``(N, width) -> (N, width)``."""
         if h.ndim != 2 or h.shape[1] != self.linear.in_features:
             raise ValueError(f"Block expects (N, {self.linear.in_features}) input, got {tuple(h.shape)}")
-        return h + self.branch(h) if self.residual else self.branch(h)
+        out = h + self.branch(h) if self.residual else self.branch(h)
+        return F.relu(out) if self.order == "post" else out
 
 
 class DeepNet(nn.Module):
     """A deep narrow classifier: stem ``Linear(in, width)``, ``depth`` blocks, head ``Linear(width, classes)``.
 
     ``residual`` switches every block between ``h + F(h)`` and ``F(h)``; with the same
-    ``torch.manual_seed`` a plain and a residual net get identical weights.
+    ``torch.manual_seed`` a plain and a residual net get identical weights. ``order`` is the
+    blocks' ``"pre"``- or ``"post"``-activation order (:class:`Block`).
     """
 
     def __init__(
@@ -57,6 +67,7 @@ class DeepNet(nn.Module):
         depth: int = 40,
         residual: bool = True,
         norm: bool = False,
+        order: str = "pre",
     ) -> None:
         super().__init__()
         if min(in_features, num_classes, width) < 1:
@@ -67,7 +78,7 @@ class DeepNet(nn.Module):
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.in_features = in_features
         self.stem = nn.Linear(in_features, width)
-        self.blocks = nn.ModuleList(Block(width, residual, norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, residual, norm, order) for _ in range(depth))
         self.head_norm = nn.BatchNorm1d(width) if norm else nn.Identity()
         self.head = nn.Linear(width, num_classes)
 
@@ -90,13 +101,18 @@ class DeepNet(nn.Module):
         return [cast(Block, block) for block in self.blocks]
 
 
-def he_init_(model: DeepNet) -> DeepNet:
-    """Re-initialise every block in place with He et al.'s ReLU init: ``W ~ N(0, 2/width)``, ``b = 0``.
+def he_init_(model: DeepNet, scale: float = 1.0) -> DeepNet:
+    """Re-initialise every block in place with He et al.'s ReLU init: ``W ~ N(0, 2 scale^2/width)``, ``b = 0``.
 
-    This keeps a *plain* ReLU stack's signal and gradient norms constant with depth (in expectation).
+    With ``scale=1`` this keeps a *plain* ReLU stack's signal and gradient norms constant with depth
+    (in expectation); a residual stack usually takes ``scale = 1/sqrt(depth)``, a small branch.
     """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     for block in model.block_list():
         nn.init.kaiming_normal_(block.linear.weight, nonlinearity="relu")
+        with torch.no_grad():
+            block.linear.weight.mul_(scale)
         nn.init.zeros_(block.linear.bias)
     return model
 
@@ -153,3 +169,111 @@ def jacobian_by_path_length(jacobians: list[torch.Tensor]) -> torch.Tensor:
     for i, jac in enumerate(jacobians, start=1):  # multiply (I + J_i) on the left
         terms[1 : i + 1] = terms[1 : i + 1] + jac @ terms[:i]  # a path either skips block i or goes through it
     return terms
+
+
+class HighwayBlock(nn.Module):
+    """A highway layer (Srivastava et al. 2015) on ``(N, width)``: ``y = T(h) H(h) + (1 - T(h)) h``.
+
+    ``H(h) = W_H relu(h) + b_H`` is the same pre-activation branch as :class:`Block`, and the
+    transform gate ``T(h) = sigmoid(W_T h + b_T)`` decides per unit how much of it replaces ``h``.
+    ``gate_bias`` initialises ``b_T``: a negative value starts every layer close to the identity.
+    """
+
+    def __init__(self, width: int, gate_bias: float = -3.0) -> None:
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.transform = nn.Linear(width, width)  # H
+        self.gate = nn.Linear(width, width)  # T, before the sigmoid
+        nn.init.constant_(self.gate.bias, gate_bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``T * H + (1 - T) * h``; ``(N, width) -> (N, width)``."""
+        if h.ndim != 2 or h.shape[1] != self.gate.in_features:
+            raise ValueError(f"HighwayBlock expects (N, {self.gate.in_features}) input, got {tuple(h.shape)}")
+        t = torch.sigmoid(self.gate(h))  # (N, width), in (0, 1)
+        return t * self.transform(F.relu(h)) + (1 - t) * h
+
+
+def dense_param_count(in_width: int, growth: int, layers: int) -> int:
+    """Parameters of a :class:`DenseBlock`: layer ``i`` maps ``in_width + i * growth`` features to ``growth``.
+
+    ``sum_i [(k0 + i k) k + k] = L k k0 + k^2 L (L - 1) / 2 + L k`` for ``k = growth``, ``k0 = in_width``.
+    """
+    if min(in_width, growth, layers) < 1:
+        raise ValueError(f"in_width, growth and layers must be >= 1, got {in_width}, {growth}, {layers}")
+    return layers * growth * in_width + growth**2 * layers * (layers - 1) // 2 + layers * growth
+
+
+class DenseBlock(nn.Module):
+    """DenseNet connectivity (Huang et al. 2017) on ``(N, in_width)`` vectors.
+
+    Layer ``i`` sees the concatenation of the input and every earlier layer's output,
+    ``in_width + i * growth`` features, and adds ``growth`` new ones, ``W_i relu(x) + b_i``. The block
+    returns all of them concatenated: ``(N, in_width) -> (N, in_width + layers * growth)``.
+    """
+
+    def __init__(self, in_width: int, growth: int, layers: int) -> None:
+        super().__init__()
+        if min(in_width, growth, layers) < 1:
+            raise ValueError(f"in_width, growth and layers must be >= 1, got {in_width}, {growth}, {layers}")
+        self.in_width = in_width
+        self.out_width = in_width + layers * growth
+        self.layers = nn.ModuleList(nn.Linear(in_width + i * growth, growth) for i in range(layers))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(N, in_width) -> (N, in_width + layers * growth)``: the input and every layer's features."""
+        if h.ndim != 2 or h.shape[1] != self.in_width:
+            raise ValueError(f"DenseBlock expects (N, {self.in_width}) input, got {tuple(h.shape)}")
+        features = [h]
+        for layer in self.layers:
+            x = torch.cat(features, dim=1)  # (N, in_width + i * growth)
+            features.append(layer(F.relu(x)))  # (N, growth)
+        return torch.cat(features, dim=1)
+
+
+class ConnectionNet(nn.Module):
+    """A classifier around any body: ``Linear(in, width)`` stem, ``body``, ``Linear(body_out, classes)`` head.
+
+    Lets a highway stack or a dense block be compared with :class:`DeepNet` on the same task;
+    ``body_out`` is the width the body returns (``body.out_width`` for a :class:`DenseBlock`).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, width: int, body: nn.Module, body_out: int) -> None:
+        super().__init__()
+        if min(in_features, num_classes, width, body_out) < 1:
+            raise ValueError(
+                f"in_features, num_classes, width and body_out must be >= 1, "
+                f"got {in_features}, {num_classes}, {width}, {body_out}"
+            )
+        self.in_features = in_features
+        self.stem = nn.Linear(in_features, width)
+        self.body = body
+        self.head = nn.Linear(body_out, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` for inputs ``(N, ...)`` with ``in_features`` entries each."""
+        h = x.flatten(1)  # (N, C, H, W) -> (N, C*H*W)
+        if h.shape[1] != self.in_features:
+            raise ValueError(f"ConnectionNet expects {self.in_features} input features per example, got {h.shape[1]}")
+        return self.head(F.relu(self.body(self.stem(h))))
+
+
+def gradient_correlation(model: nn.Module, grid: torch.Tensor) -> float:
+    """Correlation of the input gradients ``f'(x_i)`` and ``f'(x_{i+1})`` at neighbouring grid points.
+
+    ``model`` maps ``(N, 1) -> (N, 1)``; ``grid`` is a sorted 1-D tensor of ``N >= 3`` inputs. The
+    derivative of the scalar output at every point comes from one backward pass (the examples are
+    independent: no BatchNorm in train mode). Balduzzi et al. (2017): near ``1`` the gradient is a
+    smooth function of the input; near ``0`` it is white noise ("shattered").
+    """
+    if grid.ndim != 1 or grid.numel() < 3:
+        raise ValueError(f"grid must be a 1-D tensor of at least 3 points, got shape {tuple(grid.shape)}")
+    x = grid.to(model_device(model), torch.float32)[:, None].requires_grad_(True)  # (N, 1)
+    out = model(x)
+    if out.shape != (grid.numel(), 1):
+        raise ValueError(f"model must map (N, 1) to (N, 1), got output shape {tuple(out.shape)}")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    g = g[:, 0].double().cpu()  # (N,)
+    pair = torch.stack([g[:-1], g[1:]])  # (2, N - 1)
+    return float(torch.corrcoef(pair)[0, 1])
