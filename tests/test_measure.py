@@ -220,3 +220,12 @@ def test_num_threads_restores():
     with pytest.raises(ValueError, match="positive"):
         with measure.num_threads(0):
             pass
+
+
+def test_forward_flops_leaves_the_model_unchanged():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert measure.forward_flops(model, torch.zeros(8, 4)) == 2 * 8 * 4 * 4
+    assert model.training  # the mode is given back
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # batch-norm statistics untouched

@@ -50,11 +50,23 @@ def inference_call(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tens
     return forward
 
 
-def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``x``, counted by ``torch.utils.flop_counter``."""
+def forward_flops(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``x``, counted by ``torch.utils.flop_counter``.
+
+    ``model`` is a module or any function of ``x``. A module runs in eval mode (its mode is restored
+    afterwards), so counting never changes it: in training mode it would update batch-norm statistics.
+    """
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
+    module = model if isinstance(model, nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        if module is not None:
+            module.train(was_training)
     return int(counter.get_total_flops())
 
 
