@@ -12,6 +12,10 @@
 - :func:`few_shot_indices`, :func:`replace_head` and :func:`extract_features` are the three
   small tools of the transfer-learning experiment; :func:`pareto_front` marks the
   accuracy-cost front.
+- :func:`relu_manifold_loss` and :func:`relu_loss_probability` measure and predict how much of a
+  low-dimensional manifold a ReLU destroys in ``n`` dimensions (why MBConv's projection is linear).
+- :func:`drop_path` is stochastic depth (a residual branch dropped per sample, survivors rescaled);
+  :func:`random_shift` and :func:`shift_augment_step` are random-shift augmentation for the digits.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class MBConv(nn.Module):
     ``(N, in, H, W)`` -> expand 1x1 to ``expand * in`` (skipped when ``expand == 1``) -> BN, SiLU
     -> depthwise ``kernel x kernel`` with ``stride`` -> BN, SiLU -> SE -> project 1x1 to ``out`` -> BN
     (no activation: a linear bottleneck) -> ``+ x`` when ``stride == 1`` and ``in == out``.
+    With ``drop_path = p > 0`` and the shortcut, training drops the branch of each sample with
+    probability ``p`` (stochastic depth, :func:`drop_path`).
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class MBConv(nn.Module):
         kernel: int = 3,
         se_ratio: float = 0.25,
         bn_momentum: float = 0.1,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if min(in_channels, out_channels, expand, stride) < 1:
@@ -84,6 +91,8 @@ class MBConv(nn.Module):
             raise ValueError(f"se_ratio must be in (0, 1], got {se_ratio}")
         if not 0.0 < bn_momentum <= 1.0:
             raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         hidden = in_channels * expand
         bn = lambda c: nn.BatchNorm2d(c, momentum=bn_momentum)
         self.expand_conv: nn.Module = (
@@ -102,13 +111,14 @@ class MBConv(nn.Module):
         self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), bn(out_channels))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.use_residual = stride == 1 and in_channels == out_channels
+        self.drop_prob = drop_path  # stochastic depth on the residual branch (only with the shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in, H, W) -> (N, out, H', W')`` with ``H' = ceil(H / stride)``."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"MBConv expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         out = self.project(self.se(self.depthwise(self.expand_conv(x))))
-        return out + x if self.use_residual else out
+        return x + drop_path(out, self.drop_prob, self.training) if self.use_residual else out
 
 
 def conv_cost(c_in: int, c_out: int, kernel: int, height: int, width: int, separable: bool = False) -> tuple[int, int]:
@@ -154,6 +164,7 @@ class EffNetConfig:
     expand: int = 3
     num_classes: int = 10
     bn_momentum: float = 0.3  # runs of a few dozen steps: running statistics must keep up (PyTorch default 0.1)
+    drop_path: float = 0.0  # stochastic depth of the last block; block l of L gets drop_path * l / L
 
     def __post_init__(self) -> None:
         if not (len(self.widths) == len(self.depths) == len(self.strides)) or not self.widths:
@@ -167,6 +178,8 @@ class EffNetConfig:
             raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
 
 def _round_width(channels: float, divisor: int = 2) -> int:
@@ -196,6 +209,7 @@ class TinyEfficientNet(nn.Module):
     The input ``(N, C, H, W)`` is resized (bilinear) to ``config.resolution`` squared, so a
     higher-resolution member of a family sees an upsampled digit. Stage ``s`` has
     ``depths[s]`` blocks of width ``widths[s]``; its first block has stride ``strides[s]``.
+    Block ``l`` of ``L`` (counting from 0) has stochastic depth ``config.drop_path * l / L``.
     """
 
     def __init__(self, config: EffNetConfig = EffNetConfig(), in_channels: int = 1) -> None:
@@ -207,12 +221,19 @@ class TinyEfficientNet(nn.Module):
             nn.BatchNorm2d(config.stem, momentum=config.bn_momentum),
             nn.SiLU(),
         )
-        blocks, c = [], config.stem
+        blocks: list[nn.Module] = []
+        c, n_blocks = config.stem, sum(config.depths)
         for width, depth, stride in zip(config.widths, config.depths, config.strides):
             for i in range(depth):
+                p = config.drop_path * len(blocks) / n_blocks  # linear ramp: the first block is never dropped
                 blocks.append(
                     MBConv(
-                        c, width, expand=config.expand, stride=stride if i == 0 else 1, bn_momentum=config.bn_momentum
+                        c,
+                        width,
+                        expand=config.expand,
+                        stride=stride if i == 0 else 1,
+                        bn_momentum=config.bn_momentum,
+                        drop_path=p,
                     )
                 )
                 c = width
@@ -298,3 +319,100 @@ def pareto_front(costs: list[float] | np.ndarray, scores: list[float] | np.ndarr
         if not np.any(((costs <= costs[i]) & (scores > scores[i])) | ((costs < costs[i]) & (scores >= scores[i])))
     ]
     return np.array(keep, dtype=int)
+
+
+def relu_loss_probability(n: int, d: int = 2) -> float:
+    """Probability that ``relu(T x)`` does not determine ``x`` for a fixed ``x != 0`` in ``R^d``.
+
+    ``T`` is an ``(n, d)`` matrix with i.i.d. standard normal entries. The rows with ``t_i . x > 0``
+    keep ``t_i . x``; the others output 0. ``x`` is determined exactly when at least ``d`` rows are
+    positive (any ``d`` Gaussian rows are linearly independent), and each row is positive with
+    probability 1/2 independently, so the answer is ``P(Binomial(n, 1/2) < d)``.
+    """
+    if d < 1 or n < 1:
+        raise ValueError(f"need n >= 1 and d >= 1, got n={n}, d={d}")
+    return sum(math.comb(n, k) for k in range(min(d, n + 1))) / 2**n
+
+
+def relu_manifold_loss(
+    points: torch.Tensor, n: int, generator: torch.Generator, relu: bool = True
+) -> tuple[float, float]:
+    """Embed ``points`` ``(N, d)`` into ``R^n`` by a random Gaussian ``T`` ``(n, d)``, apply ReLU, map back.
+
+    Returns ``(lost, error)``: ``lost`` is the fraction of points that ``relu(T x)`` does not determine
+    (fewer than ``d`` linearly independent active rows of ``T``); ``error`` is the relative error
+    ``|H W - X|_F / |X|_F`` of the best linear read-out ``W`` ``(n, d)`` (least squares) from the
+    features ``H = relu(X T^T)`` back to the points: what a following linear layer could recover.
+    With ``relu=False`` the map is linear and both are 0 (up to rounding) once ``n >= d``.
+    """
+    if points.ndim != 2 or points.shape[0] < 1:
+        raise ValueError(f"points must be (N, d) with N >= 1, got {tuple(points.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    x = points.double()  # (N, d)
+    d = x.shape[1]
+    t = torch.randn(n, d, generator=generator, dtype=torch.float64)  # (n, d)
+    z = x @ t.T  # (N, n)
+    h = z.clamp_min(0) if relu else z  # (N, n)
+    active = z > 0 if relu else torch.ones_like(z, dtype=torch.bool)  # (N, n)
+    ranks = torch.linalg.matrix_rank(t[None] * active[:, :, None])  # (N,): rank of the active rows
+    lost = (ranks < d).double().mean().item()
+    read_out = torch.linalg.lstsq(h, x).solution  # (n, d): the best linear decoder
+    error = ((h @ read_out - x).norm() / x.norm().clamp_min(1e-12)).item()
+    return lost, error
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic depth on a residual branch ``x`` ``(N, ...)``: keep sample ``i`` with probability ``1 - p``.
+
+    In training each sample's branch is multiplied by ``b_i / (1 - p)`` with ``b_i ~ Bernoulli(1 - p)``,
+    so its expected value is ``x`` and evaluation (``training=False``) returns ``x`` unchanged. ``p = 0``
+    is the identity. The draw uses the CPU ``generator`` (or the global one), the same on every device.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"drop probability p must be in [0, 1), got {p}")
+    if x.ndim < 1:
+        raise ValueError("drop_path needs a batch dimension, got a scalar")
+    if not training or p == 0.0:
+        return x
+    keep = (torch.rand(x.shape[0], generator=generator) >= p).to(x.device)  # (N,), drawn on the CPU
+    scale = keep.to(x.dtype) / (1.0 - p)  # (N,)
+    return x * scale.view(-1, *([1] * (x.ndim - 1)))  # broadcast over (C, H, W)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift every image of ``x`` ``(N, C, H, W)`` by its own random integer offsets in ``[-max_shift, max_shift]``.
+
+    Zero padding fills the uncovered border (a random crop of the zero-padded image). The offsets
+    are drawn on the CPU from ``generator`` (or the global generator), so a seed gives the same
+    shifts on every device. ``max_shift = 0`` returns ``x``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"random_shift expects (N, C, H, W), got {tuple(x.shape)}")
+    if max_shift < 0 or max_shift >= min(x.shape[-2:]):
+        raise ValueError(f"max_shift must be in [0, min(H, W)), got {max_shift} for {tuple(x.shape)}")
+    if max_shift == 0:
+        return x
+    n, _, h, w = x.shape
+    s = max_shift
+    dy, dx = torch.randint(-s, s + 1, (2, n), generator=generator).to(x.device)  # (N,) each
+    padded = F.pad(x, (s, s, s, s))  # (N, C, H + 2s, W + 2s)
+    rows = torch.arange(h, device=x.device)[None] + s - dy[:, None]  # (N, H): content moves down by dy
+    cols = torch.arange(w, device=x.device)[None] + s - dx[:, None]  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]  # (N, 1, 1)
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def shift_augment_step(
+    max_shift: int, generator: torch.Generator
+) -> Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A training step for ``fit``: cross-entropy on a :func:`random_shift` of the batch ``(x, y)``."""
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+
+    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(random_shift(x, max_shift, generator)), y)
+
+    return step

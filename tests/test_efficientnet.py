@@ -164,3 +164,104 @@ def test_pareto_front():
     np.testing.assert_array_equal(en.pareto_front([1, 1], [0.2, 0.3]), [1])
     with pytest.raises(ValueError, match="same length"):
         en.pareto_front([1, 2], [0.1])
+
+
+def test_relu_loss_probability_closed_form():
+    assert en.relu_loss_probability(2) == 0.75  # only the (+, +) sign pattern keeps a 2-D point
+    assert en.relu_loss_probability(3) == 0.5
+    assert en.relu_loss_probability(1, d=1) == 0.5
+    assert en.relu_loss_probability(30) < 1e-7
+    with pytest.raises(ValueError, match="n >= 1"):
+        en.relu_loss_probability(0)
+
+
+def test_relu_manifold_loss_matches_theory_and_linear_map_keeps_everything():
+    theta = torch.linspace(0, 4 * math.pi, 300)
+    spiral = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], dim=1) + 0.1
+    lost = {
+        n: np.mean([en.relu_manifold_loss(spiral, n, torch.Generator().manual_seed(s))[0] for s in range(30)])
+        for n in (2, 5)
+    }
+    assert abs(lost[2] - 0.75) < 0.06 and abs(lost[5] - en.relu_loss_probability(5)) < 0.06
+    err_small = en.relu_manifold_loss(spiral, 2, torch.Generator().manual_seed(0))[1]
+    err_large = en.relu_manifold_loss(spiral, 40, torch.Generator().manual_seed(0))[1]
+    assert err_small > 0.3 and err_large < 0.05
+    lost_lin, err_lin = en.relu_manifold_loss(spiral, 3, torch.Generator().manual_seed(0), relu=False)
+    assert lost_lin == 0.0 and err_lin < 1e-10
+    with pytest.raises(ValueError, match="points"):
+        en.relu_manifold_loss(torch.zeros(5), 3, torch.Generator())
+    with pytest.raises(ValueError, match="n must"):
+        en.relu_manifold_loss(spiral, 0, torch.Generator())
+
+
+def test_drop_path_identity_at_eval_and_p0_and_unbiased_in_training():
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(en.drop_path(x, 0.0, training=True), x)
+    torch.testing.assert_close(en.drop_path(x, 0.5, training=False), x)
+    g = torch.Generator().manual_seed(0)
+    ones = torch.ones(20000, 3)
+    out = en.drop_path(ones, 0.3, training=True, generator=g)
+    per_sample = out[:, 0]
+    values = torch.unique(per_sample)
+    assert len(values) == 2 and values[0] == 0 and abs(values[1].item() - 1 / 0.7) < 1e-6  # dropped, or rescaled
+    assert (out == out[:, :1]).all()  # one draw per sample, not per element
+    assert abs((per_sample == 0).float().mean().item() - 0.3) < 0.02
+    assert abs(out.mean().item() - 1.0) < 0.03  # E[drop_path(x)] = x
+    with pytest.raises(ValueError, match="p must be"):
+        en.drop_path(x, 1.0, training=True)
+
+
+def test_mbconv_stochastic_depth_drops_whole_branches_in_training_only():
+    torch.manual_seed(0)
+    block = en.MBConv(4, 4, drop_path=0.5)
+    block.eval()
+    x = torch.randn(64, 4, 5, 5)
+    eval_out = block(x)
+    assert not torch.allclose(eval_out, x)
+    block.train()
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # keep the branch deterministic: only stochastic depth differs from eval
+    out = block(x)
+    dropped = torch.isclose(out, x).flatten(1).all(dim=1)
+    kept = torch.isclose(out, x + 2 * (eval_out - x), atol=1e-5).flatten(1).all(dim=1)
+    assert (dropped ^ kept).all() and 10 < dropped.sum() < 54
+    with pytest.raises(ValueError, match="drop_path"):
+        en.MBConv(4, 4, drop_path=1.0)
+    with pytest.raises(ValueError, match="drop_path"):
+        en.EffNetConfig(drop_path=-0.1)
+    ramp = [b.drop_prob for b in en.TinyEfficientNet(en.EffNetConfig(drop_path=0.2)).blocks]
+    assert ramp[0] == 0.0 and ramp == sorted(ramp) and max(ramp) < 0.2
+
+
+def test_random_shift_moves_content_and_pads_with_zeros():
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0
+    g = torch.Generator().manual_seed(0)
+    out = torch.cat([en.random_shift(x, 1, g) for _ in range(200)])  # (200, 1, 5, 5)
+    assert out.shape == (200, 1, 5, 5) and (out.flatten(1).sum(1) == 1).all()  # the pixel moves, never lost
+    rows, cols = out[:, 0].nonzero()[:, 1], out[:, 0].nonzero()[:, 2]
+    assert set(rows.tolist()) == {1, 2, 3} and set(cols.tolist()) == {1, 2, 3}
+    edge = torch.ones(3, 2, 4, 4)
+    shifted = en.random_shift(edge, 2, torch.Generator().manual_seed(1))
+    assert shifted.shape == edge.shape and (shifted <= 1).all() and (shifted.sum() < edge.sum())  # zeros come in
+    torch.testing.assert_close(en.random_shift(edge, 0), edge)
+    for b in range(3):  # each image is a pure translation of itself
+        img = shifted[b, 0]
+        assert img.sum().item() in {float(k * m) for k in (2, 3, 4) for m in (2, 3, 4)}
+    with pytest.raises(ValueError, match="max_shift"):
+        en.random_shift(edge, 4)
+    with pytest.raises(ValueError, match="expects"):
+        en.random_shift(torch.zeros(4, 4), 1)
+
+
+def test_shift_augment_step_returns_a_loss_on_shifted_batch():
+    torch.manual_seed(0)
+    model = en.TinyEfficientNet()
+    x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    loss = en.shift_augment_step(1, torch.Generator().manual_seed(0))(model, (x, y))
+    plain = en.shift_augment_step(0, torch.Generator())(model, (x, y))
+    torch.testing.assert_close(plain, F.cross_entropy(model(x), y))
+    assert loss.ndim == 0 and torch.isfinite(loss) and not torch.isclose(loss, plain)
+    with pytest.raises(ValueError, match="max_shift"):
+        en.shift_augment_step(-1, torch.Generator())
