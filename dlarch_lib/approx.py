@@ -220,12 +220,11 @@ def count_linear_pieces(model: nn.Module, lo: float = 0.0, hi: float = 1.0, n: i
     return int(changes[0].item() + starts.sum().item()) + 1
 
 
-def activation_regions(model: nn.Sequential, lo: float = -1.0, hi: float = 1.0, n: int = 400) -> int:
-    """Distinct ReLU on/off patterns of a 2-input ``Linear``/``ReLU`` stack over an ``n x n`` grid of ``[lo, hi]^2``.
+def activation_region_ids(model: nn.Sequential, lo: float = -1.0, hi: float = 1.0, n: int = 400) -> torch.Tensor:
+    """Which linear region each point of an ``n x n`` grid of ``[lo, hi]^2`` lies in: ids ``(n, n)``, ``[x1, x2]``.
 
-    Each pattern fixes which units are active, and on the set of inputs that share it the network
-    is one affine map, so this counts the linear regions the grid's points fall in (a lower bound:
-    a region smaller than a grid cell can be missed).
+    ``model`` is a 2-input ``Linear``/``ReLU`` stack. Points with the same ReLU on/off pattern of all units
+    share an id: on such a set the network is one affine map. Ids run from 0 to the number of patterns - 1.
     """
     first = next((m for m in model if isinstance(m, nn.Linear)), None)
     if first is None or first.in_features != 2:
@@ -242,7 +241,17 @@ def activation_regions(model: nn.Sequential, lo: float = -1.0, hi: float = 1.0, 
                 patterns.append(h > 0)  # (n^2, width)
     if not patterns:
         raise ValueError("the model has no ReLU layer")
-    return int(torch.unique(torch.cat(patterns, dim=1), dim=0).shape[0])
+    _, ids = torch.unique(torch.cat(patterns, dim=1), dim=0, return_inverse=True)  # (n^2,)
+    return ids.reshape(n, n)
+
+
+def activation_regions(model: nn.Sequential, lo: float = -1.0, hi: float = 1.0, n: int = 400) -> int:
+    """Number of distinct ReLU on/off patterns over the grid of :func:`activation_region_ids`.
+
+    This counts the linear regions the grid's points fall in (a lower bound: a region smaller than a
+    grid cell can be missed).
+    """
+    return int(activation_region_ids(model, lo, hi, n).max()) + 1
 
 
 def line_arrangement_regions(weight: torch.Tensor, bias: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> int:

@@ -227,35 +227,50 @@ def boundary_band(masks: torch.Tensor, width: int = 1) -> torch.Tensor:
     return (hi != lo)[:, 0]
 
 
+def class_balance_weights(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class weights ``(num_classes,)``: ``1 / (K f_c)`` for a class with pixel share ``f_c`` in ``masks``
+    (``K`` = classes present), 0 for an absent class, so every present class carries the same total weight."""
+    counts = torch.bincount(masks.flatten(), minlength=num_classes).double()  # (K,)
+    present = counts > 0
+    return torch.where(present, masks.numel() / (present.sum() * counts.clamp_min(1)), torch.zeros_like(counts))
+
+
+def two_nearest_object_distances(instances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Euclidean distances ``d1, d2`` ``(H, W)`` from each pixel to the nearest and the second-nearest object
+    of one image's ``instances`` ``(H, W)`` (0 = background); ``None`` when fewer than two objects are present."""
+    from scipy.ndimage import distance_transform_edt
+
+    inst = instances.cpu().numpy()
+    ids = [k for k in range(1, int(inst.max()) + 1) if (inst == k).any()]
+    if len(ids) < 2:
+        return None
+    dist = torch.stack([torch.from_numpy(distance_transform_edt(inst != k)) for k in ids])  # (n_obj, H, W)
+    d1, d2 = dist.sort(dim=0).values[:2]
+    return d1, d2
+
+
 def border_weights(
     instances: torch.Tensor, masks: torch.Tensor, num_classes: int, w0: float = 10.0, sigma: float = 2.0
 ) -> torch.Tensor:
     """The U-Net paper's pixel weights ``w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2))``: ``(N, H, W)``.
 
     ``instances`` ``(N, H, W)`` (0 = background, ``k >= 1`` = object ``k``) and ``masks`` ``(N, H, W)`` class ids.
-    ``w_c`` balances the classes: a pixel of class ``c`` weighs ``1 / (K f_c)``, ``f_c`` the class's pixel share
-    in the batch and ``K`` the number of classes present, so every present class carries the same total weight.
-    The border term acts on background pixels; ``d1`` and ``d2`` are the (Euclidean) distances to the nearest
-    and the second-nearest object, so it is large only in narrow gaps *between* two objects.
+    ``w_c`` is :func:`class_balance_weights` over the batch. The border term acts on background pixels;
+    ``d1`` and ``d2`` (:func:`two_nearest_object_distances`) are the distances to the nearest and the
+    second-nearest object, so it is large only in narrow gaps *between* two objects.
     """
-    from scipy.ndimage import distance_transform_edt
-
     if instances.ndim != 3 or masks.shape != instances.shape:
         raise ValueError(f"expected instances and masks (N, H, W), got {tuple(instances.shape)}, {tuple(masks.shape)}")
     if sigma <= 0 or w0 < 0:
         raise ValueError(f"need sigma > 0 and w0 >= 0, got {sigma=}, {w0=}")
-    counts = torch.bincount(masks.flatten(), minlength=num_classes).double()  # (K,)
-    present = counts > 0
-    w_class = torch.where(present, masks.numel() / (present.sum() * counts.clamp_min(1)), torch.zeros_like(counts))
-    weights = w_class[masks]  # (N, H, W)
+    weights = class_balance_weights(masks, num_classes)[masks]  # (N, H, W)
     border = torch.zeros_like(weights)
-    for i, inst in enumerate(instances.cpu().numpy()):
-        ids = [k for k in range(1, int(inst.max()) + 1) if (inst == k).any()]
-        if len(ids) < 2:
+    for i, inst in enumerate(instances):
+        distances = two_nearest_object_distances(inst)
+        if distances is None:
             continue  # one object: no gap between two
-        dist = torch.stack([torch.from_numpy(distance_transform_edt(inst != k)) for k in ids])  # (n_obj, H, W)
-        d1, d2 = dist.sort(dim=0).values[:2]  # nearest and second-nearest object
-        border[i] = w0 * torch.exp(-((d1 + d2) ** 2) / (2 * sigma**2)) * torch.from_numpy(inst == 0)
+        d1, d2 = distances
+        border[i] = w0 * torch.exp(-((d1 + d2) ** 2) / (2 * sigma**2)) * (inst == 0).cpu()
     return (weights + border.to(weights.device)).float()
 
 

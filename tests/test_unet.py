@@ -10,6 +10,7 @@ from dlarch_lib.unet import (
     border_weights,
     boundary_band,
     checkerboard_share,
+    class_balance_weights,
     confusion_matrix,
     dice,
     gradient_support,
@@ -18,6 +19,7 @@ from dlarch_lib.unet import (
     predict,
     segmentation_step,
     soft_dice_loss,
+    two_nearest_object_distances,
     upsampler,
 )
 
@@ -198,3 +200,13 @@ def test_border_weights_single_out_gaps_between_objects():
         border_weights(inst[0], masks[0], 2)
     with pytest.raises(ValueError, match="sigma"):
         border_weights(inst, masks, 2, sigma=0.0)
+
+
+def test_two_nearest_object_distances_and_class_weights():
+    inst = torch.zeros(6, 6, dtype=torch.long)
+    assert two_nearest_object_distances(inst) is None
+    inst[0, 0], inst[0, 5] = 1, 2
+    d1, d2 = two_nearest_object_distances(inst)
+    assert d1[0, 0] == 0 and d2[0, 0] == 5 and d1[0, 2] == 2 and d2[0, 2] == 3
+    masks = torch.tensor([0, 0, 0, 1])
+    torch.testing.assert_close(class_balance_weights(masks, 3), torch.tensor([4 / 6, 2.0, 0.0], dtype=torch.float64))
