@@ -179,7 +179,16 @@ def test_book_folder_has_no_stray_files():
 
 
 # module a chapter uses -> the optional dependency group of dlarch_lib that provides it
-OPTIONAL_MODULES = {"onnx": "onnx", "onnxruntime": "onnx", "optuna": "hpo", "yaml": "config", "tokenizers": "text", "torchao": "quant", "keras": "keras", "onnxscript": "onnx"}
+OPTIONAL_MODULES = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "optuna": "hpo",
+    "yaml": "config",
+    "tokenizers": "text",
+    "torchao": "quant",
+    "keras": "keras",
+}
 # library calls that need a group though the chapter imports nothing from it
 OPTIONAL_CALLS = {r"quant\.(export_onnx|ort_)|deploy\.": "onnx", r"hpo\.optuna_search": "hpo"}
 
