@@ -112,7 +112,7 @@ def test_seeded_restores_the_callers_generator():
 def test_require_installs_only_what_is_missing_or_out_of_range(monkeypatch):
     from dlarch_lib.core import runtime
 
-    assert runtime.extra_requirements("onnx") == ["onnx>=1.17", "onnxruntime>=1.20"]
+    assert runtime.extra_requirements("onnx") == ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"]
     with pytest.raises(ValueError, match="no optional dependency group 'tpu'"):
         runtime.extra_requirements("tpu")
     installed = importlib.metadata.version("numpy")
