@@ -31,6 +31,7 @@ modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
 13  :mod:`dlarch_lib.quant`                 quantization, ONNX export and ONNX Runtime
 14  :mod:`dlarch_lib.prune`                 pruning
 15  :mod:`dlarch_lib.nas`                   architecture search: the search core, REINFORCE, evolution (15, 16)
+16  :mod:`dlarch_lib.pareto`                two objectives: Pareto fronts, hypervolume, NSGA-II, local search
 17  :mod:`dlarch_lib.hpo`                   hyperparameter search: Bayesian optimisation
 18  :mod:`dlarch_lib.parallel`              data parallelism (DDP), the launcher
 19  :mod:`dlarch_lib.pipeline`              pipeline and tensor parallelism
@@ -75,6 +76,7 @@ CHAPTER_OF: dict[str, int] = {
     "quant": 13,
     "prune": 14,
     "nas": 15,
+    "pareto": 16,
     "hpo": 17,
     "parallel": 18,
     "pipeline": 19,
