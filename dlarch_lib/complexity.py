@@ -18,12 +18,16 @@ Closed forms, each checked in the tests against what PyTorch actually builds and
   :func:`arithmetic_intensity`; :func:`book_models` gives the book's models at their chapter sizes.
 - scaling: :func:`loglog_slope`, the exponent of a measured power law (time the calls with
   :func:`dlarch_lib.core.measure.best_ms`).
+- training and inference memory: :func:`attention_saved_bytes` (attention's ``T^2`` probabilities),
+  :func:`kv_cache_bytes`, :data:`ADAM_BYTES_PER_PARAM` and :func:`training_state_bytes` (weights,
+  gradients, master copies, optimizer state), :class:`CheckpointedSequential` and
+  :func:`checkpoint_saved_bytes` (gradient checkpointing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -363,3 +367,131 @@ def loglog_slope(sizes: Sequence[float], times: Sequence[float]) -> float:
     if (n <= 0).any() or (t <= 0).any():
         raise ValueError("sizes and times must be positive to take logarithms")
     return float(np.polyfit(np.log(n), np.log(t), 1)[0])
+
+
+# --- training memory: attention, the KV cache, optimizer state, checkpointing --------------
+
+
+def attention_saved_bytes(
+    batch: int, T: int, d_model: int, n_heads: int, masked: bool = False, dtype_bytes: int = 4
+) -> int:
+    """Predicted :func:`saved_activation_bytes` of ``attention.MultiHeadAttention(d_model, n_heads)``
+    in self-attention on a ``(batch, T, d_model)`` input (dropout 0).
+
+    Linear in ``T``: the input (saved by the Q, K, V projections, one tensor), contiguous copies of
+    Q, of ``K^T`` and of V (the matmuls save their operands), and the concatenated heads (the output
+    projection's input): ``5 B T d`` numbers. Quadratic in ``T``: the softmax output, ``B h T^2``
+    numbers, saved by the softmax and by ``A V``. With a boolean ``(T, T)`` mask the masked weights
+    are a second ``B h T^2`` tensor, and each of the two ``masked_fill`` calls saves its own inverted
+    mask (``T^2`` bytes each).
+    """
+    _positive(batch=batch, T=T, d_model=d_model, n_heads=n_heads, dtype_bytes=dtype_bytes)
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+    linear = dtype_bytes * 5 * batch * T * d_model
+    quadratic = dtype_bytes * batch * n_heads * T * T
+    if masked:
+        quadratic = 2 * quadratic + 2 * T * T  # the masked weights, and two bool masks of one byte
+    return linear + quadratic
+
+
+def kv_cache_bytes(
+    n_layers: int, T: int, d_model: int, batch: int = 1, dtype_bytes: int = 2, d_kv: int | None = None
+) -> int:
+    """Bytes of a key/value cache: ``2 L B T d_kv b`` (a key and a value of width ``d_kv`` per layer and position).
+
+    ``d_kv`` defaults to ``d_model`` (multi-head attention: ``h`` heads of width ``d / h``); with
+    grouped-query attention it is ``h_kv d / h`` for ``h_kv`` key/value heads.
+    """
+    d_kv = d_model if d_kv is None else d_kv
+    _positive(n_layers=n_layers, T=T, d_model=d_model, batch=batch, dtype_bytes=dtype_bytes, d_kv=d_kv)
+    return 2 * n_layers * batch * T * d_kv * dtype_bytes
+
+
+ADAM_BYTES_PER_PARAM: dict[str, dict[str, int]] = {
+    "fp32": {"weights": 4, "grads": 4, "adam m": 4, "adam v": 4},
+    "mixed, fp32 master": {"weights": 2, "grads": 2, "master weights": 4, "adam m": 4, "adam v": 4},
+    "autocast": {"weights": 4, "grads": 4, "adam m": 4, "adam v": 4, "fp16 weight copies": 2},
+}
+"""Bytes per parameter of training with Adam, by layout (the sums are 16, 16 and 18).
+
+``fp32``: everything in single precision. ``mixed, fp32 master``: the model (weights and
+gradients) in half precision, the optimizer on a single-precision master copy (Micikevicius et
+al.; ZeRO's ``2 + 2 + 12``). ``autocast``: an fp32 model whose matrix products run in half
+precision; the half-precision copies of the weights live through forward and backward.
+"""
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes held for training ``model`` with ``optimizer``, measured from the tensors themselves.
+
+    ``weights``: the model's parameters; ``grads``: their ``.grad``; ``master``: parameters the
+    optimizer updates that are not the model's (a master copy in mixed precision) and their grads;
+    ``optimizer``: every tensor in ``optimizer.state`` (Adam: ``exp_avg``, ``exp_avg_sq`` and a
+    one-number ``step`` per parameter tensor). Storages are counted once; ``total`` is the sum.
+    """
+    if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"need an nn.Module and a torch.optim.Optimizer, got {type(model).__name__}, {type(optimizer).__name__}"
+        )
+    seen: set[int] = set()
+
+    def nbytes(tensors: Sequence[torch.Tensor | None]) -> int:
+        total = 0
+        for t in tensors:
+            if t is not None and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        return total
+
+    params = list(model.parameters())
+    own = {id(p) for p in params}
+    opt_params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    out = {
+        "weights": nbytes(params),
+        "grads": nbytes([p.grad for p in params]),
+        "master": nbytes(opt_params) + nbytes([p.grad for p in opt_params]),
+        "optimizer": nbytes(state),
+    }
+    return {**out, "total": sum(out.values())}
+
+
+class CheckpointedSequential(nn.Module):
+    """An ``nn.Sequential`` run in ``segments`` pieces with ``torch.utils.checkpoint.checkpoint_sequential``.
+
+    In training each segment but the last keeps only its input; its inner activations are recomputed
+    in the backward pass (non-reentrant checkpointing). ``segments=1`` is the plain network.
+    Under ``torch.no_grad()`` it runs the plain network: nothing would be saved anyway.
+    """
+
+    def __init__(self, net: nn.Sequential, segments: int) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Sequential):
+            raise TypeError(f"net must be an nn.Sequential, got {type(net).__name__}")
+        _positive(segments=segments)
+        if segments > len(net):
+            raise ValueError(f"segments ({segments}) must not exceed the number of modules ({len(net)})")
+        self.net, self.segments = net, segments
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``net(x)``, checkpointed when autograd records."""
+        if self.segments == 1 or not torch.is_grad_enabled():
+            return self.net(x)
+        from torch.utils.checkpoint import checkpoint_sequential
+
+        return cast(torch.Tensor, checkpoint_sequential(self.net, self.segments, x, use_reentrant=False))
+
+
+def checkpoint_saved_bytes(n_blocks: int, segments: int, block_bytes: int) -> int:
+    """Predicted saved bytes of a chain of ``n_blocks`` blocks cut into ``segments`` equal checkpointed segments.
+
+    Each block saves its input and one output of ``block_bytes`` that the next block saves as its
+    input (Linear then ReLU), so the plain chain saves ``(n + 1)`` such tensors. Checkpointed, each of
+    the first ``k - 1`` segments keeps only its input and the last segment (``n / k`` blocks) saves as
+    usual: ``(k + n / k) block_bytes``, smallest near ``k = sqrt(n)``.
+    """
+    _positive(n_blocks=n_blocks, segments=segments, block_bytes=block_bytes)
+    if n_blocks % segments:
+        raise ValueError(f"segments ({segments}) must divide n_blocks ({n_blocks})")
+    return (segments + n_blocks // segments) * block_bytes

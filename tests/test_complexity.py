@@ -157,3 +157,96 @@ def test_largest_intermediate_sees_the_dense_score_matrix_only_in_dense_attentio
     assert cx.largest_intermediate(lambda: q + 1) == T * 8
     with pytest.raises(TypeError):
         cx.largest_intermediate(q)
+
+
+@pytest.mark.parametrize("B,T,d,h", [(1, 5, 8, 2), (2, 9, 12, 3), (3, 16, 16, 1)])
+def test_attention_saved_bytes_matches_the_measurement(B, T, d, h):
+    mha = attention.MultiHeadAttention(d, h)
+    x = torch.randn(B, T, d)
+    assert cx.saved_activation_bytes(mha, x) == cx.attention_saved_bytes(B, T, d, h)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha  # a submodule: its parameters are not counted as saved activations
+
+        def forward(self, x):
+            return self.mha(x, mask=attention.causal_mask(T))
+
+    assert cx.saved_activation_bytes(Masked(), x) == cx.attention_saved_bytes(B, T, d, h, masked=True)
+    # the quadratic term: doubling T at fixed everything else adds b B h (4T^2 - T^2) and 5 b B d T
+    grow = cx.attention_saved_bytes(B, 2 * T, d, h) - cx.attention_saved_bytes(B, T, d, h)
+    assert grow == 4 * (B * h * 3 * T * T + 5 * B * d * T)
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        cx.attention_saved_bytes(B, T, 10, 3)
+    with pytest.raises(ValueError, match="T must be"):
+        cx.attention_saved_bytes(B, 0, d, h)
+
+
+def test_kv_cache_bytes_matches_the_gpt_cache():
+    gpt = attention.GPT(vocab_size=13, context=32, d_model=16, n_heads=4, n_layers=3).eval()
+    ids = torch.randint(0, 13, (2, 11), generator=torch.Generator().manual_seed(0))
+    cache = gpt.new_cache()
+    with torch.no_grad():
+        gpt.forward_cached(ids[:, :7], cache)
+        gpt.forward_cached(ids[:, 7:], cache)
+    assert sum(t.nbytes for t in cache.keys + cache.values) == cx.kv_cache_bytes(3, 11, 16, batch=2, dtype_bytes=4)
+    assert cx.kv_cache_bytes(80, 4096, 8192, d_kv=1024) * 8 == cx.kv_cache_bytes(80, 4096, 8192)  # GQA, 8 groups
+    with pytest.raises(ValueError, match="d_kv"):
+        cx.kv_cache_bytes(2, 4, 8, d_kv=0)
+
+
+def test_training_state_bytes_adam_fp32_and_master_weights():
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3, bias=False))
+    P, n_t = count_parameters(model), 3
+    opt = torch.optim.Adam(model.parameters())
+    before = cx.training_state_bytes(model, opt)
+    assert before == {"weights": 4 * P, "grads": 0, "master": 0, "optimizer": 0, "total": 4 * P}
+    model(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    after = cx.training_state_bytes(model, opt)
+    assert after["total"] == sum(cx.ADAM_BYTES_PER_PARAM["fp32"].values()) * P + 4 * n_t
+    half = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3, bias=False)).half()
+    master = [p.detach().float().requires_grad_() for p in half.parameters()]
+    opt_mixed = torch.optim.Adam(master)
+    half(torch.randn(4, 5).half()).float().sum().backward()
+    for p, m in zip(half.parameters(), master):
+        m.grad = p.grad.float()
+    opt_mixed.step()
+    with_master_grads = cx.training_state_bytes(half, opt_mixed)
+    for m in master:
+        m.grad = None
+    mixed = cx.training_state_bytes(half, opt_mixed)
+    assert with_master_grads["master"] == mixed["master"] + 4 * P  # the fp32 grads, while they exist
+    assert mixed["total"] == sum(cx.ADAM_BYTES_PER_PARAM["mixed, fp32 master"].values()) * P + 4 * n_t
+    assert sum(cx.ADAM_BYTES_PER_PARAM["autocast"].values()) == 18
+    with pytest.raises(TypeError):
+        cx.training_state_bytes(model, None)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_checkpointed_sequential_saves_the_predicted_bytes_and_the_same_gradients(k):
+    torch.manual_seed(0)
+    chain = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(6)])
+    x = torch.randn(5, 8)
+    model = cx.CheckpointedSequential(chain, k)
+    assert cx.saved_activation_bytes(model, x) == cx.checkpoint_saved_bytes(6, k, 4 * 5 * 8)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in chain.parameters()]
+    chain.zero_grad(set_to_none=True)
+    chain(x).sum().backward()
+    for g, p in zip(grads, chain.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), chain(x))
+
+
+def test_checkpointing_errors():
+    chain = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(ValueError, match="must not exceed"):
+        cx.CheckpointedSequential(chain, 3)
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        cx.CheckpointedSequential(nn.Linear(2, 2), 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must divide"):
+        cx.checkpoint_saved_bytes(16, 3, 4)
+    assert cx.checkpoint_saved_bytes(16, 4, 1) == 8 < cx.checkpoint_saved_bytes(16, 1, 1) == 17
