@@ -10,11 +10,11 @@ Boxes are ``(x0, y0, x1, y1)`` in pixel edges (``x1, y1`` exclusive), as in
   :func:`yolo_loss`, its training step :func:`yolo_step` (for ``dlarch_lib.core.train.fit``),
   :func:`yolo_detect`;
 - :func:`bilinear_sample`, :func:`roi_align`, :func:`roi_pool` (the two-stage crop) and
-  :class:`RoIHead`, a small second-stage classifier;
+  :func:`jitter_proposals` (RoIs made from perturbed ground truth, for an exercise);
 - Faster R-CNN's pieces: :func:`encode_boxes` / :func:`decode_boxes` (the box-regression
   deltas), :func:`make_anchors`, :func:`match_anchors`, :class:`RPNHead`, :func:`rpn_loss`,
-  :func:`rpn_step`, :func:`rpn_proposals`, :func:`proposal_targets`, :class:`RoIBoxHead`,
-  :func:`box_head_step`, :func:`two_stage_detect`;
+  :func:`rpn_step`, :func:`rpn_proposals`, :func:`proposal_targets`, :func:`sample_proposals`,
+  :class:`RoIBoxHead`, :func:`box_head_step`, :func:`two_stage_detect`;
 - :func:`coco_map`, COCO's mAP@[.5:.95] with 101-point interpolation.
 """
 
@@ -486,21 +486,6 @@ def roi_pool(
     return out
 
 
-class RoIHead(nn.Module):
-    """Second stage: RoIAligned features ``(K, C, P, P)`` -> class logits ``(K, 1 + num_classes)`` (0 = background)."""
-
-    def __init__(self, channels: int, output_size: int = 4, num_classes: int = len(CLASSES), hidden: int = 128):
-        super().__init__()
-        self.output_size = output_size
-        self.mlp = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels * output_size**2, hidden), nn.ReLU(), nn.Linear(hidden, 1 + num_classes)
-        )
-
-    def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
-        """Class logits for pooled RoI features."""
-        return self.mlp(roi_features)
-
-
 def jitter_proposals(
     boxes: list[torch.Tensor],
     labels: list[torch.Tensor],
@@ -764,6 +749,53 @@ def proposal_targets(
     return classes, deltas
 
 
+def sample_proposals(
+    proposals: list[torch.Tensor],
+    gt_boxes: list[torch.Tensor],
+    gt_labels: list[torch.Tensor],
+    per_image: int = 16,
+    fg_fraction: float = 0.25,
+    fg_iou: float = 0.5,
+    bg_iou: tuple[float, float] = (0.0, 0.5),
+    add_gt: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Faster R-CNN's minibatch of RoIs for the second stage: rois ``(K, 5)``, classes ``(K,)``, deltas ``(K, 4)``.
+
+    Per image, the candidates are its proposals ``(P_i, 4)`` (plus its ground-truth boxes when
+    ``add_gt``, so that every object has at least one perfect foreground RoI). A candidate is
+    foreground when its best IoU with an object is >= ``fg_iou`` and background when that IoU lies
+    in ``[bg_iou[0], bg_iou[1])``. Up to ``round(fg_fraction * per_image)`` foreground RoIs are
+    drawn at random without replacement, and background fills the rest of the ``per_image`` slots
+    (fewer RoIs when an image runs short). Classes and deltas come from :func:`proposal_targets`.
+    """
+    if not len(proposals) == len(gt_boxes) == len(gt_labels):
+        raise ValueError(
+            "need one proposal, box and label tensor per image, "
+            f"got {len(proposals)}, {len(gt_boxes)}, {len(gt_labels)}"
+        )
+    if per_image < 1 or not 0.0 <= fg_fraction <= 1.0:
+        raise ValueError(f"need per_image >= 1 and fg_fraction in [0, 1], got {per_image}, {fg_fraction}")
+    if not 0.0 <= bg_iou[0] <= bg_iou[1] <= fg_iou <= 1.0:
+        raise ValueError(f"need 0 <= bg_iou[0] <= bg_iou[1] <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
+    rois = []
+    for i, (props, gt) in enumerate(zip(proposals, gt_boxes)):
+        _check_boxes(props, "proposals")
+        cand = torch.cat([props, gt]) if add_gt else props  # (P, 4)
+        best = box_iou(cand, gt).max(1).values if len(gt) else torch.zeros(len(cand))  # (P,)
+        fg = (best >= fg_iou).nonzero().flatten()
+        bg = ((best >= bg_iou[0]) & (best < bg_iou[1])).nonzero().flatten()
+        n_fg = min(round(fg_fraction * per_image), len(fg))
+        n_bg = min(per_image - n_fg, len(bg))
+        fg = fg[torch.randperm(len(fg), generator=generator)[:n_fg]]
+        bg = bg[torch.randperm(len(bg), generator=generator)[:n_bg]]
+        chosen = cand[torch.cat([fg, bg])]  # (n_fg + n_bg, 4), foreground first
+        rois.append(torch.cat([torch.full((len(chosen), 1), float(i)), chosen], 1))
+    out = torch.cat(rois) if rois else torch.zeros(0, 5)
+    classes, deltas = proposal_targets(out, gt_boxes, gt_labels, fg_iou)
+    return out, classes, deltas
+
+
 class RoIBoxHead(nn.Module):
     """Fast R-CNN's second stage: RoI features ``(K, C, P, P)`` -> class logits ``(K, 1 + C)`` and deltas ``(K, 4)``.
 
@@ -938,7 +970,6 @@ __all__ = [
     "bilinear_sample",
     "roi_align",
     "roi_pool",
-    "RoIHead",
     "jitter_proposals",
     "encode_boxes",
     "decode_boxes",
@@ -950,6 +981,7 @@ __all__ = [
     "rpn_step",
     "rpn_proposals",
     "proposal_targets",
+    "sample_proposals",
     "RoIBoxHead",
     "box_head_step",
     "two_stage_detect",

@@ -195,15 +195,14 @@ def test_roi_align_exact_on_ramp_and_differs_from_roi_pool():
         detect.roi_align(feats, rois, 0)
 
 
-def test_proposals_and_head():
+def test_jitter_proposals():
     data = detect.detection_set(5, seed=0)
     rois, targets = detect.jitter_proposals(data.boxes, data.labels, per_image=6, size=32, seed=0)
     assert rois.shape[1] == 5 and len(rois) == len(targets) and targets.min() >= 0 and targets.max() <= 3
     assert (rois[:, 3] > rois[:, 1]).all() and (rois[:, 4] > rois[:, 2]).all()
     assert (targets > 0).any() and (targets == 0).any()
-    head = detect.RoIHead(channels=3, output_size=4)
-    logits = head(detect.roi_align(torch.rand(5, 3, 8, 8), rois, 4, spatial_scale=0.25))
-    assert logits.shape == (len(rois), 4)
+    crops = detect.roi_align(torch.rand(5, 3, 8, 8), rois, 4, spatial_scale=0.25)
+    assert crops.shape == (len(rois), 3, 4, 4)
     assert len(detect.detection_set(3, size=48, seed=0)) == 3
 
 
@@ -329,6 +328,41 @@ def test_proposal_targets_and_box_head():
         detect.two_stage_detect(head, feats, [rois[:3, 1:], rois[3:, 1:]], 16, 1 / 4, roi_features=x[:2])
     with pytest.raises(ValueError, match=r"\(K, 5\)"):
         detect.proposal_targets(rois[:, 1:], gt_boxes, gt_labels)
+
+
+def test_sample_proposals_fixed_fraction_and_caps():
+    near = [[0.0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 5, 5]]  # IoUs 1, 0.68, 0.25 with the object
+    props = [
+        torch.tensor([*near, [20, 20, 30, 30], [21, 21, 31, 31], [22, 20, 32, 30]]),
+        torch.tensor([[0.0, 0, 4, 4], [8, 8, 12, 12]]),
+    ]
+    gt_boxes = [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)]  # IoUs 1, 0.68, 0.25, 0, 0, 0; image 2: no object
+    gt_labels = [torch.tensor([3]), torch.zeros(0, dtype=torch.long)]
+    g = torch.Generator().manual_seed(0)
+    rois, classes, deltas = detect.sample_proposals(props, gt_boxes, gt_labels, 4, fg_fraction=0.5, generator=g)
+    assert rois[:, 0].tolist() == [0, 0, 0, 0, 1, 1]  # image 2 has only its 2 background proposals
+    assert classes.tolist() == [3, 3, 0, 0, 0, 0]
+    assert (detect.box_iou(rois[2:4, 1:], gt_boxes[0]) < 0.5).all() and (deltas[2:] == 0).all()
+    torch.testing.assert_close(detect.decode_boxes(rois[:2, 1:], deltas[:2]), gt_boxes[0].expand(2, 4))
+    # the foreground cap: 3 candidates (2 proposals + the object itself) for 6 foreground slots
+    rois, classes, _ = detect.sample_proposals(props[:1], gt_boxes[:1], gt_labels[:1], per_image=8, fg_fraction=0.75)
+    assert classes.tolist() == [3, 3, 3, 0, 0, 0, 0]
+    rois, classes, _ = detect.sample_proposals(props[:1], gt_boxes[:1], gt_labels[:1], per_image=8, add_gt=False)
+    assert (classes > 0).sum() == 2 and len(rois) == 6
+    narrow, _, _ = detect.sample_proposals(props[:1], gt_boxes[:1], gt_labels[:1], 8, 0.5, bg_iou=(0.1, 0.5))
+    # 2 foreground proposals + the object, and the one background candidate with IoU in [0.1, 0.5)
+    assert len(narrow) == 4
+    again = detect.sample_proposals(props, gt_boxes, gt_labels, generator=torch.Generator().manual_seed(1))
+    same = detect.sample_proposals(props, gt_boxes, gt_labels, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(again, same))  # seeded
+    with pytest.raises(ValueError, match="one proposal, box and label tensor per image"):
+        detect.sample_proposals(props[:1], gt_boxes, gt_labels)
+    with pytest.raises(ValueError, match="fg_fraction"):
+        detect.sample_proposals(props, gt_boxes, gt_labels, fg_fraction=1.5)
+    with pytest.raises(ValueError, match="bg_iou"):
+        detect.sample_proposals(props, gt_boxes, gt_labels, bg_iou=(0.0, 0.6))
+    with pytest.raises(ValueError, match=r"\(K, 4\)"):
+        detect.sample_proposals([props[0][:, :3]], gt_boxes[:1], gt_labels[:1])
 
 
 def test_coco_ap_101_points_hand_case():
