@@ -9,6 +9,10 @@
 - :class:`HintRegressor`, :func:`hint_loss`   FitNets feature distillation (Romero et al. 2015)
 - :func:`labelled_subset`        a few labels per class, the rest of the indices unlabelled
 - :func:`teacher_logits`         run the frozen teacher once over the data (logits or hint features)
+- :func:`class_similarity`, :func:`runner_up`, :func:`rank_correlation`   dark knowledge, measured: the
+  teacher's mean soft prediction per class, each example's most similar wrong class, Spearman's rho per row
+- :func:`normalized_distances`, :func:`rkd_distance_loss`, :func:`triplet_cosines`, :func:`rkd_angle_loss`,
+  :func:`rkd_step`               relational knowledge distillation (Park et al. 2019)
 
 The student is any classifier; the chapter's is chapter 2's one-hidden-layer MLP
 (``modular.MLPConfig(width=32, depth=1)``), whose guided layer for FitNets is the output of its
@@ -207,3 +211,151 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, features: bool = False, 
     device = model_device(teacher)
     fn = cast(Callable[[torch.Tensor], torch.Tensor], teacher.features) if features else teacher
     return torch.cat([fn(x[i : i + batch_size].to(device)).to(x.device) for i in range(0, len(x), batch_size)])
+
+
+# --- dark knowledge: what the soft targets say about the classes -------------------------------
+
+
+def class_similarity(probs: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """The teacher's mean soft prediction per true class: ``S[c, j] = mean_{n: y_n = c} probs[n, j]``.
+
+    ``probs`` ``(N, C)`` (rows summing to one, e.g. ``softmax_t(z_t, T)``), ``labels`` ``(N,)`` int64.
+    Row ``c`` says how much, on average, the teacher thinks an image of class ``c`` looks like each
+    class; its off-diagonal entries are the dark knowledge. Every class must occur. ``-> (C, C)``.
+    """
+    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"need probs (N, C) and labels (N,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    c = probs.shape[1] if num_classes is None else num_classes
+    if c != probs.shape[1]:
+        raise ValueError(f"num_classes={c} does not match probs with {probs.shape[1]} columns")
+    counts = torch.bincount(labels, minlength=c)  # (C,)
+    if len(counts) != c or (counts == 0).any():
+        raise ValueError(f"every class 0..{c - 1} needs an example (and no other label), got counts {counts.tolist()}")
+    sums = torch.zeros(c, c, dtype=probs.dtype, device=probs.device).index_add_(0, labels, probs)  # (C, C)
+    return sums / counts[:, None].to(probs.dtype)
+
+
+def runner_up(scores: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's highest-scoring class other than its label: ``(N, C) -> (N,)`` int64 (``C >= 2``).
+
+    With ``labels`` ``(N,)`` the label's column is excluded, so the result is the class the row
+    finds most similar to its true class; without labels it is the class with the second-largest score.
+    For a distance (smaller = closer) pass ``-distance``.
+    """
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be (N, C) with C >= 2, got {tuple(scores.shape)}")
+    if labels is None:
+        return scores.topk(2, dim=1).indices[:, 1]
+    if labels.shape != scores.shape[:1] or labels.dtype != torch.long:
+        raise ValueError(f"labels must be int64 ({scores.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+    if labels.min() < 0 or labels.max() >= scores.shape[1]:
+        raise ValueError(f"labels must lie in 0..{scores.shape[1] - 1}")
+    own = F.one_hot(labels, scores.shape[1]).bool()  # (N, C)
+    return scores.masked_fill(own, -torch.inf).argmax(dim=1)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of each row of ``a`` with the same row of ``b``: ``(R, K), (R, K) -> (R,)``.
+
+    The Pearson correlation of the ranks, ``K >= 3`` entries per row. Meant for continuous scores;
+    tied entries get arbitrary distinct ranks instead of their average rank.
+    """
+    if a.ndim != 2 or a.shape != b.shape or a.shape[1] < 3:
+        raise ValueError(f"need a and b of one shape (R, K) with K >= 3, got {tuple(a.shape)} and {tuple(b.shape)}")
+    ra, rb = (t.argsort(dim=1).argsort(dim=1).to(torch.float64) for t in (a, b))  # (R, K) ranks 0..K-1
+    ra, rb = ra - ra.mean(dim=1, keepdim=True), rb - rb.mean(dim=1, keepdim=True)
+    return (ra * rb).sum(dim=1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+# --- relational knowledge distillation (Park et al. 2019) ---------------------------------------
+
+
+def _check_relational_pair(student: torch.Tensor, teacher: torch.Tensor, least: int) -> None:
+    if student.ndim != 2 or teacher.ndim != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher embeddings must be (B, d_s) and (B, d_t) with the same B, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[0] < least:
+        raise ValueError(f"relational losses need a batch of at least {least} examples, got {student.shape[0]}")
+
+
+def normalized_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Pairwise Euclidean distances divided by their mean over the pairs ``i != j``: ``(B, D) -> (B, B)``.
+
+    ``psi_D(e_i, e_j) = ||e_i - e_j|| / mu`` with ``mu = mean_{i != j} ||e_i - e_j||``; the diagonal is 0.
+    Dividing by ``mu`` makes the result invariant to scaling ``e`` (and, like any distance, to
+    rotating or translating it).
+    """
+    sq = e.pow(2).sum(dim=1)  # (B,)
+    dist = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp_min(eps).sqrt()  # (B, B); clamp: no NaN gradient at 0
+    off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)  # (B, B) the pairs i != j
+    dist = dist * off
+    return dist / dist[off].mean().clamp_min(eps)
+
+
+def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD-D: Huber loss between the student's and the teacher's normalised distances, mean over ``i != j``.
+
+    Embeddings ``(B, d_s)`` and ``(B, d_t)``: the widths may differ, since only distances are
+    compared (no regressor, unlike FitNets). The teacher is a constant (detached).
+    """
+    _check_relational_pair(student, teacher, 2)
+    b = len(student)
+    ds, dt = normalized_distances(student), normalized_distances(teacher.detach())  # (B, B), zero diagonals
+    return F.huber_loss(ds, dt, delta=1.0, reduction="sum") / (b * (b - 1))  # the diagonal adds 0
+
+
+def triplet_cosines(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``cos`` of the angle at ``e_j`` between ``e_i - e_j`` and ``e_k - e_j``: ``(B, D) -> (B, B, B)``.
+
+    Indexed ``[j, i, k]`` (the vertex first). Entries whose ``i`` or ``k`` equals ``j`` (a zero vector) are 0.
+    """
+    diff = e[None, :, :] - e[:, None, :]  # (B, B, D): diff[j, i] = e_i - e_j
+    unit = diff / diff.norm(dim=-1, keepdim=True).clamp_min(eps)  # zero where i == j
+    return unit @ unit.transpose(1, 2)  # (B, B, B): [j, i, k] = <unit[j, i], unit[j, k]>
+
+
+def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD-A: Huber loss between the triplet cosines of student and teacher, mean over distinct ``i, j, k``.
+
+    Embeddings ``(B, d_s)`` and ``(B, d_t)``, ``B >= 3``; invariant to scaling, rotating and
+    translating either embedding. The teacher is a constant (detached).
+    """
+    _check_relational_pair(student, teacher, 3)
+    b = len(student)
+    cs, ct = triplet_cosines(student), triplet_cosines(teacher.detach())  # (B, B, B)
+    # a triple with j = i or j = k has cosine 0 in both, one with i = k (!= j) has cosine 1 in both: they add 0
+    return F.huber_loss(cs, ct, delta=1.0, reduction="sum") / (b * (b - 1) * (b - 2))
+
+
+def rkd_step(
+    T: float = 4.0, alpha: float = 0.5, w_distance: float = 25.0, w_angle: float = 50.0, angle_rows: int = 32
+) -> Step:
+    """Training step for ``train.fit``: :func:`distillation_loss` plus the two RKD terms, on ``(x, y, z_t, h_t)``.
+
+    ``h_t`` ``(B, d_t)`` is the teacher's embedding (e.g. its penultimate features, precomputed with
+    ``teacher_logits(..., features=True)``); the student's embedding is the input of its last
+    block, ``student(x, return_all=True)[-2]`` (a :class:`~dlarch_lib.modular.Chain`). The weights
+    are Park et al.'s (25 for the distances, 50 for the angles). The angle term costs ``O(B^3)``, so
+    it uses the first ``angle_rows`` rows of each (shuffled) batch.
+    """
+    _check_temperature(T)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if w_distance < 0 or w_angle < 0:
+        raise ValueError(f"RKD weights must be >= 0, got {w_distance}, {w_angle}")
+    if angle_rows < 3:
+        raise ValueError(f"angle_rows must be >= 3 (a triplet), got {angle_rows}")
+
+    def step(student: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y, z_teacher, h_teacher = batch  # (B, ...), (B,), (B, C), (B, d_t)
+        outputs = student(x, return_all=True)
+        h_student, z_student = outputs[-2], outputs[-1]  # (B, d_s), (B, C)
+        loss = distillation_loss(z_student, z_teacher, y, T, alpha)
+        if len(x) >= 3:  # a last batch of one or two examples has no triplet
+            loss = loss + w_distance * rkd_distance_loss(h_student, h_teacher)
+            loss = loss + w_angle * rkd_angle_loss(h_student[:angle_rows], h_teacher[:angle_rows])
+        return loss
+
+    return step

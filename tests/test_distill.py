@@ -207,3 +207,160 @@ def test_labelled_subset_is_stratified_disjoint_and_seeded():
         kd.labelled_subset(y, 8)
     with pytest.raises(ValueError, match=r"\(N,\)"):
         kd.labelled_subset(y[None], 2)
+
+
+# --- dark knowledge, measured ---------------------------------------------------------------------
+
+
+def test_class_similarity_is_the_mean_soft_prediction_per_class():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.0, 0.3, 0.7]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2])
+    want = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.0, 0.3, 0.7]], dtype=torch.float64)
+    torch.testing.assert_close(kd.class_similarity(probs, labels), want)
+    torch.testing.assert_close(kd.class_similarity(probs, labels).sum(dim=1), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs an example"):
+        kd.class_similarity(probs, torch.tensor([0, 0, 1, 1]))  # class 2 never occurs
+    with pytest.raises(ValueError, match="num_classes"):
+        kd.class_similarity(probs, labels, num_classes=4)
+    with pytest.raises(ValueError, match="need probs"):
+        kd.class_similarity(probs, labels[:3])
+
+
+def test_runner_up_excludes_the_label():
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0], [0.0, 4.0, 9.0, 1.0]])
+    assert kd.runner_up(scores).tolist() == [2, 1]  # the second-largest score
+    assert kd.runner_up(scores, torch.tensor([0, 2])).tolist() == [2, 1]  # label = arg-max: same
+    assert kd.runner_up(scores, torch.tensor([2, 3])).tolist() == [0, 2]  # label elsewhere: the arg-max of the rest
+    with pytest.raises(ValueError, match="C >= 2"):
+        kd.runner_up(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="labels must be int64"):
+        kd.runner_up(scores, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="labels must lie"):
+        kd.runner_up(scores, torch.tensor([0, 4]))
+
+
+def test_rank_correlation_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    b[0] = a[0] ** 3  # a monotone map: rho = 1
+    b[1] = -a[1]  # reversed: rho = -1
+    rho = kd.rank_correlation(a, b)
+    want = torch.tensor([stats.spearmanr(a[i].numpy(), b[i].numpy()).statistic for i in range(6)], dtype=torch.float64)
+    torch.testing.assert_close(rho, want)
+    assert rho[0] == pytest.approx(1.0) and rho[1] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="K >= 3"):
+        kd.rank_correlation(a[:, :2], b[:, :2])
+    with pytest.raises(ValueError, match="one shape"):
+        kd.rank_correlation(a, b[:, :5])
+
+
+# --- relational knowledge distillation ------------------------------------------------------------
+
+
+def _triangle() -> torch.Tensor:
+    return torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)  # sides 3, 4, 5
+
+
+def _similar(e: torch.Tensor, scale: float = 7.0, seed: int = 0, width: int = 5) -> torch.Tensor:
+    """``e`` scaled, embedded in ``width`` dimensions, rotated by a random orthogonal map and translated."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+    padded = F.pad(e, (0, width - e.shape[1]))
+    return scale * padded @ q + torch.randn(width, generator=g, dtype=torch.float64)
+
+
+def test_normalized_distances_match_cdist_and_a_hand_case():
+    e = _triangle()
+    want = torch.tensor([[0, 3, 4], [3, 0, 5], [4, 5, 0]], dtype=torch.float64) / 4  # mean distance 4
+    torch.testing.assert_close(kd.normalized_distances(e), want)
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = torch.cdist(x, x)
+    torch.testing.assert_close(kd.normalized_distances(x), d / F.pdist(x).mean())
+
+
+def test_triplet_cosines_hand_case_and_cosine_similarity():
+    c = kd.triplet_cosines(_triangle())  # [vertex j, i, k]
+    assert c[0, 1, 2] == pytest.approx(0.0) and c[1, 0, 2] == pytest.approx(0.6) and c[2, 0, 1] == pytest.approx(0.8)
+    assert c[0, 0, 1] == 0 and c[1, 2, 2] == pytest.approx(1.0)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for j, i, k in [(0, 1, 2), (3, 4, 1), (2, 0, 4)]:
+        ref = F.cosine_similarity(x[i] - x[j], x[k] - x[j], dim=0)
+        torch.testing.assert_close(kd.triplet_cosines(x)[j, i, k], ref)
+
+
+def test_rkd_losses_hand_values():
+    equilateral = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3**0.5 / 2]], dtype=torch.float64)
+    # distances 3/4, 1, 5/4 against 1, 1, 1: Huber 0.5 d^2 on 4 ordered pairs of 6
+    assert kd.rkd_distance_loss(_triangle(), equilateral).item() == pytest.approx(4 * 0.5 * 0.25**2 / 6)
+    # cosines 0, 0.6, 0.8 against 0.5 each, every vertex twice, 6 ordered triples
+    assert kd.rkd_angle_loss(_triangle(), equilateral).item() == pytest.approx(2 * 0.5 * (0.25 + 0.01 + 0.09) / 6)
+
+
+def test_rkd_losses_are_invariant_to_similarity_maps_but_not_to_stretching():
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for scale in (0.01, 7.0, 300.0):
+        y = _similar(x, scale=scale)  # 12 x 5: another width, like a teacher's embedding
+        assert kd.rkd_distance_loss(y, x).item() == pytest.approx(0.0, abs=1e-10)
+        assert kd.rkd_angle_loss(y, x).item() == pytest.approx(0.0, abs=1e-10)
+    stretched = x * torch.tensor([1.0, 1.0, 5.0], dtype=torch.float64)  # not a similarity: relations change
+    assert kd.rkd_distance_loss(stretched, x) > 1e-3 and kd.rkd_angle_loss(stretched, x) > 1e-3
+
+
+def test_rkd_gradients_are_finite_with_duplicates_and_skip_the_teacher():
+    s = torch.randn(6, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    s[1] = s[0]  # two identical embeddings: the distance is 0, where sqrt has no derivative
+    s.requires_grad_()
+    t = torch.randn(6, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
+    loss = kd.rkd_distance_loss(s, t) + kd.rkd_angle_loss(s, t)
+    grad_s, grad_t = torch.autograd.grad(loss, [s, t], allow_unused=True)
+    assert torch.isfinite(grad_s).all() and grad_s.abs().sum() > 0
+    assert grad_t is None  # the teacher is a constant
+
+
+def test_rkd_errors():
+    with pytest.raises(ValueError, match="same B"):
+        kd.rkd_distance_loss(torch.zeros(4, 2), torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="at least 3"):
+        kd.rkd_angle_loss(torch.zeros(2, 2), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        kd.rkd_distance_loss(torch.zeros(1, 2), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="angle_rows"):
+        kd.rkd_step(angle_rows=2)
+    with pytest.raises(ValueError, match="RKD weights"):
+        kd.rkd_step(w_distance=-1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        kd.rkd_step(alpha=2.0)
+
+
+def test_rkd_step_adds_the_relational_terms_to_the_kd_loss():
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+    student = modular.build_model(modular.MLPConfig(width=8, depth=1))
+    x, y = torch.rand(10, 1, 8, 8, generator=g), torch.randint(0, 10, (10,), generator=g)
+    z_t, h_t = torch.randn(10, 10, generator=g), torch.randn(10, 6, generator=g)
+    h_s, z_s = student(x, return_all=True)[-2:]
+    want = kd.distillation_loss(z_s, z_t, y, 4.0, 0.5) + 25 * kd.rkd_distance_loss(h_s, h_t)
+    want = want + 50 * kd.rkd_angle_loss(h_s[:5], h_t[:5])
+    torch.testing.assert_close(kd.rkd_step(4.0, 0.5, 25.0, 50.0, angle_rows=5)(student, (x, y, z_t, h_t)), want)
+    short = kd.rkd_step()(student, (x[:2], y[:2], z_t[:2], h_t[:2]))  # no triplet: plain KD
+    torch.testing.assert_close(short, kd.distillation_loss(student(x[:2]), z_t[:2], y[:2], 4.0, 0.5))
+
+
+def test_rkd_student_learns_the_teacher_geometry_through_fit():
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=g)
+    h_t = x.flatten(1)[:, :6] @ torch.randn(6, 6, generator=g)  # a teacher embedding: a linear image of x
+    student = modular.build_model(modular.MLPConfig(width=16, depth=1))
+    z_t, y = torch.zeros(64, 10), torch.full((64,), kd.IGNORE)
+
+    def relational(model: nn.Module) -> float:
+        with torch.no_grad():
+            h = model(x, return_all=True)[-2]
+        return kd.rkd_distance_loss(h, h_t).item()
+
+    before = relational(student)
+    batches = TensorBatches(x, y, z_t, h_t, batch_size=32, generator=torch.Generator().manual_seed(0))
+    fit(student, batches, kd.rkd_step(alpha=0.0, w_angle=0.0), epochs=40, lr=1e-2, progress=False)
+    assert relational(student) < 0.5 * before
