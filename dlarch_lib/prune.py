@@ -15,6 +15,13 @@
   neurons) by L1 norm; :func:`mask_channels` zeroes the weakest ones with
   ``prune.ln_structured``; :func:`prune_channels` really removes them, rebuilding every layer
   of a chain (``Conv2d``/``Linear`` with channel-wise layers in between) smaller.
+- :func:`nm_mask` keeps the ``n`` largest of every ``m`` consecutive inputs (2:4 semi-structured
+  sparsity, the pattern of NVIDIA's sparse tensor cores); :func:`is_nm_sparse` checks the pattern,
+  :func:`apply_masks` puts given masks on a model and :func:`nm_prune` prunes a whole model to N:M.
+- :func:`snip_scores` is SNIP's connection sensitivity ``|w * dL/dw|`` for pruning at
+  initialisation; :func:`random_masks` is its random baseline.
+- :func:`imp_with_rewinding` is iterative magnitude pruning that rewinds the survivors to an
+  early iterate after every round (the lottery ticket with rewinding).
 
 Timing the variants is :mod:`dlarch_lib.core.measure`'s job: ``measure.best_ms`` over
 ``measure.inference_call(model, x)`` of each variant, the variants taking turns.
@@ -23,7 +30,7 @@ Timing the variants is :mod:`dlarch_lib.core.measure`'s job: ``measure.best_ms``
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -364,3 +371,121 @@ def prune_channels(model: nn.Module, amount: float) -> nn.Module:
                     setattr(norm_parent, norm_name, _slice_norm(module, keep_out))
         keep_in, channels_in = keep_out, layer.weight.shape[0]
     return small
+
+
+# --- semi-structured N:M sparsity ------------------------------------------------------------
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Mask (1 = keep) that keeps the ``n`` largest ``|w|`` of every ``m`` consecutive inputs.
+
+    ``weight`` is ``(out, in)`` or ``(out, in, k, k)``; the groups run along the flattened
+    input dimension of each output row (``(O, I) -> (O, I / m, m)``), which is the layout that
+    NVIDIA's sparse tensor cores and ``torch.sparse.to_sparse_semi_structured`` expect for 2:4.
+    Ties are broken like ``torch.topk``. Same mask as ``torch.ao.pruning.WeightNormSparsifier``
+    with ``sparse_block_shape=(1, m)`` and ``zeros_per_block=m - n``.
+    """
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise ValueError(f"n and m must be ints, got n={n!r}, m={m!r}")
+    if not 1 <= n <= m:
+        raise ValueError(f"need 1 <= n <= m for N:M sparsity, got n={n}, m={m}")
+    if weight.ndim < 2:
+        raise ValueError(f"weight must be (out, in, ...), got shape {tuple(weight.shape)}")
+    rows = weight.detach().flatten(1)  # (O, I)
+    if rows.shape[1] % m:
+        raise ValueError(f"{rows.shape[1]} inputs per output are not a multiple of the group size m={m}")
+    groups = rows.abs().view(rows.shape[0], -1, m)  # (O, I / m, m)
+    mask = torch.zeros_like(groups)
+    mask.scatter_(-1, groups.topk(n, dim=-1).indices, 1.0)  # n ones per group
+    return mask.view_as(weight)
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of ``m`` consecutive inputs of every output has at most ``n`` non-zeros."""
+    rows = weight.detach().flatten(1)  # (O, I)
+    if rows.shape[1] % m:
+        return False
+    return bool(((rows != 0).view(rows.shape[0], -1, m).sum(-1) <= n).all())
+
+
+def apply_masks(model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
+    """Put one given mask on the ``weight`` of each prunable layer (``prune.custom_from_mask``), in order.
+
+    The masks combine with any mask already there, as with every ``torch.nn.utils.prune`` method.
+    """
+    layers = prunable_layers(model)
+    masks = list(masks)
+    if len(masks) != len(layers):
+        raise ValueError(f"{len(masks)} masks for {len(layers)} prunable layers")
+    for (name, layer), mask in zip(layers, masks):
+        if mask.shape != layer.weight.shape:
+            raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, weight {tuple(layer.weight.shape)}")
+        prune.custom_from_mask(layer, "weight", mask.to(layer.weight.device))
+    return model
+
+
+def nm_prune(model: nn.Module, n: int = 2, m: int = 4) -> nn.Module:
+    """Prune every prunable layer of ``model`` in place to N:M sparsity (:func:`nm_mask`), mask kept in training."""
+    return apply_masks(model, [nm_mask(layer.weight, n, m) for _, layer in prunable_layers(model)])
+
+
+# --- pruning at initialisation: SNIP and its baselines ----------------------------------------
+
+
+def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """SNIP's connection sensitivity ``|dL/dw * w|`` of every prunable weight, from one batch ``(x, y)``.
+
+    ``L`` is the cross-entropy of ``model(x)`` against the labels ``y``. With a mask ``c`` on the
+    weights (``w -> c * w``), ``dL/dc`` at ``c = 1`` is ``dL/dw * w``: the first-order change of the
+    loss when a connection is removed (Lee et al., 2019). Gradients are taken with
+    ``torch.autograd.grad``, so ``model``'s ``.grad`` fields are left alone.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
+    layers = [layer for _, layer in prunable_layers(model)]
+    if any(hasattr(layer, "weight_orig") for layer in layers):
+        raise ValueError("snip_scores needs an unpruned model (its weights are pruned with masks already)")
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, [layer.weight for layer in layers])
+    return [(g * layer.weight).detach().abs() for g, layer in zip(grads, layers)]
+
+
+def random_masks(
+    weights: Sequence[torch.Tensor], amount: float, generator: torch.Generator, scope: str = "layer"
+) -> list[torch.Tensor]:
+    """Masks that prune a random ``amount`` fraction of the weights (per tensor or over all of them).
+
+    The same counting as :func:`magnitude_masks`, with uniform random scores drawn from ``generator``.
+    """
+    scores = [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
+    return magnitude_masks(scores, amount, scope)
+
+
+# --- the lottery ticket: iterative magnitude pruning with rewinding ----------------------------
+
+
+def imp_with_rewinding(
+    model: nn.Module,
+    rewind_state: dict[str, torch.Tensor],
+    levels: Sequence[float],
+    train: Callable[[nn.Module], object],
+    scope: str = "global",
+) -> list[nn.Module]:
+    """Iterative magnitude pruning with rewinding (Frankle and Carbin, 2019; Frankle et al., 2020).
+
+    ``model`` is trained; ``rewind_state`` is a state dict of the same, unpruned model from
+    earlier in its training (``θ_k``; at ``k = 0`` the initialisation). For each target sparsity
+    in ``levels`` (increasing): prune the smallest surviving trained weights
+    (:func:`magnitude_prune`), rewind the survivors to ``rewind_state`` (:func:`rewind`) and
+    retrain with ``train(model)``. Returns a copy of the trained model after each round.
+    """
+    levels = list(levels)
+    if not levels or any(b <= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"levels must be a non-empty increasing list of sparsities, got {levels}")
+    rounds = []
+    for level in levels:
+        magnitude_prune(model, level, scope)
+        rewind(model, rewind_state)
+        train(model)
+        rounds.append(clone(model))
+    return rounds

@@ -248,3 +248,103 @@ def test_prune_channels_errors():
         prune.prune_channels(mlp(), -0.1)
     with pytest.raises(ValueError, match="amount"):
         prune.mask_channels(mlp(), 1.0)
+
+
+# --- N:M sparsity, SNIP, IMP with rewinding ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_keeps_the_n_largest_of_every_group(n, m):
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    mask = prune.nm_mask(w, n, m)
+    groups, kept = w.abs().view(6, -1, m), mask.view(6, -1, m)
+    assert torch.all(kept.sum(-1) == n)  # exactly n per group
+    smallest_kept = torch.where(kept == 1, groups, torch.inf).amin(-1)
+    largest_dropped = torch.where(kept == 0, groups, -torch.inf).amax(-1)
+    assert torch.all(smallest_kept > largest_dropped)  # the kept ones are the largest
+    assert prune.is_nm_sparse(w * mask, n, m) and not prune.is_nm_sparse(w, n, m)
+
+
+def test_nm_mask_hand_case_conv_and_torch_reference():
+    w = torch.tensor([[0.1, -3.0, 2.0, 0.5, 1.0, 1.5, -0.2, 0.0]])
+    assert prune.nm_mask(w).tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]]
+    conv = torch.randn(4, 2, 2, 2)  # groups run along the flattened (in, k, k) axis
+    torch.testing.assert_close(prune.nm_mask(conv), prune.nm_mask(conv.flatten(1)).view_as(conv))
+    from torch.ao.pruning import WeightNormSparsifier
+
+    model = nn.Sequential(nn.Linear(32, 8))
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    ref = model[0].parametrizations.weight[0].mask
+    assert torch.equal(prune.nm_mask(model[0].parametrizations.weight.original).bool(), ref)
+
+
+def test_nm_mask_errors():
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        prune.nm_mask(torch.randn(3, 10))
+    with pytest.raises(ValueError, match="1 <= n <= m"):
+        prune.nm_mask(torch.randn(3, 8), 5, 4)
+    with pytest.raises(ValueError, match="ints"):
+        prune.nm_mask(torch.randn(3, 8), 2.0, 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="out, in"):
+        prune.nm_mask(torch.randn(8))
+    assert not prune.is_nm_sparse(torch.zeros(3, 10))  # 10 inputs do not split into groups of 4
+
+
+def test_nm_prune_holds_during_training():
+    model = mlp()
+    prune.nm_prune(model)
+    assert prune.sparsity(model) == pytest.approx(0.5)
+    train_steps(model)
+    assert all(prune.is_nm_sparse(layer.weight) for _, layer in prune.prunable_layers(model))
+    with pytest.raises(ValueError, match="masks for"):
+        prune.apply_masks(model, [torch.ones(1)])
+    with pytest.raises(ValueError, match="shape"):
+        prune.apply_masks(model, [torch.ones(2, 2)] * 3)
+
+
+def test_snip_scores_are_the_mask_gradient():
+    model = mlp()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    scores = prune.snip_scores(model, x, y)
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+    # reference: differentiate the loss with respect to an all-ones mask c in w -> c * w
+    names = [f"{name}.weight" for name, _ in prune.prunable_layers(model)]
+    ones = {k: torch.ones_like(v, requires_grad=True) for k, v in model.named_parameters() if k in names}
+    params = {k: ones[k] * v if k in ones else v for k, v in model.named_parameters()}
+    loss = F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+    grads = torch.autograd.grad(loss, [ones[k] for k in names])
+    for score, g in zip(scores, grads):
+        torch.testing.assert_close(score, g.abs())
+    assert [s.shape for s in scores] == [ones[k].shape for k in names]
+    with pytest.raises(ValueError, match="labels"):
+        prune.snip_scores(mlp(), x, y[:3])
+    with pytest.raises(ValueError, match="unpruned"):
+        prune.snip_scores(prune.nm_prune(mlp()), x, y)
+
+
+def test_random_masks_count_and_seed():
+    ws = [torch.randn(10, 20), torch.randn(5, 10)]
+    a = prune.random_masks(ws, 0.6, torch.Generator().manual_seed(0))
+    b = prune.random_masks(ws, 0.6, torch.Generator().manual_seed(0))
+    c = prune.random_masks(ws, 0.6, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
+    assert [int((m == 0).sum()) for m in a] == [120, 30]
+    with pytest.raises(ValueError, match="amount"):
+        prune.random_masks(ws, 1.5, torch.Generator())
+
+
+def test_imp_with_rewinding():
+    model = mlp()
+    early = copy.deepcopy(model.state_dict())
+    train_steps(model)
+    trained_calls = []
+    rounds = prune.imp_with_rewinding(model, early, [0.5, 0.8], lambda m: trained_calls.append(prune.clone(m)))
+    assert len(rounds) == 2 and [prune.sparsity(r) for r in rounds] == pytest.approx([0.5, 0.8], abs=1e-3)
+    first, second = (torch.cat([m.weight_mask.flatten() for _, m in prune.prunable_layers(r)]) for r in rounds)
+    assert torch.all(second <= first)  # masks only grow
+    for name, layer in prune.prunable_layers(trained_calls[0]):  # training starts from the rewound weights
+        torch.testing.assert_close(layer.weight_orig, early[f"{name}.weight"])
+    with pytest.raises(ValueError, match="increasing"):
+        prune.imp_with_rewinding(mlp(), early, [0.8, 0.5], lambda m: None)
