@@ -19,8 +19,10 @@ gradient and records its norm.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -295,16 +297,25 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
 # --------------------------------------------------------------------------- training with a schedule
 
 
-def scheduled_step(optimizer: torch.optim.Optimizer) -> Step:
+def scheduled_step(
+    optimizer: torch.optim.Optimizer, *, ema: EMA | None = None, autocast_dtype: torch.dtype | None = None
+) -> Step:
     """The classifier's step, logging the learning rate ``optimizer`` uses for it.
 
     :func:`fit` back-propagates the loss, steps ``optimizer`` and then the scheduler, so the
-    rate read here, before the update, is the one the schedule set for this step.
+    rate read here, before the update, is the one the schedule set for this step. ``ema``
+    averages in the weights this step starts from; ``autocast_dtype`` (e.g. ``torch.bfloat16``)
+    runs the forward pass under ``torch.autocast`` on the model's device.
     """
 
     def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor | float]:
         x, y = batch  # (B, 1, 8, 8), (B,)
-        return {"loss": F.cross_entropy(model(x), y), "lr": optimizer.param_groups[0]["lr"]}
+        if ema is not None:
+            ema.update(model)
+        low = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with low:
+            logits = model(x)  # (B, 10), in autocast_dtype under autocast
+        return {"loss": F.cross_entropy(logits.float(), y), "lr": optimizer.param_groups[0]["lr"]}
 
     return step
 
@@ -323,6 +334,8 @@ def train_classifier(
     seed: int = 0,
     progress: bool = False,
     desc: str = "train",
+    ema: EMA | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> History:
     """Train on ``split`` with a per-step ``schedule`` (``LambdaLR`` over :func:`schedule_factor`).
 
@@ -330,7 +343,9 @@ def train_classifier(
     :class:`~dlarch_lib.core.data.TensorBatches`, dropout from the global generator, both seeded by ``seed``
     (:func:`seeded`: the caller's stream is left alone). The history logs ``"lr"`` at every
     step; the test set is used once, at the end: ``history.evals["test_acc"]`` (and
-    ``"test_loss"``), one entry each.
+    ``"test_loss"``), one entry each. With ``ema`` (an :class:`EMA` of ``model``) the average is updated
+    before every step and once after the last, and ``"ema_test_acc"`` / ``"ema_test_loss"`` are recorded
+    too; ``autocast_dtype`` trains with the forward pass under ``torch.autocast`` (see :func:`scheduled_step`).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -347,7 +362,7 @@ def train_classifier(
         history = fit(
             model,
             batches,
-            scheduled_step(opt),
+            scheduled_step(opt, ema=ema, autocast_dtype=autocast_dtype),
             epochs=epochs,
             optimizer=opt,
             scheduler=sched,
@@ -356,6 +371,10 @@ def train_classifier(
         )
     test = evaluate(model, [(split.x_test, split.y_test)])
     history.evals.update(test_loss=[test["loss"]], test_acc=[test["acc"]])
+    if ema is not None:
+        ema.update(model)
+        ema_test = evaluate(ema.module, [(split.x_test, split.y_test)])
+        history.evals.update(ema_test_loss=[ema_test["loss"]], ema_test_acc=[ema_test["acc"]])
     history.eval_steps.append(history.steps)
     return history
 
@@ -442,3 +461,231 @@ def train_rnn(
         stop=lambda history: not math.isfinite(history.loss[-1]),
         progress=False,
     )
+
+
+# --------------------------------------------------------------------------- SGD with momentum
+
+
+def momentum_step(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    buf: torch.Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of SGD with momentum in PyTorch's form; returns ``(w_new, buf_new)``.
+
+    ``buf <- momentum * buf + grad`` (``buf = grad`` at the first step, ``buf=None``), then
+    ``w <- w - lr * buf``, or with ``nesterov=True`` ``w <- w - lr * (grad + momentum * buf)``,
+    as ``torch.optim.SGD(momentum=..., nesterov=...)`` with no dampening does.
+    """
+    if w.shape != grad.shape or (buf is not None and buf.shape != w.shape):
+        raise ValueError(f"w, grad and buf must have one shape, got {tuple(w.shape)} and {tuple(grad.shape)}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    buf = grad.clone() if buf is None else momentum * buf + grad
+    direction = grad + momentum * buf if nesterov else buf
+    return w - lr * direction, buf
+
+
+def heavy_ball_step(
+    w: torch.Tensor, w_prev: torch.Tensor, grad: torch.Tensor, *, lr: float, beta: float
+) -> torch.Tensor:
+    """Polyak's heavy ball, the textbook form: ``w + beta * (w - w_prev) - lr * grad``."""
+    if not w.shape == w_prev.shape == grad.shape:
+        raise ValueError(f"w, w_prev and grad must have one shape, got {tuple(w.shape)}, {tuple(grad.shape)}")
+    return w + beta * (w - w_prev) - lr * grad
+
+
+def quadratic_iterations(
+    curvatures: torch.Tensor, *, lr: float, momentum: float = 0.0, tol: float = 1e-6, max_steps: int = 100_000
+) -> int:
+    """Steps of (heavy-ball) gradient descent on ``f(w) = sum(c_i w_i^2) / 2`` from ``w = 1`` to ``|w| <= tol |w_0|``.
+
+    ``curvatures`` ``(n,)`` are the Hessian's eigenvalues; returns ``max_steps`` if never reached.
+    """
+    if curvatures.ndim != 1 or not bool((curvatures > 0).all()):
+        raise ValueError("curvatures must be a 1-D tensor of positive numbers")
+    w = torch.ones_like(curvatures, dtype=torch.float64)
+    c, start, buf = curvatures.to(torch.float64), w.norm(), None
+    for t in range(1, max_steps + 1):
+        w, buf = momentum_step(w, c * w, buf, lr=lr, momentum=momentum)
+        if w.norm() <= tol * start:
+            return t
+    return max_steps
+
+
+def tuned_rates(kappa: float, smallest: float = 1.0) -> dict[str, tuple[float, float]]:
+    """The best ``(lr, momentum)`` on a quadratic with curvatures in ``[smallest, kappa * smallest]``.
+
+    Plain GD: ``lr = 2 / (L + mu)``, contraction ``(kappa - 1) / (kappa + 1)`` per step. Heavy ball:
+    ``lr = 4 / (sqrt L + sqrt mu)^2``, ``momentum = ((sqrt kappa - 1) / (sqrt kappa + 1))^2``,
+    contraction ``(sqrt kappa - 1) / (sqrt kappa + 1)``.
+    """
+    if kappa < 1 or smallest <= 0:
+        raise ValueError(f"need kappa >= 1 and smallest > 0, got {kappa} and {smallest}")
+    mu, big = smallest, kappa * smallest
+    root = math.sqrt(kappa)
+    return {
+        "plain": (2 / (big + mu), 0.0),
+        "heavy ball": (4 / (math.sqrt(big) + math.sqrt(mu)) ** 2, ((root - 1) / (root + 1)) ** 2),
+    }
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def init_std(fan_in: int, fan_out: int, scheme: str) -> float:
+    """The weight standard deviation of ``scheme``: ``"xavier"`` ``sqrt(2 / (fan_in + fan_out))``,
+    ``"he"`` ``sqrt(2 / fan_in)`` (ReLU), ``"lecun"`` ``sqrt(1 / fan_in)``."""
+    if fan_in < 1 or fan_out < 1:
+        raise ValueError(f"fans must be >= 1, got {fan_in} and {fan_out}")
+    stds = {"xavier": math.sqrt(2 / (fan_in + fan_out)), "he": math.sqrt(2 / fan_in), "lecun": math.sqrt(1 / fan_in)}
+    if scheme not in stds:
+        raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(stds)}")
+    return stds[scheme]
+
+
+def activation_stds(
+    depth: int, width: int, weight_std: float, *, batch: int = 256, generator: torch.Generator | None = None
+) -> list[float]:
+    """Std of the pre-activations of each layer of a bias-free ReLU MLP at initialisation.
+
+    ``depth`` square ``width x width`` layers with ``N(0, weight_std^2)`` weights act on
+    standard normal inputs ``(batch, width)`` in float64; entry ``l`` is the std after layer ``l + 1``.
+    """
+    if depth < 1 or width < 1 or batch < 2 or weight_std <= 0:
+        raise ValueError("depth, width >= 1, batch >= 2 and weight_std > 0 required")
+    x = torch.randn(batch, width, generator=generator, dtype=torch.float64)  # (B, n)
+    stds = []
+    for layer in range(depth):
+        w = torch.randn(width, width, generator=generator, dtype=torch.float64) * weight_std  # (n_out, n_in)
+        y = (torch.relu(x) if layer else x) @ w.T  # (B, n): the first layer sees the raw input
+        stds.append(y.std().item())
+        x = y
+    return stds
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> float:
+    """Fill ``.grad`` with the gradient of the mean loss over ``(x, y)``, computed in ``micro_batches`` pieces.
+
+    Each piece of ``B / k`` samples back-propagates ``loss / k``; the gradients add up in ``.grad``.
+    ``B`` must be divisible by ``k``: with unequal pieces ``1 / k`` is the wrong weight. Returns the loss.
+    """
+    if micro_batches < 1 or len(x) % micro_batches or len(x) != len(y):
+        raise ValueError(f"a batch of {len(x)} (labels {len(y)}) does not split into {micro_batches} equal pieces")
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        loss = loss_fn(model(xs), ys) / micro_batches
+        loss.backward()  # adds into .grad
+        total += loss.item()
+    return total
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    """All parameter gradients of ``model`` as one vector (zeros where a gradient is missing)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def fp16_flush_fraction(grads: torch.Tensor, scale: float = 1.0) -> float:
+    """Fraction of the non-zero entries of ``grads`` that become 0 when ``grads * scale`` is stored in float16."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    nonzero = grads != 0
+    if not bool(nonzero.any()):
+        raise ValueError("grads has no non-zero entry")
+    halves = (grads[nonzero].double() * scale).half()
+    return (halves == 0).double().mean().item()
+
+
+class DynamicLossScaler:
+    """Dynamic loss scaling as ``torch.amp.GradScaler`` does it, written out.
+
+    Multiply the loss by ``scale``; before the step divide the gradients by it. If any gradient
+    is inf or NaN, skip the step and multiply ``scale`` by ``backoff_factor``; after
+    ``growth_interval`` finite steps in a row, multiply it by ``growth_factor``.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
+            raise ValueError("need init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1")
+        self.scale, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
+        self.growth_interval, self.good_steps = growth_interval, 0
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale the gradients in place, step unless one is not finite, update the scale; True if it stepped."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        for g in grads:
+            g.div_(self.scale)
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if finite:
+            optimizer.step()
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * self.growth_factor, 0
+        else:
+            self.scale, self.good_steps = self.scale * self.backoff_factor, 0
+        return finite
+
+
+# --------------------------------------------------------------------------- EMA of weights
+
+
+class EMA:
+    """An exponential moving average of a model's parameters: ``ema <- decay * ema + (1 - decay) * w``.
+
+    The first :meth:`update` copies the weights (as ``AveragedModel`` does); buffers (BatchNorm's
+    running statistics) are copied, not averaged. :attr:`module` is the averaged model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.99) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.module, self.decay, self.updates = copy.deepcopy(model), decay, 0
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Average in the current weights of ``model`` (same architecture)."""
+        for ema_p, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            if self.updates == 0:
+                ema_p.copy_(p)
+            else:
+                ema_p.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+        self.updates += 1
+
+
+# --------------------------------------------------------------------------- layer normalisation
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise each sample over its last dimension ``(..., D)``: no batch statistics, no running state."""
+    if x.shape[-1:] != weight.shape or weight.shape != bias.shape:
+        raise ValueError(f"weight and bias must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+    var = x.var(dim=-1, unbiased=False, keepdim=True)  # (..., 1)
+    return weight * (x - mean) / torch.sqrt(var + eps) + bias

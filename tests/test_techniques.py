@@ -287,3 +287,217 @@ def test_train_classifier_is_reproducible_from_its_seed():
         model = modular.build_model(modular.MLPConfig(width=16, norm="batch", dropout=0.2))
         runs.append(T.train_classifier(model, split, epochs=1, seed=3).loss)
     assert runs[0] == runs[1]
+
+
+# ----------------------------------------------------------------- SGD with momentum
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_step_matches_torch_sgd_at_every_step(nesterov):
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, generator=gen, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([p], lr=0.03, momentum=0.8, nesterov=nesterov)
+    w, buf = w0.clone(), None
+    for _ in range(20):
+        grad = torch.randn(5, generator=gen, dtype=torch.float64)
+        p.grad = grad.clone()
+        opt.step()
+        w, buf = T.momentum_step(w, grad, buf, lr=0.03, momentum=0.8, nesterov=nesterov)
+        torch.testing.assert_close(w, p.detach())
+
+
+def test_heavy_ball_equals_the_buffer_form_only_at_a_constant_rate():
+    gen = torch.Generator().manual_seed(1)
+    grads = torch.randn(15, 3, generator=gen, dtype=torch.float64)
+    for lrs, same in (([0.1] * 15, True), ([0.1] * 5 + [0.02] * 10, False)):
+        w_pt, buf = torch.ones(3, dtype=torch.float64), None
+        w_hb, w_prev = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        for grad, lr in zip(grads, lrs):
+            w_pt, buf = T.momentum_step(w_pt, grad, buf, lr=lr, momentum=0.9)
+            w_hb, w_prev = T.heavy_ball_step(w_hb, w_prev, grad, lr=lr, beta=0.9), w_hb
+        assert torch.allclose(w_pt, w_hb, atol=1e-12) == same
+
+
+def test_momentum_steps_reject_bad_input():
+    with pytest.raises(ValueError, match="one shape"):
+        T.momentum_step(torch.zeros(3), torch.zeros(2), None, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        T.momentum_step(torch.zeros(3), torch.zeros(3), None, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        T.heavy_ball_step(torch.zeros(3), torch.zeros(3), torch.zeros(4), lr=0.1, beta=0.9)
+
+
+def test_tuned_heavy_ball_has_the_predicted_spectral_radius():
+    kappa = 50.0
+    tuned = T.tuned_rates(kappa)
+    lr, beta = tuned["heavy ball"]
+    r_hb = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
+    assert beta == pytest.approx(r_hb**2) and tuned["plain"] == (pytest.approx(2 / (kappa + 1)), 0.0)
+    for lam in torch.linspace(1.0, kappa, 7, dtype=torch.float64):
+        m = torch.tensor([[1 + beta - lr * lam.item(), -beta], [1.0, 0.0]], dtype=torch.float64)
+        assert torch.linalg.eigvals(m).abs().max().item() == pytest.approx(r_hb, rel=1e-5)
+    with pytest.raises(ValueError, match="kappa"):
+        T.tuned_rates(0.5)
+
+
+def test_quadratic_iterations_momentum_beats_plain_by_about_sqrt_kappa():
+    kappa = 400.0
+    curv = torch.logspace(0, math.log10(kappa), 10, dtype=torch.float64)
+    tuned = T.tuned_rates(kappa)
+    plain = T.quadratic_iterations(curv, lr=tuned["plain"][0])
+    heavy = T.quadratic_iterations(curv, lr=tuned["heavy ball"][0], momentum=tuned["heavy ball"][1])
+    assert math.sqrt(kappa) / 2 < plain / heavy <= math.sqrt(kappa) * 1.05
+    assert T.quadratic_iterations(torch.ones(3, dtype=torch.float64), lr=1.0) == 1  # exact in one step
+    assert T.quadratic_iterations(curv, lr=1e-4, max_steps=50) == 50  # never reached
+    with pytest.raises(ValueError, match="positive"):
+        T.quadratic_iterations(torch.tensor([1.0, 0.0]), lr=0.1)
+
+
+# ----------------------------------------------------------------- initialisation
+
+
+def test_init_std_matches_nn_init_and_rejects_bad_input():
+    for scheme, init in (
+        ("he", lambda t, g: nn.init.kaiming_normal_(t, nonlinearity="relu", generator=g)),
+        ("xavier", lambda t, g: nn.init.xavier_normal_(t, generator=g)),
+    ):
+        ours = torch.empty(30, 70).normal_(0, T.init_std(70, 30, scheme), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(ours, init(torch.empty(30, 70), torch.Generator().manual_seed(2)))
+    assert T.init_std(100, 100, "lecun") == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        T.init_std(10, 10, "orthogonal")
+    with pytest.raises(ValueError, match="fans"):
+        T.init_std(0, 10, "he")
+
+
+def test_activation_stds_follow_the_variance_recursion():
+    gen = torch.Generator().manual_seed(0)
+    he = T.activation_stds(20, 256, T.init_std(256, 256, "he"), generator=gen)
+    xavier = T.activation_stds(20, 256, T.init_std(256, 256, "xavier"), generator=gen)
+    assert len(he) == 20 and 0.5 < he[-1] / he[0] < 2.0
+    assert xavier[-1] / xavier[0] == pytest.approx(2.0**-9.5, rel=0.5)  # 1/sqrt(2) per ReLU layer, 19 of them
+    with pytest.raises(ValueError, match="weight_std"):
+        T.activation_stds(3, 8, 0.0)
+
+
+# ----------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulate_gradients_equals_the_big_batch_without_batchnorm_only():
+    split = load_digits_split(seed=0)
+    x, y = split.x_train[:32], split.y_train[:32]
+    gaps = {}
+    for norm in ("none", "batch"):
+        torch.manual_seed(0)
+        model = modular.build_model(modular.MLPConfig(width=16, norm=norm))
+        model.zero_grad()
+        big_loss = nn.functional.cross_entropy(model(x), y)
+        big_loss.backward()
+        big = T.flat_grad(model)
+        loss = T.accumulate_gradients(model, x, y, 4)
+        gaps[norm] = ((T.flat_grad(model) - big).norm() / big.norm()).item()
+        if norm == "none":
+            torch.testing.assert_close(T.flat_grad(model), big)
+            assert loss == pytest.approx(big_loss.item(), rel=1e-5)
+    assert gaps["batch"] > 0.01
+    with pytest.raises(ValueError, match="equal pieces"):
+        T.accumulate_gradients(model, x[:30], y[:30], 4)
+    with pytest.raises(ValueError, match="equal pieces"):
+        T.accumulate_gradients(model, x, y[:16], 2)
+
+
+def test_flat_grad_fills_missing_gradients_with_zeros():
+    model = nn.Linear(3, 2)
+    assert torch.equal(T.flat_grad(model), torch.zeros(8))
+
+
+# ----------------------------------------------------------------- mixed precision
+
+
+def test_fp16_flush_fraction_hand_values_and_errors():
+    grads = torch.tensor([1e-9, 1e-3, 0.0, -2e-9, 0.5])
+    assert T.fp16_flush_fraction(grads) == pytest.approx(0.5)  # two of the four non-zero entries flush
+    assert T.fp16_flush_fraction(grads, 2.0**16) == 0.0
+    with pytest.raises(ValueError, match="scale"):
+        T.fp16_flush_fraction(grads, 0.0)
+    with pytest.raises(ValueError, match="non-zero"):
+        T.fp16_flush_fraction(torch.zeros(3))
+
+
+def test_dynamic_loss_scaler_skips_backs_off_and_grows_like_grad_scaler():
+    torch.manual_seed(0)
+    ours_net, ref_net = nn.Linear(4, 1), nn.Linear(4, 1)
+    ref_net.load_state_dict(ours_net.state_dict())
+    ours_opt = torch.optim.SGD(ours_net.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1)
+    ours = T.DynamicLossScaler(init_scale=2.0**8, growth_interval=2)
+    ref = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    x = torch.randn(8, 6, 4)
+    stepped = []
+    for t in range(8):
+        factor = math.inf if t == 3 else 1.0
+        ours_opt.zero_grad()
+        (ours.scale * factor * ours_net(x[t]).pow(2).mean()).backward()
+        stepped.append(ours.step(ours_opt))
+        ref_opt.zero_grad()
+        ref.scale(factor * ref_net(x[t]).pow(2).mean()).backward()
+        ref.step(ref_opt)
+        ref.update()
+        assert ours.scale == ref.get_scale()
+        for p, q in zip(ours_net.parameters(), ref_net.parameters()):
+            torch.testing.assert_close(p, q)
+    assert stepped == [True, True, True, False, True, True, True, True]
+    assert ours.scale == 2.0**8 * 2 * 0.5 * 2 * 2  # grew at steps 1, 5, 7; halved at 3
+    with pytest.raises(ValueError, match="growth_factor"):
+        T.DynamicLossScaler(growth_factor=1.0)
+
+
+def test_train_classifier_with_bfloat16_autocast_and_an_ema():
+    split = load_digits_split(seed=0)
+    torch.manual_seed(0)
+    model = modular.build_model(modular.MLPConfig(width=32))
+    ema = T.EMA(model, decay=0.9)
+    history = T.train_classifier(model, split, epochs=2, lr=1e-2, autocast_dtype=torch.bfloat16, ema=ema)
+    assert ema.updates == history.steps + 1
+    assert history.last("test_acc") > 0.8 and history.last("ema_test_acc") > 0.8
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in float32
+
+
+# ----------------------------------------------------------------- EMA and LayerNorm
+
+
+def test_ema_matches_averaged_model_and_copies_buffers():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = modular.build_model(modular.MLPConfig(width=8, norm="batch"))
+    ours = T.EMA(model, decay=0.8)
+    ref = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(6):
+        ours.update(model)
+        ref.update_parameters(model)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for p, q in zip(ours.module.parameters(), ref.module.parameters()):
+        torch.testing.assert_close(p, q)
+        assert not p.requires_grad
+    assert any(not torch.allclose(p, w) for p, w in zip(ours.module.parameters(), model.parameters()))
+    ours.update(model)
+    for b, c in zip(ours.module.buffers(), model.buffers()):
+        assert torch.equal(b, c)  # the running statistics are copied, not averaged
+    with pytest.raises(ValueError, match="decay"):
+        T.EMA(model, decay=1.5)
+
+
+def test_layer_norm_matches_f_layer_norm_and_ignores_the_batch():
+    x = torch.randn(4, 3, 10, dtype=torch.float64)
+    w, b = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    out = T.layer_norm(x, w, b)
+    torch.testing.assert_close(out, nn.functional.layer_norm(x, (10,), w, b))
+    torch.testing.assert_close(T.layer_norm(x[:1], w, b), out[:1])
+    with pytest.raises(ValueError, match="weight and bias"):
+        T.layer_norm(x, w[:5], b[:5])
