@@ -31,6 +31,7 @@ modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
 13  :mod:`dlarch_lib.quant`                 quantization, ONNX export and ONNX Runtime
 14  :mod:`dlarch_lib.prune`                 pruning
 15  :mod:`dlarch_lib.nas`                   architecture search: the search core, REINFORCE, evolution (15, 16)
+15  :mod:`dlarch_lib.supernet`              weight sharing: a supernet of the digits space, its proxy's rank fidelity
 16  :mod:`dlarch_lib.pareto`                two objectives: Pareto fronts, hypervolume, NSGA-II, local search
 17  :mod:`dlarch_lib.hpo`                   hyperparameter search: Bayesian optimisation
 18  :mod:`dlarch_lib.parallel`              data parallelism (DDP), the launcher
@@ -46,7 +47,8 @@ modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
 27  :mod:`dlarch_lib.vae`                   the VAE
 27  :mod:`dlarch_lib.diffusion`             a tiny DDPM: closed-form noising, a denoiser, ancestral sampling
 28  :mod:`dlarch_lib.techniques`            training techniques: schedules, normalisation, regularisation
-29  :mod:`dlarch_lib.frameworks`            frameworks: JAX, torch.compile
+29  :mod:`dlarch_lib.frameworks`            frameworks: JAX, Keras 3, torch.compile
+30  :mod:`dlarch_lib.frontier`              the outlook: FlashAttention, mixture of experts, SSMs, DDIM, DPO
 
 Conventions: a model is moved once to ``RUN.device`` and every function takes the device from the
 model; library functions draw randomness from a ``torch.Generator`` the caller passes or inside
@@ -76,6 +78,7 @@ CHAPTER_OF: dict[str, int] = {
     "quant": 13,
     "prune": 14,
     "nas": 15,
+    "supernet": 15,
     "pareto": 16,
     "hpo": 17,
     "parallel": 18,
@@ -92,6 +95,7 @@ CHAPTER_OF: dict[str, int] = {
     "diffusion": 27,
     "techniques": 28,
     "frameworks": 29,
+    "frontier": 30,
 }
 """Chapter module -> the chapter that teaches it (the layer it sits in)."""
 
