@@ -17,8 +17,19 @@
   to time with :func:`dlarch_lib.core.measure.timings_ms` (the input converted once, outside it).
 - :func:`ort_quantize_dynamic` and :func:`ort_quantize_static` run post-training
   quantization with ONNX Runtime's own tools.
+- PyTorch's own static path (torchao's PT2E): :func:`pt2e_quantizer` annotates linear and conv
+  layers with the scheme of :class:`QuantizedLinear`, :func:`pt2e_quantize` exports, calibrates and
+  converts, and :func:`pt2e_qparams` reads back the activation scales and zero points;
+  :func:`linear_input_ranges` and :func:`set_input_ranges` calibrate the hand-written model from the
+  float model's ranges, as PT2E's observers do.
+- Calibration: :func:`clip_error` is the error of a clipping threshold and :func:`clip_threshold`
+  chooses one (min/max, percentile, MSE-optimal).
+- Floating-point formats: :func:`unit_roundoff` is ``u = 2^-p`` of fp16, bf16, fp8.
+- Activation outliers: :func:`outlier_columns`, :func:`vectorwise_int8_matmul` and
+  :func:`llm_int8_linear` (LLM.int8's mixed decomposition), :class:`LLMInt8Linear` and
+  :func:`swap_linear` to put it in a model.
 
-``onnx`` and ``onnxruntime`` are imported inside the functions that need them.
+``onnx``, ``onnxruntime`` and ``torchao`` are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -530,3 +541,284 @@ def ort_quantize_static(
             calibrate_method=CalibrationMethod.MinMax,
         )
     return str(dst)
+
+
+# --- calibration: choosing the clipping range ----------------------------------------------
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+"""Ways to choose the symmetric clipping threshold ``c`` of a calibration set (:func:`clip_threshold`)."""
+
+
+def clip_error(x: torch.Tensor, c: torch.Tensor | float, bits: int = 8) -> torch.Tensor:
+    """Mean squared error of symmetric ``bits``-bit fake quantization of ``x`` clipped to ``[-c, c]``.
+
+    ``s = c / qmax`` with ``qmax = 2^(b-1) - 1``: rounding error for ``|x| <= c``, clipping error beyond.
+    ``c`` may be a ``(K,)`` tensor of thresholds; the result then has shape ``(K,)`` (a scalar otherwise).
+    """
+    c_t = torch.as_tensor(c, dtype=torch.float32, device=x.device)
+    if bool((c_t <= 0).any()):
+        raise ValueError("the clipping threshold c must be > 0")
+    qmin, qmax = qrange(bits, symmetric=True)
+    flat = x.detach().reshape(1, -1).float()  # (1, N)
+    s = (c_t.reshape(-1, 1) / qmax).float()  # (K, 1)
+    x_hat = s * torch.clamp(torch.round(flat / s), qmin, qmax)  # (K, N)
+    err = (x_hat - flat).pow(2).mean(dim=1)  # (K,)
+    return err.reshape(c_t.shape)
+
+
+def clip_threshold(
+    x: torch.Tensor, method: str = "minmax", bits: int = 8, percentile: float = 99.99, grid: int = 200
+) -> torch.Tensor:
+    """Symmetric clipping threshold ``c`` (a scalar tensor) chosen from the calibration data ``x``.
+
+    - ``"minmax"``: ``c = max |x|``, nothing clips.
+    - ``"percentile"``: ``c`` = the ``percentile``-th percentile of ``|x|``; the rarest values clip.
+    - ``"mse"``: the ``c`` among ``grid`` evenly spaced fractions ``k / grid`` of ``max |x|``
+      (``k = 1..grid``, so ``max |x|`` itself is a candidate) that minimises :func:`clip_error`.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        raise ValueError("calibration data must be non-empty and finite")
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    a = x.detach().abs().flatten().float()
+    top = a.max()
+    if not bool(top > 0):
+        raise ValueError("calibration data is all zeros: there is no range to clip")
+    if method == "minmax":
+        return top
+    if method == "percentile":
+        return torch.quantile(a.double(), percentile / 100.0).float().clamp(min=torch.finfo(torch.float32).tiny)
+    candidates = top * torch.arange(1, grid + 1, device=a.device, dtype=torch.float32) / grid  # (grid,)
+    return candidates[clip_error(a, candidates, bits).argmin()]
+
+
+# --- floating-point formats: fp16, bf16, fp8 ---------------------------------------------
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Largest relative error ``u = 2^-p`` of rounding a real number to ``dtype`` (to nearest).
+
+    ``p`` counts the significand bits including the implicit leading 1: fp16 has 11 (``u = 2^-11``),
+    bf16 8 (``2^-8``), fp32 24 (``2^-24``), fp8 e4m3 4 (``2^-4``). ``u`` is half of ``finfo(dtype).eps``.
+    It bounds ``|fl(x) - x| <= u |x|`` for ``|x|`` in the normal range (above ``finfo.tiny``, below ``finfo.max``).
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"unit_roundoff needs a floating-point dtype, got {dtype}")
+    return torch.finfo(dtype).eps / 2
+
+
+# --- activation outliers: LLM.int8's mixed-precision decomposition -------------------------
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the feature columns of ``x`` ``(N, K)`` that hold any ``|value| >= threshold`` (int64, sorted)."""
+    if x.ndim != 2:
+        raise ValueError(f"outlier_columns needs x of shape (N, K), got {tuple(x.shape)}")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    return torch.nonzero(x.detach().abs().amax(dim=0) >= threshold).flatten()
+
+
+def vectorwise_int8_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` with symmetric int8 codes: one scale per row of ``x`` ``(N, K)`` and per row of ``w`` ``(M, K)``.
+
+    ``y_nm = s_n t_m sum_k q_nk r_mk`` with ``s_n = max_k |x_nk| / 127`` and ``t_m = max_k |w_mk| / 127``:
+    one integer product and an outer product of scales (LLM.int8's vector-wise quantization). Returns ``(N, M)``.
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"need x (N, K) and w (M, K) with matching K, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], w.shape[0])
+    sx, zx = qparams(-x.detach().abs().amax(dim=1), x.detach().abs().amax(dim=1), symmetric=True)  # (N,)
+    sw, zw = qparams(-w.detach().abs().amax(dim=1), w.detach().abs().amax(dim=1), symmetric=True)  # (M,)
+    qx = quantize(x, sx, zx, symmetric=True, axis=0).to(torch.float64)  # (N, K) codes, exact in float64
+    qw = quantize(w, sw, zw, symmetric=True, axis=0).to(torch.float64)  # (M, K)
+    acc = qx @ qw.T  # (N, M): integer sums (|sum| < 2^53, exact)
+    return (sx[:, None].double() * sw[None, :].double() * acc).to(x.dtype)
+
+
+def llm_int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0
+) -> torch.Tensor:
+    """LLM.int8's mixed decomposition of ``F.linear(x, weight, bias)``: ``(N, K) -> (N, M)``.
+
+    The feature columns of ``x`` with an entry of magnitude ``>= threshold`` (:func:`outlier_columns`)
+    and the matching columns of ``weight`` ``(M, K)`` are multiplied in floating point; all other
+    columns go through :func:`vectorwise_int8_matmul`. ``threshold=0`` keeps everything in float
+    (exactly ``F.linear``); ``threshold=inf`` is plain vector-wise int8.
+    """
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"need x (N, K) and weight (M, K) with matching K, got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    outliers = outlier_columns(x, threshold)  # (O,)
+    regular = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    regular[outliers] = False
+    y = x[:, outliers] @ weight[:, outliers].T  # (N, M): the outlier part, in float
+    y = y + vectorwise_int8_matmul(x[:, regular], weight[:, regular])  # (N, M): the rest, in int8
+    return y if bias is None else y + bias
+
+
+class LLMInt8Linear(nn.Module):
+    """An ``nn.Linear`` whose forward pass is :func:`llm_int8_linear` (inference only). ``(..., K) -> (..., M)``."""
+
+    def __init__(self, linear: nn.Linear, threshold: float = 6.0) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LLMInt8Linear wraps an nn.Linear, got {type(linear).__name__}")
+        if not threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.linear, self.threshold = linear, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Flatten the leading dimensions, decompose, restore them."""
+        lead = x.shape[:-1]
+        y = llm_int8_linear(x.reshape(-1, x.shape[-1]), self.linear.weight, self.linear.bias, self.threshold)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def swap_linear(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` with every ``nn.Linear`` replaced by ``make(linear)``; ``model`` is unchanged."""
+    model = copy.deepcopy(model)
+
+    def swap(parent: nn.Module) -> int:
+        count = 0
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, make(child))
+                count += 1
+            else:
+                count += swap(child)
+        return count
+
+    if swap(model) == 0:
+        raise ValueError("swap_linear found no nn.Linear in the model")
+    return model
+
+
+# --- PyTorch's own path: PT2E static quantization (torchao) ---------------------------------
+
+
+def pt2e_quantizer() -> Any:
+    """A torchao PT2E ``Quantizer`` with the scheme of :class:`QuantizedLinear`, for every linear and 2-d convolution.
+
+    Inputs: uint8 ``[0, 255]``, per tensor, asymmetric, :class:`MinMaxObserver` ranges. Weights: int8
+    ``[-127, 127]``, per output channel, symmetric, ``PerChannelMinMaxObserver``. Bias and outputs stay in
+    float. It annotates the graph nodes ``aten.linear`` and ``aten.conv2d`` directly, which works the same
+    in every torch version (the x86 quantizer's pattern matcher finds no linear under torch 2.11).
+    """
+    from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+
+    act = QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=MinMaxObserver,
+    )
+    weight = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=PerChannelMinMaxObserver,
+    )
+    targets = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+
+    class _Int8Quantizer(Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target in targets:
+                    x, w = node.args[0], node.args[1]
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={x: act, w: weight}, _annotated=True
+                    )
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            return None
+
+    return _Int8Quantizer()
+
+
+def pt2e_quantize(model: nn.Module, calib_x: torch.Tensor, example: torch.Tensor | None = None) -> nn.Module:
+    """PyTorch's static int8 path: export, insert observers, calibrate on ``calib_x``, convert.
+
+    ``torch.export.export`` captures ``model`` (eval mode) as a graph with a dynamic batch dimension
+    (``example`` ``(B, ...)``, default the first two calibration samples); ``prepare_pt2e`` inserts the
+    observers of :func:`pt2e_quantizer`; one pass over ``calib_x`` ``(N, ...)`` records the ranges;
+    ``convert_pt2e`` replaces each observer by a quantize/dequantize pair with the fixed scale and zero
+    point. The result is a ``GraphModule`` in the reference representation (Q/DQ around float ops),
+    which a backend compiler (``torch.compile``, ExecuTorch) lowers to int8 kernels. ``model`` is unchanged.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if calib_x.ndim < 2 or len(calib_x) < 2:
+        raise ValueError(f"calibration data must be a batch (N >= 2, ...), got shape {tuple(calib_x.shape)}")
+    device = model_device(model)
+    model = copy.deepcopy(model).eval()
+    example = (calib_x[:2] if example is None else example).to(device)
+    batch = torch.export.Dim("batch")
+    graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(graph, pt2e_quantizer())
+    with torch.no_grad():
+        prepared(calib_x.to(device))
+    return convert_pt2e(prepared)
+
+
+def pt2e_qparams(graph: nn.Module) -> list[tuple[float, int]]:
+    """``(scale, zero_point)`` of every per-tensor quantize node of a :func:`pt2e_quantize` result, in graph order."""
+    if not isinstance(graph, torch.fx.GraphModule):
+        raise TypeError(f"pt2e_qparams needs a converted torch.fx.GraphModule, got {type(graph).__name__}")
+    target = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    return [
+        (float(n.args[1]), int(n.args[2])) for n in graph.graph.nodes if n.op == "call_function" and n.target == target
+    ]
+
+
+@torch.no_grad()
+def linear_input_ranges(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(min, max)`` of the input of every ``nn.Linear`` of ``model`` on the batch ``x``, in module order.
+
+    One forward pass of the model as it is (a float model: the ranges of the float activations, which
+    is what PT2E's observers record). Feed them to :func:`set_input_ranges` of a :func:`to_quantized`
+    copy. :func:`calibrate` differs: it observes each layer's input *after* the earlier layers were
+    fake-quantized.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise ValueError("linear_input_ranges found no nn.Linear in the model")
+    ranges: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: ranges.append(minmax(args[0]))) for m in layers]
+    try:
+        was_training = model.training
+        model.eval()
+        model(x.to(model_device(model)))
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranges
+
+
+def set_input_ranges(model: nn.Module, ranges: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """Set the input range of every :class:`QuantizedLinear` of ``model`` (module order) and return it in eval mode."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if len(layers) != len(ranges) or not layers:
+        raise ValueError(f"got {len(ranges)} ranges for {len(layers)} QuantizedLinear layers")
+    with torch.no_grad():
+        for layer, (lo, hi) in zip(layers, ranges):
+            layer.act_min.fill_(float(lo))
+            layer.act_max.fill_(float(hi))
+            layer.observed.fill_(True)
+    return model.eval()

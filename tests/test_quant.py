@@ -274,3 +274,141 @@ def test_cpu_has_vnni_reads_the_flags_line():
     assert quant.cpu_has_vnni("flags : fpu sse avx2 avx512bw\nbugs : avx512_vnni\n") is False  # only the flags line
     assert quant.cpu_has_vnni("Features : fp asimd\n") is None  # no flags line (e.g. ARM)
     assert quant.cpu_has_vnni() in (True, False, None)
+
+
+# --- calibration methods, float formats, LLM.int8, PT2E -------------------------------------
+
+
+def _heavy_tailed(n: int = 20_000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) / torch.randn(n, 3, generator=g).pow(2).mean(1).sqrt()  # Student-t, 3 dof
+
+
+def test_clip_error_matches_fake_quantize_and_vectorises():
+    x = _heavy_tailed()
+    c = torch.tensor([1.0, 5.0, x.abs().max().item()])
+    errs = quant.clip_error(x, c, bits=4)
+    assert errs.shape == (3,)
+    for ci, e in zip(c, errs):
+        s, z = qparams(-ci, ci, bits=4, symmetric=True)
+        ref = (fake_quantize(x, s, z, 4, symmetric=True) - x).pow(2).mean()
+        torch.testing.assert_close(e, ref, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="threshold c must be > 0"):
+        quant.clip_error(x, 0.0)
+
+
+def test_clip_threshold_methods_and_errors():
+    x = _heavy_tailed()
+    top = x.abs().max()
+    assert quant.clip_threshold(x, "minmax") == top
+    p = quant.clip_threshold(x, "percentile", percentile=99.0)
+    assert abs(p.item() - torch.quantile(x.abs(), 0.99).item()) < 1e-4
+    for bits in (4, 8):
+        c = quant.clip_threshold(x, "mse", bits=bits, grid=100)
+        e = quant.clip_error(x, c, bits)
+        grid = top * torch.arange(1, 101) / 100
+        assert e <= quant.clip_error(x, grid, bits).min() + 1e-9  # the grid's best
+        assert e < quant.clip_error(x, top, bits) and e < quant.clip_error(x, p, bits)  # heavy tails: clipping pays
+    with pytest.raises(ValueError, match="method must be one of"):
+        quant.clip_threshold(x, "kl")
+    with pytest.raises(ValueError, match="all zeros"):
+        quant.clip_threshold(torch.zeros(5))
+    with pytest.raises(ValueError, match="non-empty and finite"):
+        quant.clip_threshold(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="percentile"):
+        quant.clip_threshold(x, "percentile", percentile=0.0)
+
+
+def test_unit_roundoff_bounds_casts():
+    assert quant.unit_roundoff(torch.float16) == 2**-11 and quant.unit_roundoff(torch.bfloat16) == 2**-8
+    assert quant.unit_roundoff(torch.float32) == 2**-24
+    x = torch.logspace(-3, 4, 10_001)
+    for dtype in (torch.float16, torch.bfloat16):
+        rel = ((x.to(dtype).float() - x) / x).abs().max().item()
+        assert quant.unit_roundoff(dtype) / 2 < rel <= quant.unit_roundoff(dtype)  # the bound is attained, not loose
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        quant.unit_roundoff(torch.int8)
+
+
+def test_vectorwise_int8_matmul_close_and_exact_on_codes():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 64, generator=g), torch.randn(8, 64, generator=g)
+    y = quant.vectorwise_int8_matmul(x, w)
+    assert y.shape == (16, 8)
+    assert (y - x @ w.T).abs().max() < 0.05 * (x @ w.T).abs().max()
+    qx = torch.randint(-127, 128, (4, 32), generator=g).float()  # already on the int8 grid, scale 1
+    qx[:, 0] = 127.0
+    qw = torch.randint(-127, 128, (3, 32), generator=g).float()
+    qw[:, 0] = -127.0
+    torch.testing.assert_close(quant.vectorwise_int8_matmul(qx, qw), qx @ qw.T)  # grid values: exact
+    with pytest.raises(ValueError, match="matching K"):
+        quant.vectorwise_int8_matmul(x, torch.randn(8, 63))
+
+
+def test_llm_int8_decomposition():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(32, 64, generator=g), torch.randn(10, 64, generator=g) * 0.1, torch.randn(10, generator=g)
+    x[:, [3, 40]] *= 100.0  # two outlier features
+    assert quant.outlier_columns(x, 6.0).tolist() == [3, 40]
+    torch.testing.assert_close(quant.llm_int8_linear(x, w, b, threshold=0.0), F.linear(x, w, b))  # all in float
+    ref = F.linear(x, w, b)
+    err_mixed = (quant.llm_int8_linear(x, w, b, threshold=6.0) - ref).abs().max()
+    err_int8 = (quant.llm_int8_linear(x, w, b, threshold=float("inf")) - ref).abs().max()
+    assert err_mixed < 0.1 * err_int8  # the outliers ruin plain int8, not the decomposition
+    only = torch.zeros_like(x)
+    only[:, [3, 40]] = x[:, [3, 40]]  # nothing but outliers: the int8 part sees zeros, the result is exact
+    torch.testing.assert_close(quant.llm_int8_linear(only, w, None), only @ w.T)
+    layer = quant.LLMInt8Linear(nn.Linear(64, 10))
+    assert layer(torch.randn(2, 5, 64)).shape == (2, 5, 10)
+    with pytest.raises(ValueError, match="matching K"):
+        quant.llm_int8_linear(x, w[:, :10])
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        quant.outlier_columns(x, -1.0)
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        quant.LLMInt8Linear(nn.ReLU())  # type: ignore[arg-type]
+
+
+def test_swap_linear_copies_and_errors():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    swapped = quant.swap_linear(model, lambda lin: quant.LLMInt8Linear(lin, 0.0))
+    assert sum(isinstance(m, quant.LLMInt8Linear) for m in swapped.modules()) == 2
+    assert isinstance(model[0], nn.Linear) and type(model[0]) is nn.Linear  # the original is unchanged
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(swapped(x), model(x))  # threshold 0: all in float
+    with pytest.raises(ValueError, match="found no nn.Linear"):
+        quant.swap_linear(nn.ReLU(), lambda lin: lin)
+
+
+def test_pt2e_matches_the_hand_written_quantizer():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x = torch.rand(64, 1, 4, 4)
+    graph = quant.pt2e_quantize(model, x)
+    qp = quant.pt2e_qparams(graph)
+    assert len(qp) == 2  # one per linear input
+    ranges = quant.linear_input_ranges(model, x)
+    assert len(ranges) == 2
+    torch.testing.assert_close(ranges[1][1], torch.relu(model[1](model[0](x))).max())  # the second layer's input max
+    hand = quant.set_input_ranges(to_quantized(model), ranges)
+    for layer, (lo, hi), (s, z) in zip([m for m in hand.modules() if isinstance(m, QuantizedLinear)], ranges, qp):
+        assert (layer.act_min.item(), layer.act_max.item()) == (lo.item(), hi.item()) and bool(layer.observed)
+        s_ref, z_ref = qparams(lo, hi)
+        assert s == pytest.approx(s_ref.item(), rel=1e-6) and z == z_ref.item()
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x[:7]), hand(x[:7]), atol=1e-5, rtol=1e-5)  # dynamic batch
+    with pytest.raises(ValueError, match="calibration data must be a batch"):
+        quant.pt2e_quantize(model, x[:1])
+    with pytest.raises(TypeError, match="GraphModule"):
+        quant.pt2e_qparams(model)
+
+
+def test_input_ranges_errors():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="found no nn.Linear"):
+        quant.linear_input_ranges(nn.ReLU(), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="got 2 ranges for 1 QuantizedLinear"):
+        quant.set_input_ranges(to_quantized(model), [(torch.tensor(0.0), torch.tensor(1.0))] * 2)
+    assert model.training  # linear_input_ranges restores the mode
+    quant.linear_input_ranges(model, torch.randn(2, 3))
+    assert model.training
