@@ -6,13 +6,19 @@ this module builds the chapter's measurements on it:
 - :func:`throughput_sweep` measures items per second against batch size, inputs pre-staged;
 - :func:`matmul_gflops` and :func:`copy_gbs` measure the machine's compute peak and memory
   bandwidth, :func:`memory_traffic_bytes` estimates a model's bytes moved, and :class:`Roofline`
-  bounds attainable GFLOP/s by arithmetic intensity.
+  bounds attainable GFLOP/s by arithmetic intensity;
+- :func:`profile_calls` runs ``torch.profiler`` around repeated calls and :func:`op_stats` reads its
+  per-operator counts, self CPU times and FLOPs;
+- :func:`bootstrap_ci` gives a confidence interval for a median or a ratio of medians (comparing two
+  systems), and :func:`closed_loop` measures latency and throughput under ``k`` concurrent clients.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +215,224 @@ class Roofline:
     def fraction(self, intensity: float, achieved_gflops: float) -> float:
         """``achieved / bound(intensity)``: how close a kernel comes to its roof."""
         return float(achieved_gflops / self.bound(intensity))
+
+
+# --- the profiler -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpStat:
+    """One operator's totals over a profiled run (see :func:`op_stats`)."""
+
+    count: int  # calls recorded
+    self_cpu_us: float  # CPU time inside the operator itself, children excluded (microseconds)
+    flops: int  # FLOPs the profiler attributes to it (0 where it has no formula for the operator)
+
+
+def profile_calls(
+    fn: Callable[[], Any],
+    calls: int = 3,
+    warmup: int = 1,
+    *,
+    device: torch.device | str | None = None,
+    with_flops: bool = True,
+    record_shapes: bool = False,
+) -> torch.profiler.profile:
+    """``torch.profiler`` around ``calls`` calls of ``fn()``, after ``warmup`` unprofiled calls.
+
+    Records CPU activity, and CUDA kernels too when ``device`` is a CUDA device (synchronised before
+    the profiler stops, so every kernel is in the trace). Returns the finished profiler: read it with
+    :func:`op_stats`, ``.key_averages().table(...)`` or ``.export_chrome_trace(path)``.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"calls must be a positive int, got {calls!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+    sync = measure.synchronizer(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device is not None and torch.device(device).type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for _ in range(warmup):
+        fn()
+    sync()
+    with torch.profiler.profile(activities=activities, with_flops=with_flops, record_shapes=record_shapes) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    return prof
+
+
+def op_stats(prof: torch.profiler.profile) -> dict[str, OpStat]:
+    """``{operator name: OpStat}`` from a finished profiler (``key_averages``, grouped by name)."""
+    return {e.key: OpStat(int(e.count), float(e.self_cpu_time_total), int(e.flops)) for e in prof.key_averages()}
+
+
+# --- comparing two systems: bootstrap confidence intervals ---------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a two-sided confidence interval ``[low, high]`` at confidence ``level``."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+    def contains(self, value: float) -> bool:
+        """True when ``low <= value <= high``: the data do not rule ``value`` out at this level."""
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.4g} [{self.low:.4g}, {self.high:.4g}] ({self.level:.0%} CI)"
+
+
+def _times_1d(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    t = np.asarray(values, dtype=float)
+    if t.ndim != 1 or t.size < 2:
+        raise ValueError(f"{name} must be a 1-D sequence of at least 2 values, got shape {t.shape}")
+    if not np.all(np.isfinite(t)) or (t <= 0).any():
+        raise ValueError(f"{name} must hold finite positive times")
+    return t
+
+
+def bootstrap_ci(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray | None = None,
+    *,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    paired: bool = False,
+    rng: np.random.Generator | int = 0,
+) -> Interval:
+    """Percentile-bootstrap confidence interval of ``median(x)``, or of ``median(x) / median(y)``.
+
+    Each of ``n_boot`` bootstrap replicates draws ``len(x)`` values from ``x`` with replacement (and
+    ``len(y)`` from ``y``) and recomputes the statistic; the interval is the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the replicates. ``paired=True`` draws the *same* indices for ``x``
+    and ``y`` (they must have equal length): use it for interleaved timings, where ``x[i]`` and
+    ``y[i]`` were timed in the same round and share that round's load. ``rng`` is a seed or a
+    :class:`numpy.random.Generator`, so the interval is reproducible.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if not isinstance(n_boot, int) or n_boot < 100:
+        raise ValueError(f"n_boot must be an int >= 100, got {n_boot!r}")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    xs = _times_1d("x", x)
+    idx_x = gen.integers(0, xs.size, size=(n_boot, xs.size))  # (n_boot, n_x) resampled positions
+    reps = np.median(xs[idx_x], axis=1)  # (n_boot,)
+    estimate = float(np.median(xs))
+    if y is not None:
+        ys = _times_1d("y", y)
+        if paired and ys.size != xs.size:
+            raise ValueError(f"paired resampling needs equally long samples, got {xs.size} and {ys.size}")
+        idx_y = idx_x if paired else gen.integers(0, ys.size, size=(n_boot, ys.size))
+        reps = reps / np.median(ys[idx_y], axis=1)
+        estimate /= float(np.median(ys))
+    elif paired:
+        raise ValueError("paired=True needs a second sample y")
+    low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(estimate, float(low), float(high), level)
+
+
+# --- latency under concurrent load ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """A closed-loop load test: ``clients`` clients, each sending its next request when the last returns."""
+
+    clients: int
+    latencies_ms: tuple[float, ...]  # every request's latency, all clients together
+    elapsed_s: float  # from the first client's start to the last client's end
+
+    @property
+    def throughput(self) -> float:
+        """Completed requests per second over the whole run."""
+        return len(self.latencies_ms) / self.elapsed_s
+
+    @property
+    def mean_ms(self) -> float:
+        """Mean latency (ms): the ``R`` of Little's law."""
+        return float(np.mean(self.latencies_ms))
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th latency percentile in ms (``q`` in [0, 100])."""
+        return float(np.percentile(self.latencies_ms, q))
+
+    @property
+    def littles_ratio(self) -> float:
+        """``throughput x mean latency / clients``: Little's law ``N = X R`` says 1 for a closed loop."""
+        return self.throughput * self.mean_ms / 1000.0 / self.clients
+
+
+def closed_loop(
+    request: Callable[[], Any],
+    clients: int,
+    duration_s: float,
+    *,
+    threads_per_client: int = 1,
+    device: torch.device | str | None = None,
+) -> LoadPoint:
+    """Run ``clients`` threads that call ``request()`` back to back for ``duration_s`` seconds.
+
+    Each client thread first sets ``torch.set_num_threads(threads_per_client)`` (so that ``clients``
+    clients ask for ``clients x threads_per_client`` compute threads, a number you choose), waits at a
+    barrier with the others, then loops: read the wall clock, ``request()``, synchronise ``device``,
+    read the clock, until its ``duration_s`` is up. PyTorch releases Python's global interpreter
+    lock inside its operators, so the clients really do compute at the same time. The caller's
+    thread count is restored afterwards. An exception in a client is re-raised here.
+    """
+    if not callable(request):
+        raise TypeError(f"request must be callable, got {type(request).__name__}")
+    if not isinstance(clients, int) or clients < 1:
+        raise ValueError(f"clients must be a positive int, got {clients!r}")
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be positive, got {duration_s!r}")
+    if not isinstance(threads_per_client, int) or threads_per_client < 1:
+        raise ValueError(f"threads_per_client must be a positive int, got {threads_per_client!r}")
+    sync = measure.synchronizer(device)
+    barrier = threading.Barrier(clients)
+    spans: list[tuple[float, float]] = []
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    previous = torch.get_num_threads()
+
+    def client() -> None:
+        try:
+            torch.set_num_threads(threads_per_client)  # this client's intra-op threads
+            mine: list[float] = []
+            barrier.wait()
+            start = time.perf_counter()
+            deadline = start + duration_s
+            now = start
+            while now < deadline:
+                t0 = time.perf_counter()
+                request()
+                sync()
+                now = time.perf_counter()
+                mine.append(1000.0 * (now - t0))
+            with lock:
+                spans.append((start, now))
+                latencies.extend(mine)
+        except BaseException as err:  # re-raised in the caller's thread
+            barrier.abort()
+            errors.append(err)
+
+    workers = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(previous)
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if errors:
+        raise (real or errors)[0]
+    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    return LoadPoint(clients, tuple(latencies), elapsed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -74,3 +75,85 @@ def test_roofline():
     assert roof.fraction(1.0, 5.0) == 0.5
     with pytest.raises(ValueError, match="positive"):
         bench.Roofline(0.0, 1.0)
+
+
+def test_profile_calls_counts_operators_and_flops():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        prof = bench.profile_calls(lambda: model(x), calls=3, warmup=1)
+    stats = bench.op_stats(prof)
+    assert stats["aten::linear"].count == 2 * 3 and stats["aten::addmm"].count == 2 * 3  # 2 layers x 3 calls
+    assert stats["aten::relu"].count == 3 and stats["aten::addmm"].self_cpu_us > 0
+    assert sum(s.flops for s in stats.values()) == 3 * 2 * 5 * (8 * 16 + 16 * 4)  # the warm-up call is not recorded
+    with pytest.raises(ValueError, match="calls"):
+        bench.profile_calls(lambda: None, calls=0)
+    with pytest.raises(TypeError):
+        bench.profile_calls(42)  # type: ignore[arg-type]
+
+
+def test_bootstrap_ci_median_and_ratio():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    ci = bench.bootstrap_ci(x, n_boot=500, rng=1)
+    assert ci.estimate == 3.0 and 1.0 <= ci.low <= 3.0 <= ci.high <= 100.0 and ci.contains(3.0)
+    assert bench.bootstrap_ci(x, n_boot=500, rng=1) == ci  # seeded: reproducible
+    assert str(ci).endswith("(95% CI)")
+    # a ratio of medians: y is x scaled by 2, paired resampling keeps the pairs, so the ratio is exactly 2
+    paired = bench.bootstrap_ci(2 * x, x, paired=True, n_boot=500)
+    assert paired.estimate == paired.low == paired.high == 2.0
+    unpaired = bench.bootstrap_ci(2 * x, x, n_boot=500)
+    assert unpaired.low < 2.0 < unpaired.high and unpaired.estimate == 2.0
+
+
+def test_bootstrap_ci_coverage_near_nominal():
+    rng = np.random.default_rng(0)
+    hits = sum(bench.bootstrap_ci(rng.lognormal(0.0, 0.5, 31), n_boot=500, rng=rng).contains(1.0) for _ in range(200))
+    # the true median is 1; allowance: three binomial standard errors plus 0.03 for the percentile method's own error
+    assert abs(hits / 200 - 0.95) < 3 * np.sqrt(0.95 * 0.05 / 200) + 0.03
+
+
+def test_bootstrap_ci_errors():
+    with pytest.raises(ValueError, match="level"):
+        bench.bootstrap_ci([1.0, 2.0], level=1.0)
+    with pytest.raises(ValueError, match="n_boot"):
+        bench.bootstrap_ci([1.0, 2.0], n_boot=10)
+    with pytest.raises(ValueError, match="at least 2"):
+        bench.bootstrap_ci([1.0])
+    with pytest.raises(ValueError, match="positive"):
+        bench.bootstrap_ci([1.0, -2.0])
+    with pytest.raises(ValueError, match="equally long"):
+        bench.bootstrap_ci([1.0, 2.0], [1.0, 2.0, 3.0], paired=True)
+    with pytest.raises(ValueError, match="second sample"):
+        bench.bootstrap_ci([1.0, 2.0], paired=True)
+
+
+def test_closed_loop_littles_law_and_threads():
+    seen_threads = []
+
+    def request():
+        seen_threads.append(torch.get_num_threads())
+        time.sleep(0.002)  # a request that takes 2 ms and releases the GIL, like a torch operator
+
+    before = torch.get_num_threads()
+    point = bench.closed_loop(request, clients=3, duration_s=0.1, threads_per_client=1)
+    assert torch.get_num_threads() == before  # restored
+    assert point.clients == 3 and len(point.latencies_ms) > 3 * 10 and set(seen_threads) == {1}
+    assert point.mean_ms >= 2.0 and point.percentile(99) >= point.percentile(50)
+    assert point.throughput == pytest.approx(len(point.latencies_ms) / point.elapsed_s)
+    assert 0.8 < point.littles_ratio <= 1.0 + 1e-9  # N = X R for a closed loop (idle gaps only lower it)
+    assert point.throughput > 1.5 * 1000 / point.mean_ms  # three sleeping clients overlap
+
+
+def test_closed_loop_errors():
+    with pytest.raises(ValueError, match="clients"):
+        bench.closed_loop(lambda: None, clients=0, duration_s=0.1)
+    with pytest.raises(ValueError, match="duration"):
+        bench.closed_loop(lambda: None, clients=1, duration_s=0.0)
+    with pytest.raises(ValueError, match="threads_per_client"):
+        bench.closed_loop(lambda: None, clients=1, duration_s=0.1, threads_per_client=0)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.closed_loop(broken, clients=2, duration_s=0.1)
