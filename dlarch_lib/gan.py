@@ -13,7 +13,9 @@
   entropy, confidence, Inception-style score) and :func:`frechet_distance` on its features.
 - StyleGAN2 pieces at small scale: :class:`MappingNetwork`, :func:`modulated_conv2d` /
   :class:`ModulatedConv2d` (modulation, demodulation, the grouped-convolution trick),
-  :class:`NoiseInjection`, :func:`mix_styles` and a tiny :class:`StyleGenerator`.
+  :class:`NoiseInjection`, :func:`mix_styles` and a tiny :class:`StyleGenerator`, trained with StyleGAN2's
+  recipe at toy scale: :func:`r1_penalty`, :func:`style_gan_step` (style mixing, non-saturating loss, R1)
+  and :func:`train_style_gan` (a slower mapping network, Adam ``(0, 0.99)``).
 - Mode collapse on a 2-D ring of Gaussians (:func:`ring_centres`, :func:`sample_ring`,
   :func:`mode_coverage`): several runs side by side (:class:`EnsembleMLP`, :class:`ToyGAN`, optionally
   conditional on the mode), trained by :func:`train_toy_gan` with the standard loss or WGAN-GP
@@ -26,8 +28,10 @@ inside the GAN they live in [-1, 1] (tanh output), see :func:`to_signed` / :func
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -415,20 +419,33 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- StyleGAN2 pieces
 
 
+MAPPING_INITS = ("default", "he")
+
+
 class MappingNetwork(nn.Module):
     """StyleGAN's mapping ``f: z -> w``: normalise ``z`` to unit RMS, then an MLP with LeakyReLU(0.2).
 
     ``(B, z_dim) -> (B, w_dim)``. (StyleGAN uses 8 layers and a 100x lower learning rate here.)
+    ``init="default"`` keeps ``nn.Linear``'s initialisation, under which every layer shrinks the signal,
+    so ``w`` barely depends on ``z``; ``init="he"`` draws weights from ``N(0, 2 / ((1 + a^2) fan_in))``
+    (``a = 0.2``, the LeakyReLU slope) with zero biases, which keeps the mean square of the activations
+    at 1 through the layers, as StyleGAN's equalised learning rate does at initialisation.
     """
 
-    def __init__(self, z_dim: int = 32, w_dim: int = 32, depth: int = 4) -> None:
+    def __init__(self, z_dim: int = 32, w_dim: int = 32, depth: int = 4, init: str = "default") -> None:
         super().__init__()
         if min(z_dim, w_dim, depth) < 1:
             raise ValueError(f"z_dim, w_dim and depth must be >= 1, got {z_dim}, {w_dim}, {depth}")
+        if init not in MAPPING_INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {MAPPING_INITS}")
         self.z_dim, self.w_dim = z_dim, w_dim
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(z_dim if i == 0 else w_dim, w_dim), nn.LeakyReLU(0.2)]
+            linear = nn.Linear(z_dim if i == 0 else w_dim, w_dim)
+            if init == "he":
+                nn.init.normal_(linear.weight, std=math.sqrt(2 / ((1 + 0.2**2) * linear.in_features)))
+                nn.init.zeros_(linear.bias)
+            layers += [linear, nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -439,13 +456,21 @@ class MappingNetwork(nn.Module):
 
 
 def modulated_conv2d(
-    x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    demodulate: bool = True,
+    eps: float = 1e-8,
+    fused: bool = True,
 ) -> torch.Tensor:
     """StyleGAN2's modulated convolution, one weight per sample, as a single grouped convolution.
 
     ``x (B, I, H, W)``, ``weight (O, I, k, k)``, ``styles (B, I)`` -> ``(B, O, H, W)`` ('same' padding).
     Modulate: ``w'_{bij..} = s_{bi} w_{ij..}``; demodulate: divide each output filter by
     ``sqrt(sum_{i,k} w'^2 + eps)`` so unit-variance inputs give unit-variance outputs.
+    ``fused=False`` computes the same thing without per-sample weights: scale the input channels by
+    ``s``, run one shared ``conv2d``, multiply each output channel by its demodulation factor (faster
+    on a CPU and in training; StyleGAN2's code trains this way).
     """
     if x.ndim != 4 or weight.ndim != 4 or styles.ndim != 2:
         raise ValueError(
@@ -459,6 +484,11 @@ def modulated_conv2d(
             f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)} (odd square kernel), "
             f"styles {tuple(styles.shape)}"
         )
+    if not fused:
+        out = F.conv2d(x * styles[:, :, None, None], weight, padding=k // 2)  # (B, O, H, W)
+        if demodulate:  # sum_{i,k} (s_i w_oik)^2 = sum_i s_i^2 sum_k w_oik^2
+            out = out * torch.rsqrt(styles.pow(2) @ weight.pow(2).sum(dim=(2, 3)).T + eps)[:, :, None, None]
+        return out
     w = weight[None] * styles[:, None, :, None, None]  # (B, O, I, k, k)
     if demodulate:
         w = w * torch.rsqrt(w.pow(2).sum(dim=(2, 3, 4), keepdim=True) + eps)
@@ -473,7 +503,8 @@ class ModulatedConv2d(nn.Module):
     """A modulated convolution layer: an affine map ``A: w -> s`` (bias 1) and :func:`modulated_conv2d`.
 
     ``forward(x (B, I, H, W), w (B, w_dim)) -> (B, O, H, W)``. The weight is stored as N(0, 1) and
-    scaled by ``1/sqrt(fan_in)`` at run time (equalised learning rate).
+    scaled by ``1/sqrt(fan_in)`` at run time (equalised learning rate). In training mode the layer uses
+    the unfused form of :func:`modulated_conv2d` (same result, faster), in eval mode the grouped one.
     """
 
     def __init__(
@@ -490,7 +521,7 @@ class ModulatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w)  # (B, I)
-        return modulated_conv2d(x, self.weight * self.scale, styles, self.demodulate)
+        return modulated_conv2d(x, self.weight * self.scale, styles, self.demodulate, fused=not self.training)
 
 
 class NoiseInjection(nn.Module):
@@ -511,14 +542,24 @@ class NoiseInjection(nn.Module):
         return x + self.strength * noise
 
 
-def mix_styles(w1: torch.Tensor, w2: torch.Tensor, num_ws: int, crossover: int) -> torch.Tensor:
-    """Style mixing: ``(B, w_dim)`` x 2 -> ``(B, num_ws, w_dim)``, ``w1`` for layers ``< crossover``, then ``w2``."""
+def mix_styles(w1: torch.Tensor, w2: torch.Tensor, num_ws: int, crossover: int | torch.Tensor) -> torch.Tensor:
+    """Style mixing: ``(B, w_dim)`` x 2 -> ``(B, num_ws, w_dim)``, ``w1`` for layers ``< crossover``, then ``w2``.
+
+    ``crossover`` is one int for the whole batch or an integer tensor ``(B,)``, one crossover per sample.
+    """
     if w1.shape != w2.shape or w1.ndim != 2:
         raise ValueError(f"expected two (B, w_dim) tensors of equal shape, got {tuple(w1.shape)} and {tuple(w2.shape)}")
-    if not 0 <= crossover <= num_ws:
+    if isinstance(crossover, torch.Tensor):
+        if crossover.shape != (len(w1),) or crossover.is_floating_point():
+            raise ValueError(f"a crossover tensor must be integer of shape ({len(w1)},), got {tuple(crossover.shape)}")
+        bad = bool(((crossover < 0) | (crossover > num_ws)).any())
+        cut = crossover.to(w1.device)[:, None, None]  # (B, 1, 1)
+    else:
+        bad, cut = not 0 <= crossover <= num_ws, torch.tensor(crossover, device=w1.device)
+    if bad:
         raise ValueError(f"crossover must be in [0, {num_ws}], got {crossover}")
-    layer = torch.arange(num_ws)[None, :, None]  # (1, L, 1)
-    return torch.where(layer < crossover, w1[:, None], w2[:, None])  # (B, L, w_dim)
+    layer = torch.arange(num_ws, device=w1.device)[None, :, None]  # (1, L, 1)
+    return torch.where(layer < cut, w1[:, None], w2[:, None])  # (B, L, w_dim)
 
 
 class StyleGenerator(nn.Module):
@@ -527,16 +568,23 @@ class StyleGenerator(nn.Module):
     A learned constant ``(C, 4, 4)``; synthesis layers ``modconv 3x3 -> noise -> bias -> LeakyReLU``
     (the first at 4x4, the rest after nearest 2x upsampling at 8x8); a 1x1 ``toRGB`` modulated
     convolution without demodulation. Layer ``l`` reads style ``ws[:, l]``; ``num_ws = layers + 1``.
+    ``mapping_init`` is the :class:`MappingNetwork`'s ``init`` (``"he"`` to train it, see there).
     """
 
     def __init__(
-        self, z_dim: int = 32, w_dim: int = 32, channels: int = 32, layers: int = 3, mapping_depth: int = 4
+        self,
+        z_dim: int = 32,
+        w_dim: int = 32,
+        channels: int = 32,
+        layers: int = 3,
+        mapping_depth: int = 4,
+        mapping_init: str = "default",
     ) -> None:
         super().__init__()
         if layers < 2:
             raise ValueError(f"layers must be >= 2 (one at 4x4, one at 8x8), got {layers}")
         self.z_dim, self.w_dim, self.num_ws = z_dim, w_dim, layers + 1
-        self.mapping = MappingNetwork(z_dim, w_dim, mapping_depth)
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_depth, init=mapping_init)
         self.const = nn.Parameter(torch.randn(1, channels, 4, 4))
         self.convs = nn.ModuleList(ModulatedConv2d(channels, channels, 3, w_dim) for _ in range(layers))
         self.noises = nn.ModuleList(NoiseInjection(channels) for _ in range(layers))
@@ -559,6 +607,133 @@ class StyleGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         w = self.mapping(z)  # (B, w_dim)
         return self.synthesis(w[:, None].expand(-1, self.num_ws, -1))
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The R1 penalty ``E_x ||grad_x D(x)||^2`` on real samples (Mescheder et al. 2018), graph kept.
+
+    ``real (B, ...)`` must require gradients and ``real_logits (B,)`` be the discriminator's logits computed
+    from it (so the forward pass is shared with the loss). Each sample must be scored on its own (no batch
+    norm) for the gradient of the summed logits to be each sample's own gradient. StyleGAN2 adds
+    ``gamma / 2`` times this to the discriminator's loss: it pushes the discriminator's gradient on the
+    data towards 0, which damps the oscillation of the game near its equilibrium.
+    """
+    if not real.requires_grad:
+        raise ValueError("real must require gradients (call real.requires_grad_() before scoring it)")
+    if real_logits.shape != real.shape[:1]:
+        raise ValueError(f"expected logits of shape ({len(real)},), got {tuple(real_logits.shape)}")
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(dim=1).mean()
+
+
+def style_gan_step(
+    model: GAN,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+    *,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+) -> dict[str, float]:
+    """One round of the game for a :class:`StyleGenerator`: style mixing, non-saturating loss, R1.
+
+    ``batch`` is real images ``(B, 1, H, W)`` in [-1, 1], two codes ``z1, z2`` ``(B, z_dim)``, a crossover
+    ``(B,)`` per sample (``num_ws``: no mixing) and this step's R1 weight ``gamma`` (0: no penalty). The
+    fakes take their first ``crossover`` styles from ``z1`` and the rest from ``z2`` (:func:`mix_styles`).
+    The discriminator minimises :func:`discriminator_loss` plus ``gamma / 2`` times :func:`r1_penalty`; the
+    generator minimises the non-saturating :func:`generator_loss` through the updated discriminator.
+    """
+    real, z1, z2, crossover, r1_gamma = batch
+    G, D = model.generator, model.discriminator
+    if not isinstance(G, StyleGenerator):
+        raise ValueError(f"style_gan_step needs a StyleGenerator, got {type(G).__name__}")
+    ws = mix_styles(G.mapping(z1), G.mapping(z2), G.num_ws, crossover)  # (B, num_ws, w_dim)
+    fake = G.synthesis(ws)  # (B, 1, H, W)
+    real = real.detach().requires_grad_(r1_gamma > 0)
+    real_logits, fake_logits = D(real), D(fake.detach())
+    d_loss = discriminator_loss(real_logits, fake_logits)
+    penalty = r1_penalty(real_logits, real) if r1_gamma > 0 else torch.zeros((), device=real.device)
+    opt_d.zero_grad(set_to_none=True)
+    (d_loss + r1_gamma / 2 * penalty).backward()
+    opt_d.step()
+    g_loss = generator_loss(D(fake), "non_saturating")
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return {
+        "d_loss": d_loss.item(),
+        "g_loss": g_loss.item(),
+        "r1": penalty.item(),
+        "d_real": torch.sigmoid(real_logits).mean().item(),
+        "d_fake": torch.sigmoid(fake_logits).mean().item(),
+    }
+
+
+def train_style_gan(
+    model: GAN,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.0, 0.99),
+    mapping_lr: float = 0.01,
+    mixing_prob: float = 0.9,
+    r1_gamma: float = 0.1,
+    r1_every: int = 4,
+    generator: torch.Generator | None = None,
+    evaluate: Evaluate | None = None,
+    eval_every: int | None = None,
+    progress: bool = True,
+) -> History:
+    """Train a GAN whose generator is a :class:`StyleGenerator` with StyleGAN2's recipe, at toy scale.
+
+    Adam with ``betas`` (StyleGAN2: ``(0, 0.99)``) and learning rate ``lr``, the mapping network's scaled
+    by ``mapping_lr`` (StyleGAN: 0.01); style-mixing regularisation: a fraction ``mixing_prob`` of the
+    fakes mix two codes at a crossover uniform in ``[1, num_ws)``; R1 of weight ``r1_gamma``
+    (:func:`style_gan_step`), applied lazily as in StyleGAN2: on every ``r1_every``-th step, with weight
+    ``r1_gamma * r1_every``, which costs a double backward pass only on those steps. Real batches, codes and
+    crossovers are drawn on the CPU from ``generator``.
+    """
+    G = model.generator
+    if not isinstance(G, StyleGenerator):
+        raise ValueError(f"train_style_gan needs a GAN whose generator is a StyleGenerator, got {type(G).__name__}")
+    if images.ndim != 4 or images.shape[1] != 1 or float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError(f"expected real images (N, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    if steps < 1 or batch_size < 1 or r1_every < 1:
+        raise ValueError(f"steps, batch_size and r1_every must be >= 1, got {steps}, {batch_size}, {r1_every}")
+    if not 0 <= mixing_prob <= 1 or r1_gamma < 0 or mapping_lr <= 0:
+        raise ValueError(
+            f"need 0 <= mixing_prob <= 1, r1_gamma >= 0, mapping_lr > 0; got {mixing_prob}, {r1_gamma}, {mapping_lr}"
+        )
+    synthesis = [p for name, p in G.named_parameters() if not name.startswith("mapping.")]
+    groups: list[dict[str, Any]] = [
+        {"params": synthesis},
+        {"params": list(G.mapping.parameters()), "lr": lr * mapping_lr},  # StyleGAN: 100x slower mapping
+    ]
+    opt_g = torch.optim.Adam(groups, lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=betas)
+    signed, num_ws = to_signed(images), G.num_ws
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        for k in itertools.count():
+            index = torch.randint(0, len(signed), (batch_size,), generator=generator)
+            z = torch.randn(2, batch_size, G.z_dim, generator=generator)
+            cut = torch.randint(1, num_ws, (batch_size,), generator=generator)
+            mix = torch.rand(batch_size, generator=generator) < mixing_prob
+            gamma = r1_gamma * r1_every if k % r1_every == 0 else 0.0  # lazy R1
+            yield signed[index], z[0], z[1], torch.where(mix, cut, num_ws), gamma
+
+    step = functools.partial(style_gan_step, opt_g=opt_g, opt_d=opt_d)
+    return fit(
+        model,
+        batches(),
+        step,
+        steps=steps,
+        optimizer=None,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        progress=progress,
+        desc="StyleGAN",
+    )
 
 
 # ----------------------------------------------------------------------------- 2-D testbed

@@ -490,3 +490,133 @@ def test_conditional_toy_gan_puts_labels_on_their_modes():
     points = model.sample(400, labels, torch.Generator().manual_seed(1))
     index, _ = gan.nearest_mode(points, gan.ring_centres())
     assert (index == labels).float().mean() > 0.8
+
+
+# ----------------------------------------------------------------------------- training the StyleGAN2 pieces
+
+
+def test_modulated_conv2d_unfused_equals_grouped():
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 4, 6, 6, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    styles = torch.randn(3, 4, generator=g)
+    for demod in (True, False):
+        torch.testing.assert_close(
+            gan.modulated_conv2d(x, weight, styles, demod, fused=False), gan.modulated_conv2d(x, weight, styles, demod)
+        )
+    layer = gan.ModulatedConv2d(4, 5, 3, w_dim=6)
+    w = torch.randn(3, 6, generator=g)
+    torch.testing.assert_close(layer.train()(x, w), layer.eval()(x, w))  # training uses the unfused form
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        gan.modulated_conv2d(x, weight, styles[:, :3], fused=False)
+
+
+def test_mix_styles_per_sample_crossover():
+    w1, w2 = torch.zeros(3, 2), torch.ones(3, 2)
+    ws = gan.mix_styles(w1, w2, num_ws=4, crossover=torch.tensor([0, 2, 4]))
+    assert ws.shape == (3, 4, 2)
+    assert ws[0].eq(1).all() and ws[2].eq(0).all()
+    assert ws[1, :2].eq(0).all() and ws[1, 2:].eq(1).all()
+    with pytest.raises(ValueError, match="crossover must be in"):
+        gan.mix_styles(w1, w2, 4, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match="integer of shape"):
+        gan.mix_styles(w1, w2, 4, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="integer of shape"):
+        gan.mix_styles(w1, w2, 4, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_mapping_network_he_init_keeps_the_mean_square():
+    z = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    he = gan.MappingNetwork(64, 64, depth=6, init="he")
+    torch.manual_seed(0)
+    default = gan.MappingNetwork(64, 64, depth=6)
+    with torch.no_grad():
+        w_he, w_default = he(z), default(z)
+    assert 0.6 < w_he.pow(2).mean().item() < 1.6  # eq. (eq-ch08-signal): factor 1 per layer
+    assert w_default.var(dim=0).mean().item() < 0.01 * w_he.var(dim=0).mean().item()  # factor ~0.17 per layer
+    assert all(layer.bias.eq(0).all() for layer in he.net if isinstance(layer, nn.Linear))
+    with pytest.raises(ValueError, match="unknown init"):
+        gan.MappingNetwork(init="xavier")
+    with pytest.raises(ValueError, match="unknown init"):
+        gan.StyleGenerator(mapping_init="xavier")
+
+
+def test_r1_penalty_of_a_linear_discriminator_is_norm_v_squared():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, generator=g, dtype=torch.float64)
+    real = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64).requires_grad_()
+    penalty = gan.r1_penalty(real.flatten(1) @ v + 0.3, real)
+    torch.testing.assert_close(penalty, v.pow(2).sum())
+    # the graph is kept: the penalty's gradient reaches the discriminator's parameters
+    disc = gan.DCGANDiscriminator(width=4).double()
+    gan.r1_penalty(disc(real), real).backward()
+    assert all(p.grad is not None for p in disc.parameters() if p.requires_grad and p.ndim > 1)
+    with pytest.raises(ValueError, match="require gradients"):
+        gan.r1_penalty(torch.zeros(5), torch.zeros(5, 1, 8, 8))
+    with pytest.raises(ValueError, match="logits of shape"):
+        gan.r1_penalty(torch.zeros(4), real)
+
+
+def _style_gan(seed: int = 0) -> gan.GAN:
+    torch.manual_seed(seed)
+    generator = gan.StyleGenerator(z_dim=8, w_dim=8, channels=4, layers=3, mapping_depth=2, mapping_init="he")
+    return gan.GAN(generator, gan.DCGANDiscriminator(width=4))
+
+
+def test_train_style_gan_records_is_reproducible_and_slows_the_mapping():
+    images = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[gan.GAN, History]:
+        model = _style_gan()
+        return model, gan.train_style_gan(
+            model, images, steps=6, batch_size=8, generator=torch.Generator().manual_seed(1), progress=False
+        )
+
+    (m1, h1), (m2, h2) = run(), run()
+    assert set(h1.logs) >= {"d_loss", "g_loss", "r1", "d_real", "d_fake"} and len(h1.logs["r1"]) == 6
+    assert [r > 0 for r in h1.logs["r1"]] == [True, False, False, False, True, False]  # lazy: every 4th step
+    assert h1.logs["d_loss"] == h2.logs["d_loss"]
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2)
+    start = dict(_style_gan().generator.named_parameters())
+    moved = {name: (p - start[name]).abs().max().item() for name, p in m1.generator.named_parameters()}
+    mapping = max(v for k, v in moved.items() if k.startswith("mapping."))
+    synthesis = max(v for k, v in moved.items() if k.startswith("convs."))
+    assert 0 < mapping < 0.05 * synthesis  # the mapping network learns 100x more slowly
+    h = gan.train_style_gan(_style_gan(), images, steps=2, batch_size=8, r1_gamma=0.0, progress=False)
+    assert h.logs["r1"] == [0.0, 0.0]
+    h = gan.train_style_gan(_style_gan(), images, steps=2, batch_size=8, r1_every=1, progress=False)
+    assert all(r > 0 for r in h.logs["r1"])
+
+
+def test_style_gan_step_mixes_styles_per_sample():
+    model = _style_gan()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: nothing moves, only the recorded numbers matter
+    real = torch.rand(4, 1, 8, 8) * 2 - 1
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    g = model.generator
+    torch.manual_seed(5)
+    out = gan.style_gan_step(model, (real, z1, z2, torch.full((4,), g.num_ws), 0.1), opt_g=opt, opt_d=opt)
+    torch.manual_seed(5)  # the same noise inputs as above
+    fake = g(z1)  # crossover num_ws everywhere: no mixing
+    expected = torch.sigmoid(model.discriminator(fake)).mean().item()
+    assert out["d_fake"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_style_gan_errors():
+    images = torch.rand(10, 1, 8, 8)
+    dcgan = gan.GAN(gan.DCGANGenerator(z_dim=4, width=4), gan.DCGANDiscriminator(width=4))
+    with pytest.raises(ValueError, match="StyleGenerator"):
+        gan.train_style_gan(dcgan, images, steps=1)
+    with pytest.raises(ValueError, match="StyleGenerator"):
+        opt = torch.optim.SGD(dcgan.parameters(), lr=0.0)
+        batch = (images, torch.randn(10, 4), torch.randn(10, 4), torch.ones(10), 0.0)
+        gan.style_gan_step(dcgan, batch, opt_g=opt, opt_d=opt)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        gan.train_style_gan(_style_gan(), images * 2, steps=1)
+    with pytest.raises(ValueError, match="steps, batch_size and r1_every"):
+        gan.train_style_gan(_style_gan(), images, steps=0)
+    with pytest.raises(ValueError, match="steps, batch_size and r1_every"):
+        gan.train_style_gan(_style_gan(), images, steps=1, r1_every=0)
+    with pytest.raises(ValueError, match="mixing_prob"):
+        gan.train_style_gan(_style_gan(), images, steps=1, mixing_prob=1.5)
