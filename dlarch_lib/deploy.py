@@ -4,6 +4,11 @@ ONNX export and ONNX Runtime sessions come from chapter 13 (:func:`dlarch_lib.qu
 :func:`~dlarch_lib.quant.ort_session`, :func:`~dlarch_lib.quant.ort_predict`,
 :func:`~dlarch_lib.quant.ort_inference_call`); this chapter builds on them:
 
+- :func:`export_onnx_dynamo` exports with the dynamo exporter (``torch.onnx.export(dynamo=True)``,
+  a dynamic batch declared with ``torch.export.Dim``); :func:`export_program` gives the
+  ``torch.export`` program underneath, :func:`aten_ops` and :func:`dynamic_ranges` read it,
+  :func:`save_and_load_program` round-trips it through a ``.pt2`` archive, and :func:`aoti_compile`
+  compiles it with AOTInductor where :func:`cxx_compiler` finds a C++ compiler.
 - :func:`check_onnx` loads and validates an ONNX file; :func:`graph_summary` counts its operators
   and reads its input/output signature.
 - :func:`fold_batchnorm` is the Conv--BatchNorm folding the exporter applies in eval mode.
@@ -16,6 +21,8 @@ ONNX export and ONNX Runtime sessions come from chapter 13 (:func:`dlarch_lib.qu
   through :func:`dlarch_lib.core.measure.interleaved_timings_ms`) and :func:`fit_latency` fits the
   overhead-plus-throughput model ``t(B) = alpha + beta B``.
 - :func:`available_providers` lists ORT execution providers present here, in preference order.
+- :func:`bound_call` and :func:`run_bound` run a session through I/O binding on torch tensors
+  (CPU or CUDA), reading and writing them in place.
 - :func:`build_trt_engine` and :class:`TensorRTRunner` use the TensorRT 10 API
   (``build_serialized_network``, memory-pool limits, optimisation profiles, named I/O tensors,
   ``execute_async_v3``); :func:`removed_trt_apis` finds calls removed in TensorRT 10 in source code.
@@ -26,9 +33,14 @@ ONNX export and ONNX Runtime sessions come from chapter 13 (:func:`dlarch_lib.qu
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
+import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +211,238 @@ def read_metadata(session: Any) -> tuple[int, dict[str, str]]:
     """``(model_version, custom metadata)`` of an ``onnxruntime.InferenceSession``."""
     meta = session.get_modelmeta()
     return int(meta.version), dict(meta.custom_metadata_map)
+
+
+# --- the dynamo exporter, torch.export and AOTInductor ----------------------------------------
+
+_QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",)  # "torchvision is not installed" notices
+_KNOWN_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # a FutureWarning from inside torch.export (torch 2.11-2.13)
+    r"The given buffer is not writable",  # torch.export.load reading weights from the archive (torch 2.11)
+)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence the exporter's known notices (listed above), and nothing else."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            for pattern in _KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _batch_shapes(example: torch.Tensor, dynamic_batch: bool, max_batch: int) -> tuple[dict[int, Any]] | None:
+    """``dynamic_shapes`` for a one-input model: axis 0 is ``Dim("batch", 1..max_batch)`` or fixed."""
+    if not isinstance(example, torch.Tensor) or example.ndim < 1:
+        raise ValueError("example must be a batched input tensor (B, ...)")
+    if not dynamic_batch:
+        return None
+    if len(example) < 2:
+        raise ValueError(
+            f"a dynamic batch needs an example with batch >= 2, got {len(example)}: "
+            "torch.export specialises sizes 0 and 1 to constants"
+        )
+    if max_batch < len(example):
+        raise ValueError(f"max_batch ({max_batch}) is smaller than the example's batch ({len(example)})")
+    return ({0: torch.export.Dim("batch", min=1, max=max_batch)},)
+
+
+def export_program(
+    model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = True, max_batch: int = 4096
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` (put in eval mode) on one input ``example`` ``(B, ...)``.
+
+    The result is an ``ExportedProgram``: an FX graph of ATen operators with the weights as
+    inputs, no Python left. ``dynamic_batch`` declares axis 0 as ``Dim("batch", min=1, max=max_batch)``;
+    torch.export specialises sizes 0 and 1, so the example needs ``B >= 2``. Every other axis
+    is fixed to the example's size, and the program checks these guards at every call.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    shapes = _batch_shapes(example, dynamic_batch, max_batch)
+    model.eval()
+    with _quiet_export():
+        return torch.export.export(model, (example,), dynamic_shapes=shapes)
+
+
+def aten_ops(program: torch.export.ExportedProgram) -> collections.Counter:
+    """Count the operators an ``ExportedProgram`` calls, by name (``"aten.conv2d.default"``: 6, ...)."""
+    return collections.Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+
+
+def dynamic_ranges(program: torch.export.ExportedProgram) -> dict[str, tuple[int, int | float]]:
+    """The symbolic sizes of ``program`` and the range it accepts for each: ``{"s77": (1, 4096)}``.
+
+    These are the guards on the dynamic axes (``ExportedProgram.range_constraints``); an
+    unbounded upper end is ``math.inf``.
+    """
+    ranges: dict[str, tuple[int, int | float]] = {}
+    for symbol, bounds in program.range_constraints.items():
+        upper = bounds.upper
+        ranges[str(symbol)] = (int(bounds.lower), int(upper) if upper.is_Integer else math.inf)
+    return ranges
+
+
+def save_and_load_program(
+    program: torch.export.ExportedProgram, path: str | os.PathLike
+) -> torch.export.ExportedProgram:
+    """``torch.export.save`` ``program`` to ``path`` (a ``.pt2`` zip archive) and load it back."""
+    if Path(path).suffix != ".pt2":
+        raise ValueError(f"an exported program is saved as a .pt2 archive, got {path}")
+    with _quiet_export():
+        torch.export.save(program, str(path))
+        return torch.export.load(str(path))
+
+
+def export_onnx_dynamo(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example: torch.Tensor,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    max_batch: int = 4096,
+    input_name: str = "x",
+    output_name: str = "logits",
+) -> str:
+    """Export ``model`` (eval mode) to ONNX at ``path`` with the dynamo exporter; returns ``path``.
+
+    ``torch.onnx.export(..., dynamo=True)`` captures the model with ``torch.export`` (as
+    :func:`export_program` does, same ``Dim("batch")`` for a dynamic batch, so ``B >= 2``),
+    translates the ATen graph to ONNX with ``onnxscript``, and optimises it (constant folding,
+    which folds eval-mode BatchNorm into the convolutions). The dynamic axis is named ``batch``
+    in the file. Needs the ``onnxscript`` package (``dl.require("onnx")``); its oldest
+    supported opset is 18.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(opset, int) or not 18 <= opset <= 23:
+        raise ValueError(f"the dynamo exporter writes opset 18..23, got {opset!r}")
+    if input_name == output_name:
+        raise ValueError(f"input and output names must differ, both are {input_name!r}")
+    shapes = _batch_shapes(example, dynamic_batch, max_batch)
+    model.eval()
+    with _quiet_export():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            opset_version=opset,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=shapes,
+        )
+    if program is None:  # pragma: no cover - only the TorchScript exporter returns None
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+    program.save(str(path))
+    return str(path)
+
+
+CXX_COMPILERS = ("c++", "g++", "clang++")
+"""The C++ compilers AOTInductor can use, in the order :func:`cxx_compiler` looks for them (after ``$CXX``)."""
+
+
+def cxx_compiler() -> str | None:
+    """Path of a C++ compiler on ``PATH`` (``$CXX`` first, then :data:`CXX_COMPILERS`), or ``None``.
+
+    AOTInductor writes C++ (and, for a GPU, Triton kernels) and compiles it into a shared
+    library, so it needs one; Colab and most Linux machines have ``g++``, Windows usually not.
+    """
+    for name in (os.environ.get("CXX"), *CXX_COMPILERS):
+        if name and (found := shutil.which(name)):
+            return found
+    return None
+
+
+def aoti_compile(program: torch.export.ExportedProgram, path: str | os.PathLike) -> str:
+    """Compile ``program`` ahead of time with AOTInductor into the package ``path`` (``.pt2``); returns it.
+
+    The package holds a shared library with the whole model (kernels plus a C++ wrapper that
+    calls them in order) and the weights; ``torch._inductor.aoti_load_package(path)`` runs it
+    from Python, and a C++ program can run it through ``AOTIModelPackageLoader`` with no Python.
+    Compiling takes tens of seconds on a CPU. Raises ``RuntimeError`` without a C++ compiler.
+    """
+    if Path(path).suffix != ".pt2":
+        raise ValueError(f"an AOTInductor package is a .pt2 archive, got {path}")
+    if cxx_compiler() is None:
+        raise RuntimeError("AOTInductor needs a C++ compiler (g++ or clang++) on PATH, and none was found")
+    with _quiet_export():
+        return str(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
+
+# --- ONNX Runtime I/O binding -----------------------------------------------------------------
+
+
+def _one_io(session: Any) -> tuple[Any, Any]:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"I/O binding here handles one input and one output, got {len(inputs)} and {len(outputs)}")
+    return inputs[0], outputs[0]
+
+
+def _bind(binding: Any, name: str, t: torch.Tensor, output: bool) -> None:
+    """Point ``binding``'s input or output ``name`` at the memory of the float32 tensor ``t`` (no copy)."""
+    kind = "cuda" if t.is_cuda else "cpu"
+    bind = binding.bind_output if output else binding.bind_input
+    bind(name, kind, t.device.index or 0, np.float32, list(t.shape), t.data_ptr())
+
+
+def bound_call(session: Any, x: torch.Tensor, out: torch.Tensor) -> Any:
+    """A callable that runs ``session`` reading ``x`` ``(B, ...)`` and writing ``out`` in place, via I/O binding.
+
+    ``session.run(None, {name: array})`` takes NumPy arrays in host memory: on a GPU provider it
+    copies the input to the device and the output back on every call, and allocates the
+    output each time. I/O binding hands ONNX Runtime the addresses of existing buffers
+    instead, here torch tensors, on the CPU or on the GPU the provider uses, so a CUDA tensor
+    from the previous stage is read where it is and the result lands in ``out`` without a
+    copy. ``x`` and ``out`` must be contiguous float32 tensors on the same device, and stay
+    alive while the callable is used. The binding is made once; each call only runs.
+    """
+    name_in, name_out = (v.name for v in _one_io(session))
+    for label, t in (("x", x), ("out", out)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{label} must be a contiguous float32 tensor, got {t.dtype}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{label} must be on the CPU or a CUDA GPU, got {t.device}")
+    if x.device != out.device:
+        raise ValueError(f"x and out must be on one device, got {x.device} and {out.device}")
+    if x.ndim < 1 or out.ndim < 1 or len(x) != len(out):
+        raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} must have the same batch size")
+    binding = session.io_binding()
+    _bind(binding, name_in, x, output=False)
+    _bind(binding, name_out, out, output=True)
+
+    def run() -> None:
+        binding.synchronize_inputs()  # a GPU input written on another stream is complete
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # ... and so is the output when run() returns
+
+    return run
+
+
+def run_bound(session: Any, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``session`` once on ``x`` through I/O binding (:func:`bound_call`); returns ``out``.
+
+    Without ``out`` a float32 output of shape ``(B, *rest)`` is allocated on ``x``'s device,
+    ``rest`` read from the session's output signature (which must be fixed after axis 0).
+    """
+    x = x.detach().float().contiguous()
+    if out is None:
+        rest = _one_io(session)[1].shape[1:]
+        if not all(isinstance(d, int) for d in rest):
+            raise ValueError(f"the output shape {rest} is not fixed after the batch axis: pass out")
+        out = torch.empty((len(x), *rest), dtype=torch.float32, device=x.device)
+    bound_call(session, x, out)()
+    return out
 
 
 # --- ONNX Runtime ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Chapter 17: hyperparameter search by grid, random sampling, Bayesian optimisation and CMA-ES.
+"""Chapter 17: hyperparameter search by grid, random sampling, Bayesian optimisation, CMA-ES, multi-fidelity
+methods and population-based training.
 
 The searches share chapter 15's search core (:mod:`dlarch_lib.nas`): an objective
 ``f(config) -> float``, a :class:`~dlarch_lib.nas.SearchSpace`, a ``mode`` (``"min"`` for the
@@ -17,13 +18,22 @@ integer rounding) and back.
 - :func:`optuna_search`: any optuna sampler (TPE for real use) on the same space and budget.
 - :class:`DigitsObjective`: the validation error of chapter 2's digits MLP after a short, seeded
   training run with ``train.fit``, the objective the chapter tunes (:data:`DIGITS_HPARAM_SPACE`).
+- Multi-fidelity search, with an objective ``f(config, fidelity)``: :func:`successive_halving`
+  (rungs from :func:`halving_rungs`), :func:`hyperband` (brackets from :func:`hyperband_brackets`,
+  costs from :func:`bracket_cost`), :func:`optuna_pruned_search` (optuna's pruners on a budget of
+  training steps), :func:`spearman` (do short runs rank like long ones?) and
+  :class:`DigitsFidelityObjective` (the digits MLP after a number of steps, with learning curves).
+- Population-based training: :class:`Member`, :func:`exploit`, :func:`explore`, :func:`pbt_round`
+  and :func:`population_based_training`.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +44,7 @@ from torch import nn
 
 from dlarch_lib.core.data import Split, TensorBatches
 from dlarch_lib.core.runtime import seeded
-from dlarch_lib.core.train import accuracy, fit
+from dlarch_lib.core.train import accuracy, fit, make_optimizer
 from dlarch_lib.modular import MLPConfig, build_model
 from dlarch_lib.nas import Config, Objective, Param, SearchResult, SearchSpace, check_budget, check_mode
 
@@ -453,3 +463,458 @@ class DigitsObjective:
             self.trainings += 1
             self.cache[key] = self.error(self.train(config), "val")
         return self.cache[key]
+
+
+# ----------------------------------------------------------------------------- multi-fidelity search
+
+FidelityObjective = Callable[[Config, int], float]
+"""``f(config, fidelity) -> float``: the objective after a training run of ``fidelity`` resource units (steps)."""
+
+CurveObjective = Callable[[Config, Sequence[int], Callable[[int, float], bool] | None], list[float]]
+"""``curve(config, fidelities, report) -> values``: one training run evaluated at each (increasing) fidelity;
+``report(fidelity, value)`` is called after each evaluation and stops the run early by returning ``True``."""
+
+
+def _check_eta(eta: int, min_fidelity: int) -> None:
+    """Raise unless the reduction factor is an int >= 2 and the smallest fidelity an int >= 1."""
+    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+        raise ValueError(f"eta (the reduction factor) must be an int >= 2, got {eta!r}")
+    if isinstance(min_fidelity, bool) or not isinstance(min_fidelity, int) or min_fidelity < 1:
+        raise ValueError(f"min_fidelity must be an int >= 1, got {min_fidelity!r}")
+
+
+def halving_rungs(n: int, min_fidelity: int, eta: int, rungs: int | None = None) -> list[tuple[int, int]]:
+    """The rungs ``[(n_i, r_i)]`` of successive halving: ``n_i = floor(n / eta^i)`` configurations at fidelity
+    ``r_i = min_fidelity * eta^i``, for ``i = 0 .. rungs - 1``.
+
+    ``rungs`` defaults to ``floor(log_eta n) + 1``, the most rungs that keep at least one configuration.
+    The cost of the bracket is ``sum_i n_i r_i``: ``n * min_fidelity * rungs`` when ``n`` is a power of ``eta``.
+    """
+    check_budget(n)
+    _check_eta(eta, min_fidelity)
+    most = 1
+    while n // eta**most >= 1:
+        most += 1
+    rungs = most if rungs is None else rungs
+    if isinstance(rungs, bool) or not isinstance(rungs, int) or not 1 <= rungs <= most:
+        raise ValueError(
+            f"rungs must be an int in 1..{most} for n={n}, eta={eta} (each rung keeps >= 1), got {rungs!r}"
+        )
+    return [(n // eta**i, min_fidelity * eta**i) for i in range(rungs)]
+
+
+def hyperband_brackets(max_fidelity: int, min_fidelity: int, eta: int) -> list[list[tuple[int, int]]]:
+    """Li et al.'s brackets, most aggressive first: bracket ``s = s_max .. 0`` is successive halving with
+    ``n_s = ceil((s_max + 1) eta^s / (s + 1))`` configurations from fidelity ``R eta^-s`` over ``s + 1`` rungs.
+
+    ``R = max_fidelity`` must be ``min_fidelity * eta^s_max`` for an int ``s_max >= 0``.
+    """
+    _check_eta(eta, min_fidelity)
+    s_max, r = 0, min_fidelity
+    while r < max_fidelity:
+        r, s_max = r * eta, s_max + 1
+    if r != max_fidelity:
+        raise ValueError(
+            f"max_fidelity must be min_fidelity * eta^k; got max_fidelity={max_fidelity}, "
+            f"min_fidelity={min_fidelity}, eta={eta}"
+        )
+    brackets = []
+    for s in range(s_max, -1, -1):
+        n = -(-(s_max + 1) * eta**s // (s + 1))  # ceil, in integers
+        brackets.append(halving_rungs(n, max_fidelity // eta**s, eta, rungs=s + 1))
+    return brackets
+
+
+def bracket_cost(rungs: Sequence[tuple[int, int]]) -> int:
+    """Resource units a bracket spends when every run starts from scratch: ``sum_i n_i r_i``."""
+    return sum(n * r for n, r in rungs)
+
+
+def _halving(
+    objective: FidelityObjective,
+    space: SearchSpace,
+    rungs: Sequence[tuple[int, int]],
+    rng: np.random.Generator,
+    sign: float,
+    result: SearchResult,
+) -> None:
+    """Run one bracket: sample ``rungs[0][0]`` points, evaluate each rung, keep the best ``n_{i+1}``.
+
+    The evaluations at the last rung go to ``result``; every evaluation goes to ``result.extra``.
+    """
+    points = [space.validate(space.sample(rng)) for _ in range(rungs[0][0])]
+    for i, (n, r) in enumerate(rungs):
+        values = []
+        for p in points[:n]:
+            config = space.decode(p)
+            value = float(objective(config, r))
+            values.append(value)
+            result.extra["evaluations"].append((p, config, r, value))
+            result.extra["cost"] += r
+            if i == len(rungs) - 1:
+                result.add(p, config, value)
+        order = sorted(range(len(values)), key=lambda k: (-sign * values[k], k))  # best first, stable on ties
+        points = [points[k] for k in order]
+
+
+def _multifidelity_result(mode: str, method: str) -> SearchResult:
+    result = SearchResult(mode, method)
+    result.extra.update(evaluations=[], cost=0, brackets=[])
+    return result
+
+
+def successive_halving(
+    objective: FidelityObjective,
+    space: SearchSpace,
+    budget: int,
+    *,
+    mode: str,
+    seed: int = 0,
+    min_fidelity: int = 1,
+    eta: int = 3,
+    rungs: int | None = None,
+) -> SearchResult:
+    """Successive halving (Jamieson & Talwalkar, 2016) of ``budget`` random configurations.
+
+    Rung ``i`` trains the ``floor(budget / eta^i)`` best configurations of the previous rung, each from
+    scratch, at fidelity ``min_fidelity * eta^i`` (see :func:`halving_rungs`). ``objective(config, fidelity)``
+    returns the value after that much training. The result's trials are those of the last rung (one
+    fidelity, so their values compare); ``extra["evaluations"]`` holds every ``(point, config, fidelity,
+    value)``, ``extra["cost"]`` the fidelity spent and ``extra["brackets"]`` the rungs.
+    """
+    check_mode(mode)
+    plan = halving_rungs(budget, min_fidelity, eta, rungs)
+    result = _multifidelity_result(mode, "SH")
+    result.extra["brackets"].append(plan)
+    _halving(objective, space, plan, np.random.default_rng(seed), 1.0 if mode == "max" else -1.0, result)
+    return result
+
+
+def hyperband(
+    objective: FidelityObjective,
+    space: SearchSpace,
+    max_fidelity: int,
+    *,
+    mode: str,
+    seed: int = 0,
+    min_fidelity: int = 1,
+    eta: int = 3,
+) -> SearchResult:
+    """Hyperband (Li et al., 2018): successive halving over the brackets of :func:`hyperband_brackets`.
+
+    Every bracket ends at ``max_fidelity``, so the result's trials (the last rung of each bracket) compare.
+    ``extra`` is as in :func:`successive_halving`, with one entry per bracket in ``extra["brackets"]``.
+    """
+    check_mode(mode)
+    plan = hyperband_brackets(max_fidelity, min_fidelity, eta)
+    result = _multifidelity_result(mode, "Hyperband")
+    rng = np.random.default_rng(seed)
+    for rungs in plan:
+        result.extra["brackets"].append(rungs)
+        _halving(objective, space, rungs, rng, 1.0 if mode == "max" else -1.0, result)
+    return result
+
+
+def optuna_pruned_search(
+    curve: CurveObjective,
+    space: SearchSpace,
+    total_fidelity: int,
+    *,
+    mode: str,
+    fidelities: Sequence[int],
+    sampler: Any,
+    pruner: Any,
+    method: str = "optuna+pruner",
+) -> SearchResult:
+    """An optuna study whose trials report at each of ``fidelities`` and stop when ``pruner`` says so.
+
+    Trials run one after another until ``total_fidelity`` resource units are spent; a trial whose next
+    segment would exceed what is left is stopped there and counts as pruned. The result's trials are the
+    completed ones (value at ``fidelities[-1]``); ``extra["cost"]`` is the fidelity spent,
+    ``extra["pruned"]`` the number of pruned trials and ``extra["evaluations"]`` every reported value.
+    """
+    import optuna
+
+    check_budget(total_fidelity)
+    check_mode(mode)
+    fidelities = [int(r) for r in fidelities]
+    if not fidelities or fidelities[0] < 1 or any(b <= a for a, b in zip(fidelities, fidelities[1:])):
+        raise ValueError(f"fidelities must be increasing positive ints, got {fidelities}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = _multifidelity_result(mode, method)
+    result.extra["pruned"] = 0
+    study = optuna.create_study(  # a fixed name: HyperbandPruner assigns trials to brackets by hashing it
+        study_name=method, direction="maximize" if mode == "max" else "minimize", sampler=sampler, pruner=pruner
+    )
+
+    def run(trial: Any) -> float:
+        config = space.suggest(trial)
+        state = {"spent": 0, "pruned": False}
+
+        def report(fidelity: int, value: float) -> bool:
+            state["spent"] = fidelity
+            result.extra["evaluations"].append((space.encode(config), config, fidelity, value))
+            if fidelity == fidelities[-1]:
+                return False
+            trial.report(value, fidelity)
+            nxt = fidelities[fidelities.index(fidelity) + 1]
+            if trial.should_prune() or result.extra["cost"] + nxt > total_fidelity:
+                state["pruned"] = True
+                return True
+            return False
+
+        values = curve(config, fidelities, report)
+        result.extra["cost"] += state["spent"]
+        if state["pruned"]:
+            result.extra["pruned"] += 1
+            raise optuna.TrialPruned()
+        result.add(space.encode(config), config, values[-1])
+        return values[-1]
+
+    while result.extra["cost"] + fidelities[0] <= total_fidelity:
+        study.optimize(run, n_trials=1)
+    return result
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks ``1 .. n`` of a 1-D array (smallest first); tied entries share the mean of their ranks."""
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"expected a non-empty 1-D array, got shape {x.shape}")
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):  # ties: the average of the ranks they occupy
+        tied = x == value
+        r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the ranks of ``a`` and ``b`` (each ``(n,)``)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"need two 1-D arrays of one length >= 2, got shapes {a.shape} and {b.shape}")
+    ra, rb = ranks(a) - (len(a) + 1) / 2, ranks(b) - (len(b) + 1) / 2  # centred ranks
+    denom = math.sqrt(float((ra**2).sum() * (rb**2).sum()))
+    if denom == 0:
+        raise ValueError("spearman is undefined when one of the arrays is constant")
+    return float((ra * rb).sum() / denom)
+
+
+# ----------------------------------------------------------------------------- population-based training
+
+
+@dataclass
+class Member:
+    """One member of a PBT population: a model, its optimizer, its hyperparameters and its own data stream.
+
+    ``hparams`` are the optimizer's settings (keys of its param groups, e.g. ``lr``); ``schedule`` lists
+    the hyperparameters of every interval trained so far, inherited from the member it copied on exploit.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    hparams: dict[str, float]
+    data: Iterator[Any]
+    schedule: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.apply()
+
+    def apply(self) -> None:
+        """Write ``hparams`` into every param group of the optimizer (each key must be a group setting)."""
+        for group in self.optimizer.param_groups:
+            for name, value in self.hparams.items():
+                if name not in group:
+                    raise ValueError(f"{name!r} is not a setting of the optimizer's param groups")
+                group[name] = float(value)
+
+
+def exploit(dst: Member, src: Member) -> None:
+    """``dst`` becomes a copy of ``src``: weights, optimizer state (deep-copied, so they share no tensor),
+    hyperparameters and schedule. ``dst`` keeps its own data stream."""
+    if dst is src:
+        raise ValueError("a member cannot exploit itself")
+    dst.model.load_state_dict(src.model.state_dict())  # copies into dst's own parameters
+    dst.optimizer.load_state_dict(copy.deepcopy(src.optimizer.state_dict()))  # the optimizer would alias tensors
+    dst.hparams = dict(src.hparams)
+    dst.schedule = [dict(h) for h in src.schedule]
+    dst.apply()
+
+
+def explore(
+    member: Member,
+    rng: np.random.Generator,
+    factors: Sequence[float] = (0.8, 1.25),
+    bounds: dict[str, tuple[float, float]] | None = None,
+) -> None:
+    """Multiply each hyperparameter by a factor drawn uniformly from ``factors``, clip it into ``bounds``."""
+    if not factors or any(f <= 0 for f in factors):
+        raise ValueError(f"factors must be positive, got {factors}")
+    for name in sorted(member.hparams):
+        value = member.hparams[name] * float(factors[int(rng.integers(len(factors)))])
+        if bounds and name in bounds:
+            value = min(max(value, bounds[name][0]), bounds[name][1])
+        member.hparams[name] = value
+    member.apply()
+
+
+def pbt_round(
+    population: Sequence[Member],
+    scores: Sequence[float],
+    *,
+    mode: str,
+    rng: np.random.Generator,
+    fraction: float = 0.25,
+    factors: Sequence[float] = (0.8, 1.25),
+    bounds: dict[str, tuple[float, float]] | None = None,
+) -> list[tuple[int, int]]:
+    """Truncation selection: each of the worst ``k = max(1, floor(fraction * N))`` members exploits a
+    member drawn uniformly from the best ``k``, then explores. Returns the ``(dst, src)`` pairs."""
+    check_mode(mode)
+    n = len(population)
+    if len(scores) != n or n < 2:
+        raise ValueError(f"need one score per member and >= 2 members, got {len(scores)} scores, {n} members")
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"fraction must be in (0, 0.5], got {fraction}")
+    k = max(1, int(fraction * n))
+    sign = 1.0 if mode == "max" else -1.0
+    order = sorted(range(n), key=lambda i: (-sign * float(scores[i]), i))  # best first
+    copies = []
+    for dst in order[n - k :]:
+        src = order[int(rng.integers(k))]
+        exploit(population[dst], population[src])
+        explore(population[dst], rng, factors, bounds)
+        copies.append((dst, src))
+    return copies
+
+
+@dataclass
+class PBTResult:
+    """What :func:`population_based_training` recorded, one row per interval: ``scores`` ``(T, N)`` after
+    training, ``hparams[name]`` ``(T, N)`` used during it, and the ``(dst, src)`` copies made after it."""
+
+    mode: str
+    scores: np.ndarray
+    hparams: dict[str, np.ndarray]
+    copies: list[list[tuple[int, int]]]
+    population_sizes: list[int]
+
+    @property
+    def best_member(self) -> int:
+        """Index of the best member after the last interval."""
+        last = self.scores[-1]
+        return int(np.argmax(last) if self.mode == "max" else np.argmin(last))
+
+    @property
+    def best_score(self) -> float:
+        """The best member's score after the last interval."""
+        return float(self.scores[-1, self.best_member])
+
+
+def population_based_training(
+    population: Sequence[Member],
+    score: Callable[[Member], float],
+    *,
+    intervals: int,
+    steps: int,
+    mode: str,
+    seed: int = 0,
+    fraction: float = 0.25,
+    factors: Sequence[float] = (0.8, 1.25),
+    bounds: dict[str, tuple[float, float]] | None = None,
+    adapt: bool = True,
+) -> PBTResult:
+    """PBT (Jaderberg et al., 2017): train every member ``steps`` steps (``train.fit`` on its data stream),
+    score it, and between intervals let :func:`pbt_round` replace the worst by perturbed copies of the best.
+
+    With ``adapt=False`` no member is ever replaced: the same compute with fixed hyperparameters.
+    """
+    check_mode(mode)
+    if intervals < 1 or steps < 1:
+        raise ValueError(f"need intervals >= 1 and steps >= 1, got {intervals}, {steps}")
+    rng = np.random.default_rng(seed)
+    names = sorted(population[0].hparams)
+    scores = np.zeros((intervals, len(population)))
+    hparams = {name: np.zeros((intervals, len(population))) for name in names}
+    copies: list[list[tuple[int, int]]] = []
+    sizes = []
+    for t in range(intervals):
+        for i, member in enumerate(population):
+            for name in names:
+                hparams[name][t, i] = member.hparams[name]
+            member.schedule.append(dict(member.hparams))
+            fit(member.model, member.data, steps=steps, optimizer=member.optimizer, progress=False)
+            scores[t, i] = score(member)
+        sizes.append(len(population))
+        if adapt and t < intervals - 1:
+            copies.append(
+                pbt_round(population, scores[t], mode=mode, rng=rng, fraction=fraction, factors=factors, bounds=bounds)
+            )
+    return PBTResult(mode, scores, hparams, copies, sizes)
+
+
+# ----------------------------------------------------------------------------- the digits MLP at a fidelity
+
+
+def endless_batches(
+    x: torch.Tensor, y: torch.Tensor, *, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Shuffled mini-batches of ``(x, y)`` without end: pass after pass of :class:`TensorBatches`."""
+    loader = TensorBatches(x, y, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
+
+
+class DigitsFidelityObjective:
+    """:class:`DigitsObjective` with a fidelity: the validation error after ``fidelity`` AdamW *steps*.
+
+    One run of ``r`` steps is the first ``r`` steps of a longer run (same initialisation, batches and
+    dropout draws, constant learning rate), so :meth:`curve` reads a whole learning curve from one run.
+    ``steps`` counts the optimizer steps actually taken and ``runs`` the training runs started.
+    """
+
+    def __init__(self, split: Split, *, device: torch.device | str, batch_size: int = 128, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.device = torch.device(device)
+        self.train_data = (split.x_train.to(self.device), split.y_train.to(self.device))  # (N, 1, 8, 8), (N,)
+        self.val_data = (split.x_val.to(self.device), split.y_val.to(self.device))
+        self.steps = self.runs = 0
+
+    def curve(
+        self, config: Config, fidelities: Sequence[int], report: Callable[[int, float], bool] | None = None
+    ) -> list[float]:
+        """Validation errors after each of the increasing ``fidelities`` (steps) of one training run.
+
+        ``report(fidelity, error)`` is called after each evaluation; if it returns ``True`` the run stops.
+        """
+        missing = set(HPARAM_KEYS) - set(config)
+        if missing:
+            raise ValueError(f"config lacks {sorted(missing)}")
+        fids = [int(r) for r in fidelities]
+        if not fids or fids[0] < 1 or any(b <= a for a, b in zip(fids, fids[1:])):
+            raise ValueError(f"fidelities must be increasing positive ints, got {list(fidelities)}")
+        mlp = MLPConfig(width=int(config["width"]), depth=1, dropout=float(config["dropout"]))
+        values: list[float] = []
+        self.runs += 1
+        with seeded(self.seed):  # initialisation and dropout
+            model = build_model(mlp).to(self.device)
+            optimizer = make_optimizer(model, "adamw", float(config["lr"]), float(config["weight_decay"]))
+            data = endless_batches(*self.train_data, batch_size=self.batch_size, seed=self.seed)
+            done = 0
+            for r in fids:
+                self.steps += fit(model, data, steps=r - done, optimizer=optimizer, progress=False).steps
+                done = r
+                with torch.no_grad():
+                    model.eval()
+                    values.append(1.0 - accuracy(model(self.val_data[0]), self.val_data[1]))
+                if report is not None and report(r, values[-1]):
+                    break
+        return values
+
+    def __call__(self, config: Config, fidelity: int) -> float:
+        """Validation error after a fresh run of ``fidelity`` steps."""
+        return self.curve(config, [fidelity])[0]

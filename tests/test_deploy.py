@@ -243,3 +243,135 @@ def test_tensorrt_engine_matches_pytorch(model, onnx_path):  # pragma: no cover 
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(runner(x).cpu(), model(x), atol=1e-3, rtol=1e-3)
+
+
+# --- the dynamo exporter, torch.export, AOTInductor --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dynamo_path(model, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("dynamo") / "net.onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = deploy.export_onnx_dynamo(model, path, torch.rand(2, 1, 8, 8))
+    assert not caught, f"export_onnx_dynamo let warnings through: {[str(w.message)[:80] for w in caught]}"
+    return out
+
+
+def test_export_onnx_dynamo_graph_and_parity(model, dynamo_path, onnx_path, tmp_path):
+    summary = deploy.graph_summary(deploy.check_onnx(dynamo_path))
+    assert summary.opset == 18 and summary.dynamic_batch
+    assert summary.inputs == {"x": ("batch", 1, 8, 8)} and summary.outputs == {"logits": ("batch", 10)}
+    assert "BatchNormalization" not in summary.ops and summary.ops["Conv"] == 6 and summary.ops["Gemm"] == 1
+    torchscript = deploy.graph_summary(onnx_path)
+    assert all(summary.ops[op] == torchscript.ops[op] for op in ("Conv", "Relu", "Add", "Gemm"))
+    errors = deploy.parity(
+        model, quant.ort_session(dynamo_path, threads=1), [torch.rand(b, 1, 8, 8) for b in (1, 3, 50)]
+    )
+    assert set(errors) == {1, 3, 50} and max(errors.values()) < 1e-4
+    static = deploy.export_onnx_dynamo(model, tmp_path / "static.onnx", torch.rand(1, 1, 8, 8), dynamic_batch=False)
+    assert deploy.graph_summary(static).inputs == {"x": (1, 1, 8, 8)}
+    named = deploy.export_onnx_dynamo(
+        model, tmp_path / "named.onnx", torch.rand(4, 1, 8, 8), opset=20, input_name="img", output_name="out"
+    )
+    named_summary = deploy.graph_summary(named)
+    assert named_summary.opset == 20 and set(named_summary.inputs) == {"img"} and set(named_summary.outputs) == {"out"}
+
+
+def test_export_onnx_dynamo_errors(model, tmp_path):
+    with pytest.raises(ValueError, match="batch >= 2"):
+        deploy.export_onnx_dynamo(model, tmp_path / "a.onnx", torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="opset 18"):
+        deploy.export_onnx_dynamo(model, tmp_path / "a.onnx", torch.rand(2, 1, 8, 8), opset=17)
+    with pytest.raises(ValueError, match="differ"):
+        deploy.export_onnx_dynamo(model, tmp_path / "a.onnx", torch.rand(2, 1, 8, 8), input_name="y", output_name="y")
+    with pytest.raises(ValueError, match="max_batch"):
+        deploy.export_onnx_dynamo(model, tmp_path / "a.onnx", torch.rand(8, 1, 8, 8), max_batch=4)
+    with pytest.raises(TypeError, match="nn.Module"):
+        deploy.export_onnx_dynamo(lambda x: x, tmp_path / "a.onnx", torch.rand(2, 1, 8, 8))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batched input"):
+        deploy.export_program(model, torch.tensor(1.0))
+
+
+def test_export_program_ops_ranges_guards_and_round_trip(model, tmp_path):
+    program = deploy.export_program(model, torch.rand(2, 1, 8, 8), max_batch=100)
+    ops = deploy.aten_ops(program)
+    assert ops["aten.conv2d.default"] == 6 and ops["aten.batch_norm.default"] == 6  # captured, not yet folded
+    assert ops["aten.linear.default"] == 1 and ops["aten.add.Tensor"] == 2
+    assert list(deploy.dynamic_ranges(program).values()) == [(1, 100)]
+    loaded = deploy.save_and_load_program(program, tmp_path / "net.pt2").module()
+    x = torch.rand(37, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        with pytest.raises(Exception, match="Guard|guard|size"):
+            loaded(torch.rand(101, 1, 8, 8))  # above max_batch
+        with pytest.raises(Exception, match="Guard|guard|size"):
+            loaded(torch.rand(2, 1, 9, 9))  # a fixed axis
+    static = deploy.export_program(model, torch.rand(3, 1, 8, 8), dynamic_batch=False)
+    assert deploy.dynamic_ranges(static) == {}
+    unbounded = torch.export.export(model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    assert list(deploy.dynamic_ranges(unbounded).values())[0][1] == float("inf")
+    with pytest.raises(ValueError, match=".pt2"):
+        deploy.save_and_load_program(program, tmp_path / "net.zip")
+
+
+def test_cxx_compiler_and_aoti_errors(monkeypatch, tmp_path, model):
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(deploy.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert deploy.cxx_compiler() == "/usr/bin/g++"
+    monkeypatch.setenv("CXX", "my-cxx")
+    monkeypatch.setattr(deploy.shutil, "which", lambda name: f"/opt/{name}" if name == "my-cxx" else None)
+    assert deploy.cxx_compiler() == "/opt/my-cxx"  # $CXX first
+    monkeypatch.setattr(deploy.shutil, "which", lambda name: None)
+    assert deploy.cxx_compiler() is None
+    program = deploy.export_program(model, torch.rand(2, 1, 8, 8))
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        deploy.aoti_compile(program, tmp_path / "net.pt2")
+    with pytest.raises(ValueError, match=".pt2"):
+        deploy.aoti_compile(program, tmp_path / "net.so")
+
+
+# --- ONNX Runtime I/O binding ------------------------------------------------------------------
+
+
+def test_io_binding_matches_run_and_writes_in_place(dynamo_path):
+    session = quant.ort_session(dynamo_path, threads=1)
+    x = torch.rand(9, 1, 8, 8)
+    out = torch.full((9, 10), float("nan"))
+    address = out.data_ptr()
+    run = deploy.bound_call(session, x, out)
+    run()
+    assert out.data_ptr() == address and not out.isnan().any()
+    torch.testing.assert_close(out, quant.ort_predict(session, x), atol=0, rtol=0)
+    x.copy_(torch.rand(9, 1, 8, 8))  # the binding reads the tensor's memory at each call
+    run()
+    torch.testing.assert_close(out, quant.ort_predict(session, x), atol=0, rtol=0)
+    y = deploy.run_bound(session, torch.rand(4, 1, 8, 8, dtype=torch.float64))  # converted to float32
+    assert y.shape == (4, 10) and y.dtype == torch.float32
+
+
+def test_io_binding_errors(dynamo_path):
+    session = quant.ort_session(dynamo_path, threads=1)
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(ValueError, match="float32"):
+        deploy.bound_call(session, x.double(), torch.empty(4, 10))
+    with pytest.raises(ValueError, match="contiguous"):
+        deploy.bound_call(session, x, torch.empty(10, 4).t())
+    with pytest.raises(ValueError, match="batch size"):
+        deploy.bound_call(session, x, torch.empty(5, 10))
+    two_outputs = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["b"])],
+            "two",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("a", "b")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    import onnxruntime as ort
+
+    two = ort.InferenceSession(two_outputs.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="one input and one output"):
+        deploy.run_bound(two, torch.rand(2, 3))
+    dynamic_rest = ort.InferenceSession(_tiny_graph().SerializeToString(), providers=["CPUExecutionProvider"])
+    assert deploy.run_bound(dynamic_rest, torch.rand(2, 3)).shape == (2, 3)

@@ -276,3 +276,216 @@ def test_digits_objective_is_deterministic_and_cached():
         objective({**good, "dropout": 1.0})
     with pytest.raises(ValueError, match="epochs"):
         hpo.DigitsObjective(split, device="cpu", epochs=0)
+
+
+# ----------------------------------------------------------------------------- multi-fidelity search
+
+
+def _counting(log: list) -> hpo.FidelityObjective:
+    """A cheap fidelity objective: (x - 0.3)^2 plus a bias that shrinks with the fidelity; logs each call."""
+
+    def f(config: dict, fidelity: int) -> float:
+        log.append((config["x"], fidelity))
+        return (config["x"] - 0.3) ** 2 + 0.5 / fidelity
+
+    return f
+
+
+def test_halving_rungs_and_cost_formula():
+    assert hpo.halving_rungs(27, 1, 3) == [(27, 1), (9, 3), (3, 9), (1, 27)]
+    assert hpo.halving_rungs(27, 2, 3, rungs=2) == [(27, 2), (9, 6)]
+    assert hpo.halving_rungs(10, 1, 2) == [(10, 1), (5, 2), (2, 4), (1, 8)]
+    for n, r0, eta, rungs in ((27, 3, 3, 3), (16, 1, 2, 5), (81, 2, 3, 4)):  # n a multiple of eta^s: equality
+        assert hpo.bracket_cost(hpo.halving_rungs(n, r0, eta, rungs)) == n * r0 * rungs
+    assert hpo.bracket_cost(hpo.halving_rungs(10, 1, 2)) == 10 + 10 + 8 + 8 < 10 * 4  # floors: below the bound
+    with pytest.raises(ValueError, match="rungs"):
+        hpo.halving_rungs(8, 1, 3, rungs=3)  # floor(8 / 9) = 0 configurations in the last rung
+    with pytest.raises(ValueError, match="eta"):
+        hpo.halving_rungs(8, 1, 1)
+    with pytest.raises(ValueError, match="min_fidelity"):
+        hpo.halving_rungs(8, 0, 2)
+    with pytest.raises(ValueError, match="budget"):
+        hpo.halving_rungs(0, 1, 2)
+
+
+def test_hyperband_brackets_match_li_et_al():
+    brackets = hpo.hyperband_brackets(81, 1, 3)  # Li et al. (2018), Table 1
+    assert [b[0] for b in brackets] == [(81, 1), (34, 3), (15, 9), (8, 27), (5, 81)]
+    assert [len(b) for b in brackets] == [5, 4, 3, 2, 1] and all(b[-1][1] == 81 for b in brackets)
+    assert [hpo.bracket_cost(b) for b in brackets] == [405, 363, 351, 378, 405]
+    assert hpo.hyperband_brackets(27, 3, 3) == [[(9, 3), (3, 9), (1, 27)], [(5, 9), (1, 27)], [(3, 27)]]
+    assert hpo.hyperband_brackets(5, 5, 3) == [[(1, 5)]]  # R = r_min: one bracket, random search
+    with pytest.raises(ValueError, match="min_fidelity \\* eta"):
+        hpo.hyperband_brackets(30, 3, 3)
+
+
+def test_successive_halving_keeps_the_best_and_spends_the_formula():
+    log: list = []
+    r = hpo.successive_halving(_counting(log), LINE, 27, mode="min", seed=0, min_fidelity=1, eta=3)
+    assert [f for _, f in log].count(1) == 27 and [f for _, f in log].count(27) == 1
+    assert r.extra["cost"] == sum(f for _, f in log) == 27 * 1 * 4
+    assert len(r.values) == 1 and r.method == "SH"
+    xs = np.array([x for x, f in log if f == 1])  # rung 0: the 27 sampled points
+    assert abs(r.best_config["x"] - 0.3) == np.abs(xs - 0.3).min()  # the bias is equal within a rung: the best wins
+    rung1 = sorted(x for x, f in log if f == 3)
+    assert rung1 == sorted(xs[np.argsort(np.abs(xs - 0.3))[:9]])  # the best 9 of rung 0 moved up
+    maxed = hpo.successive_halving(
+        lambda c, f: -_counting([])(c, f), LINE, 27, mode="max", seed=0, min_fidelity=1, eta=3
+    )
+    assert maxed.best_config == r.best_config  # maximising -f picks the same points
+    assert len(r.extra["evaluations"]) == 27 + 9 + 3 + 1 and r.extra["brackets"] == [hpo.halving_rungs(27, 1, 3)]
+    with pytest.raises(ValueError, match="mode"):
+        hpo.successive_halving(_counting([]), LINE, 9, mode="best")
+
+
+def test_hyperband_spends_the_sum_of_its_brackets_at_full_fidelity():
+    log: list = []
+    r = hpo.hyperband(_counting(log), LINE, 27, mode="min", seed=1, min_fidelity=3, eta=3)
+    plan = hpo.hyperband_brackets(27, 3, 3)
+    assert r.extra["cost"] == sum(f for _, f in log) == sum(hpo.bracket_cost(b) for b in plan) == 234
+    assert len(r.values) == sum(b[-1][0] for b in plan) == 5  # the last rung of each bracket, all at R
+    at_full = {(tuple(p), v) for p, _, f, v in r.extra["evaluations"] if f == 27}
+    assert {(tuple(p), v) for p, v in zip(r.points, r.values)} == at_full  # the result: every run that reached R
+    assert r.best_value == pytest.approx((r.best_config["x"] - 0.3) ** 2 + 0.5 / 27)
+    with pytest.raises(ValueError, match="max_fidelity"):
+        hpo.hyperband(_counting([]), LINE, 20, mode="min", min_fidelity=3, eta=3)
+
+
+def test_spearman_matches_scipy_and_handles_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(20), rng.random(20)
+    assert hpo.spearman(a, b) == pytest.approx(spearmanr(a, b)[0], abs=1e-12)
+    t = np.array([1.0, 2.0, 2.0, 3.0, 1.0])
+    np.testing.assert_allclose(hpo.ranks(t), [1.5, 3.5, 3.5, 5.0, 1.5])
+    assert hpo.spearman(t, b[:5]) == pytest.approx(spearmanr(t, b[:5])[0], abs=1e-12)
+    assert hpo.spearman(a, a**3) == pytest.approx(1.0) and hpo.spearman(a, -a) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="constant"):
+        hpo.spearman(a, np.ones(20))
+    with pytest.raises(ValueError, match="one length"):
+        hpo.spearman(a, b[:5])
+    with pytest.raises(ValueError, match="1-D"):
+        hpo.ranks(np.zeros((2, 2)))
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    return load_digits_split(val_frac=0.2, test_frac=0.2, seed=0)
+
+
+def test_digits_fidelity_objective_curve_is_a_prefix_and_counts_steps(digits_split):
+    objective = hpo.DigitsFidelityObjective(digits_split, device="cpu", batch_size=128)
+    good = {"lr": 0.03, "weight_decay": 1e-4, "width": 32, "dropout": 0.2}
+    curve = objective.curve(good, [2, 6, 18])
+    assert objective.steps == 18 and objective.runs == 1
+    assert objective(good, 6) == curve[1] and objective.steps == 24  # a short run is a prefix of a long one
+    assert curve[2] < curve[0] and curve[2] < 0.3
+    stopped = objective.curve(good, [2, 6, 18], report=lambda r, v: r == 6)
+    assert stopped == curve[:2] and objective.steps == 24 + 6
+    with pytest.raises(ValueError, match="increasing"):
+        objective.curve(good, [6, 2])
+    with pytest.raises(ValueError, match="lacks"):
+        objective({"lr": 0.1}, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        hpo.DigitsFidelityObjective(digits_split, device="cpu", batch_size=0)
+
+
+def test_optuna_pruned_search_prunes_and_respects_the_budget(digits_split):
+    objective = hpo.DigitsFidelityObjective(digits_split, device="cpu", batch_size=128)
+    r = hpo.optuna_pruned_search(
+        objective.curve,
+        hpo.DIGITS_HPARAM_SPACE,
+        60,
+        mode="min",
+        fidelities=[2, 6, 18],
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3),
+    )
+    assert r.extra["cost"] == objective.steps <= 60 and r.extra["cost"] > 60 - 2
+    assert r.extra["pruned"] >= 1 and len(r.values) >= 1  # the first trial always goes on (ASHA)
+    assert sorted(r.values) == sorted(v for _, _, f, v in r.extra["evaluations"] if f == 18)  # completed = reached 18
+    with pytest.raises(ValueError, match="increasing"):
+        hpo.optuna_pruned_search(
+            objective.curve, hpo.DIGITS_HPARAM_SPACE, 10, mode="min", fidelities=[3, 3], sampler=None, pruner=None
+        )
+
+
+# ----------------------------------------------------------------------------- population-based training
+
+
+def _member(lr: float, seed: int) -> hpo.Member:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(seed))
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return hpo.Member(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1.0),
+        {"lr": lr},
+        hpo.endless_batches(x, y, batch_size=8, seed=0),
+    )
+
+
+def test_exploit_copies_exactly_without_sharing_and_explore_perturbs():
+    from dlarch_lib.core.train import fit
+
+    src, dst = _member(0.05, 0), _member(0.001, 1)
+    assert dst.optimizer.param_groups[0]["lr"] == 0.001  # Member writes its hparams into the optimizer
+    for m in (src, dst):
+        fit(m.model, m.data, steps=3, optimizer=m.optimizer, progress=False)
+    src.schedule = [{"lr": 0.05}]
+    hpo.exploit(dst, src)
+    for a, b in zip(src.model.state_dict().values(), dst.model.state_dict().values()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    sa = [t for p in src.model.parameters() for t in src.optimizer.state[p].values()]
+    sb = [t for p in dst.model.parameters() for t in dst.optimizer.state[p].values()]
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(sa, sb))
+    assert dst.hparams == {"lr": 0.05} and dst.schedule == [{"lr": 0.05}] and dst.schedule is not src.schedule
+    hpo.explore(dst, np.random.default_rng(0), factors=(2.0,), bounds={"lr": (0.0, 0.08)})
+    assert dst.hparams["lr"] == 0.08 and dst.optimizer.param_groups[0]["lr"] == 0.08  # doubled, then clipped
+    assert src.hparams["lr"] == 0.05
+    with pytest.raises(ValueError, match="itself"):
+        hpo.exploit(src, src)
+    with pytest.raises(ValueError, match="positive"):
+        hpo.explore(dst, np.random.default_rng(0), factors=(0.0,))
+    with pytest.raises(ValueError, match="setting"):
+        hpo.Member(src.model, src.optimizer, {"momentum_x": 0.9}, src.data)
+
+
+def test_pbt_round_replaces_the_worst_with_the_best():
+    population = [_member(lr, k) for k, lr in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])]
+    scores = [5.0, 1.0, 7.0, 2.0, 8.0, 3.0, 4.0, 6.0]  # minimised: best are members 1 and 3, worst 4 and 2
+    copies = hpo.pbt_round(population, scores, mode="min", rng=np.random.default_rng(0), factors=(1.0,))
+    assert sorted(d for d, _ in copies) == [2, 4] and all(s in (1, 3) for _, s in copies)
+    for d, s in copies:
+        assert population[d].hparams == population[s].hparams
+    assert len(population) == 8
+    with pytest.raises(ValueError, match="fraction"):
+        hpo.pbt_round(population, scores, mode="min", rng=np.random.default_rng(0), fraction=0.9)
+    with pytest.raises(ValueError, match="one score per member"):
+        hpo.pbt_round(population, scores[:3], mode="min", rng=np.random.default_rng(0))
+
+
+def test_population_based_training_keeps_the_population_and_records_schedules():
+    population = [_member(lr, k) for k, lr in enumerate([1e-3, 1e-2, 3e-2, 0.1])]
+
+    def score(m: hpo.Member) -> float:
+        with torch.no_grad():
+            x = torch.randn(64, 4, generator=torch.Generator().manual_seed(9))
+            y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+            return float(torch.nn.functional.cross_entropy(m.model(x), y))
+
+    r = hpo.population_based_training(population, score, intervals=4, steps=5, mode="min", seed=0)
+    assert r.scores.shape == (4, 4) and r.hparams["lr"].shape == (4, 4)
+    assert r.population_sizes == [4, 4, 4, 4] and len(r.copies) == 3 and all(len(c) == 1 for c in r.copies)
+    assert all(len(m.schedule) == 4 for m in population)
+    assert (
+        r.best_score == r.scores[-1].min()
+        and population[r.best_member].schedule[-1] == population[r.best_member].hparams
+    )
+    fixed = [_member(lr, k) for k, lr in enumerate([1e-3, 1e-2, 3e-2, 0.1])]
+    f = hpo.population_based_training(fixed, score, intervals=4, steps=5, mode="min", adapt=False)
+    assert f.copies == [] and np.all(f.hparams["lr"] == [[1e-3, 1e-2, 3e-2, 0.1]] * 4)
+    with pytest.raises(ValueError, match="intervals"):
+        hpo.population_based_training(population, score, intervals=0, steps=5, mode="min")
