@@ -35,6 +35,7 @@ modules of earlier chapters only (``tests/test_layout.py`` enforces it)::
 16  :mod:`dlarch_lib.pareto`                two objectives: Pareto fronts, hypervolume, NSGA-II, local search
 17  :mod:`dlarch_lib.hpo`                   hyperparameter search: Bayesian optimisation
 18  :mod:`dlarch_lib.parallel`              data parallelism (DDP), the launcher
+18  :mod:`dlarch_lib.sharding`              sharded data parallelism (ZeRO, FSDP2), gradient compression
 19  :mod:`dlarch_lib.pipeline`              pipeline and tensor parallelism
 20  :mod:`dlarch_lib.deploy`                deployment: graph optimisation, TensorRT
 21  :mod:`dlarch_lib.complexity`            parameters, FLOPs and memory in closed form
@@ -82,6 +83,7 @@ CHAPTER_OF: dict[str, int] = {
     "pareto": 16,
     "hpo": 17,
     "parallel": 18,
+    "sharding": 18,
     "pipeline": 19,
     "deploy": 20,
     "complexity": 21,
