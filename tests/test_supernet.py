@@ -18,13 +18,7 @@ SMALL = nas.SearchSpace.from_dict(
 FAST = nas.EvalSettings(steps=3, batch_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: extra threads only add overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: extra threads only add overhead
 
 
 @pytest.fixture(scope="module")
