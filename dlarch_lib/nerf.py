@@ -9,8 +9,10 @@
   :class:`VolumeRenderer`, an ``nn.Module`` mapping rays to colours for ``train.fit``.
 - Hierarchical sampling: :func:`sample_pdf` (inverse-transform sampling of the coarse weights),
   :func:`render_at` (any sorted samples per ray) and :func:`render_hierarchical` (coarse, then fine).
-- Data: :class:`SoftSpheresScene`, an analytic field rendered by the same renderer,
-  :func:`render_views`, :func:`rays_of_views`; the metric :func:`psnr`.
+- Data: :class:`SoftSpheresScene`, an analytic field (optionally with a view-dependent highlight)
+  rendered by the same renderer, :func:`render_views`, :func:`rays_of_views`; the metric :func:`psnr`.
+- View dependence: :func:`direction_averaged`, the field with its colour averaged over rotated viewing
+  directions (:func:`azimuth_rotations`).
 
 A *field* is any callable ``field(points (..., 3), dirs (..., 3)) -> (rgb (..., 3), sigma (...))``:
 the analytic scene and the network are interchangeable inside the renderer.
@@ -97,15 +99,26 @@ class TinyNeRF(nn.Module):
     feature ``h``. The density ``sigma = softplus(w . h + b) >= 0`` reads the feature only, so it
     depends on position alone. The colour ``rgb = sigmoid(.)`` in ``[0, 1]`` is a linear read-out
     of ``h`` when ``L_dir`` is None (no view dependence, as in the original tiny NeRF notebook),
-    otherwise one ReLU layer of ``width // 2`` on ``[h, gamma(d)]`` (``L_dir`` frequencies).
+    otherwise one ReLU layer of ``head_width`` units (default ``width // 2``) on ``[h, gamma(d)]``
+    (``L_dir`` frequencies).
     """
 
-    def __init__(self, L_pos: int = 6, L_dir: int | None = 2, width: int = 128, depth: int = 4):
+    def __init__(
+        self, L_pos: int = 6, L_dir: int | None = 2, width: int = 128, depth: int = 4, head_width: int | None = None
+    ):
         super().__init__()
-        if not isinstance(L_pos, int) or L_pos < 0 or (L_dir is not None and L_dir < 0) or width < 2 or depth < 1:
+        head_width = width // 2 if head_width is None else head_width
+        if (
+            not isinstance(L_pos, int)
+            or L_pos < 0
+            or (L_dir is not None and L_dir < 0)
+            or width < 2
+            or depth < 1
+            or head_width < 1
+        ):
             raise ValueError(
-                "need L_pos >= 0, L_dir None or >= 0, width >= 2, depth >= 1; "
-                f"got {L_pos=}, {L_dir=}, {width=}, {depth=}"
+                "need L_pos >= 0, L_dir None or >= 0, width >= 2, depth >= 1, head_width >= 1; "
+                f"got {L_pos=}, {L_dir=}, {width=}, {depth=}, {head_width=}"
             )
         self.L_pos, self.L_dir = L_pos, L_dir
         self.trunk = mlp(encoded_dim(3, L_pos), width, depth - 1, width).append(nn.ReLU())  # -> h (..., width)
@@ -115,7 +128,7 @@ class TinyNeRF(nn.Module):
             self.color = nn.Linear(width, 3)
         else:
             dir_dim = encoded_dim(3, L_dir)
-            self.color = nn.Sequential(nn.Linear(width + dir_dim, width // 2), nn.ReLU(), nn.Linear(width // 2, 3))
+            self.color = nn.Sequential(nn.Linear(width + dir_dim, head_width), nn.ReLU(), nn.Linear(head_width, 3))
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points ``x`` and unit directions ``d``, both ``(..., 3)`` -> rgb ``(..., 3)``, sigma ``(...)``."""
@@ -123,12 +136,30 @@ class TinyNeRF(nn.Module):
             raise ValueError(
                 f"expected points and directions of the same shape (..., 3); got {tuple(x.shape)} and {tuple(d.shape)}"
             )
+        h, sigma = self.features(x)
+        return self.colour(h, d), sigma
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position-only part: points ``(..., 3)`` -> feature ``h`` ``(..., width)``, sigma ``(...)``."""
         h = self.trunk(positional_encoding(x, self.L_pos))  # (..., width), after a ReLU
-        sigma = F.softplus(self.sigma(h)[..., 0])  # (...,) >= 0, position only
-        if self.L_dir is not None:
-            h = torch.cat([h, positional_encoding(d, self.L_dir)], dim=-1)  # (..., width + dir_dim)
-        rgb = torch.sigmoid(self.color(h))  # (..., 3) in [0, 1]
-        return rgb, sigma
+        return h, F.softplus(self.sigma(h)[..., 0])  # sigma (...,) >= 0, position only
+
+    def colour(self, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The colour head: feature ``h`` ``(..., width)`` and directions ``(..., 3)`` -> rgb ``(..., 3)``."""
+        if self.L_dir is None:
+            return torch.sigmoid(self.color(h))  # (..., 3) in [0, 1]
+        assert isinstance(self.color, nn.Sequential)
+        first, rest = self.color[0], self.color[1:]
+        assert isinstance(first, nn.Linear)
+        # first(cat[h, gamma(d)]) = W_h h + W_d gamma(d) + b, computed without the concatenation; a ray's
+        # direction is expanded over its samples (stride 0), so gamma(d) is computed once per ray and broadcast
+        if d.ndim >= 2 and d.stride(-2) == 0:
+            d = d[..., :1, :]  # (..., 1, 3)
+        width = h.shape[-1]
+        z = F.linear(h, first.weight[:, :width]) + F.linear(
+            positional_encoding(d, self.L_dir), first.weight[:, width:], first.bias
+        )  # (..., width // 2)
+        return torch.sigmoid(rest(z))  # (..., 3) in [0, 1]
 
 
 # --------------------------------------------------------------------------- cameras
@@ -450,11 +481,16 @@ DEFAULT_SPHERES = (
 
 
 class SoftSpheresScene:
-    """An analytic radiance field: soft spheres with view-independent, diffusely shaded colour.
+    """An analytic radiance field: soft spheres, diffusely shaded, with an optional specular highlight.
 
     Sphere ``k`` has density ``s_k(x) = density_k * sigmoid((r_k - |x - c_k|) / softness)``; the
-    field's density is ``sum_k s_k`` and its colour the ``s_k``-weighted mean of
-    ``color_k * (ambient + (1 - ambient) * max(0, n_k . light))``, ``n_k`` the sphere's outward normal.
+    field's density is ``sum_k s_k`` and its colour the ``s_k``-weighted mean of the spheres' colours.
+    Sphere ``k`` seen along the ray direction ``d`` has the colour
+    ``(1 - m_k) * diffuse_k + m_k * white``, with the diffuse (Lambertian) term
+    ``diffuse_k = color_k * (ambient + (1 - ambient) * max(0, n_k . light))`` and the Blinn-Phong
+    highlight ``m_k = specular * max(0, n_k . h)^shininess``, where ``n_k`` is the sphere's outward
+    normal and ``h = (light - d) / |light - d|`` the half vector between the light and the viewer.
+    ``specular = 0`` (the default) gives a view-independent (Lambertian) field that ignores ``d``.
     Call it like a network: ``scene(points, dirs) -> (rgb, sigma)``.
     """
 
@@ -464,31 +500,98 @@ class SoftSpheresScene:
         softness: float = 0.03,
         light: Sequence[float] = (0.3, -0.5, 0.8),
         ambient: float = 0.35,
+        specular: float = 0.0,
+        shininess: float = 20.0,
     ):
         if not spheres or softness <= 0 or not 0 <= ambient <= 1:
             raise ValueError(
                 "need at least one sphere, softness > 0 and 0 <= ambient <= 1; "
                 f"got {len(spheres)=}, {softness=}, {ambient=}"
             )
+        if not 0 <= specular <= 1 or not shininess > 0:
+            raise ValueError(f"need 0 <= specular <= 1 and shininess > 0; got {specular=}, {shininess=}")
         self.centers = torch.tensor([s.center for s in spheres])  # (K, 3)
         self.radii = torch.tensor([s.radius for s in spheres])  # (K,)
         self.colors = torch.tensor([s.color for s in spheres])  # (K, 3)
         self.peaks = torch.tensor([s.density for s in spheres])  # (K,)
         self.softness, self.ambient = softness, ambient
+        self.specular, self.shininess = float(specular), float(shininess)
         self.light = _vec(light) / _vec(light).norm()
 
+    def highlight(self, normals: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Blinn-Phong strength ``specular * max(0, n . h)^shininess`` in ``[0, specular]``.
+
+        ``normals`` ``(..., K, 3)`` unit outward normals, ``d`` ``(..., 3)`` unit ray directions
+        (from the camera into the scene) -> ``(..., K)``. Largest where ``-d`` is the mirror image of
+        the light about the normal.
+        """
+        half = F.normalize(self.light.to(d) - d, dim=-1)  # (..., 3): between the light and the viewer -d
+        cos_h = (normals @ half[..., None])[..., 0].clamp_min(0)  # (..., K)
+        return self.specular * cos_h**self.shininess
+
     def __call__(self, x: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """points ``(..., 3)`` (directions ignored) -> rgb ``(..., 3)``, sigma ``(...)``."""
+        """points ``(..., 3)`` and ray directions ``(..., 3)`` -> rgb ``(..., 3)``, sigma ``(...)``.
+
+        The directions are needed only when ``specular > 0``; otherwise they are ignored.
+        """
         if x.shape[-1] != 3:
             raise ValueError(f"expected points (..., 3), got shape {tuple(x.shape)}")
+        if self.specular > 0 and (d is None or d.shape != x.shape):
+            raise ValueError(
+                f"a specular scene needs directions of the points' shape {tuple(x.shape)}, "
+                f"got {None if d is None else tuple(d.shape)}"
+            )
         offset = x[..., None, :] - self.centers  # (..., K, 3)
         dist = offset.norm(dim=-1).clamp_min(1e-9)  # (..., K)
+        normals = offset / dist[..., None]  # (..., K, 3) outward unit normals
         s = self.peaks * torch.sigmoid((self.radii - dist) / self.softness)  # (..., K) per-sphere density
-        shade = self.ambient + (1 - self.ambient) * ((offset / dist[..., None]) @ self.light).clamp_min(0)  # (..., K)
-        colors = shade[..., None] * self.colors  # (..., K, 3)
+        shade = self.ambient + (1 - self.ambient) * (normals @ self.light).clamp_min(0)  # (..., K)
+        colors = shade[..., None] * self.colors  # (..., K, 3) diffuse
+        if self.specular > 0 and d is not None:
+            m = self.highlight(normals, F.normalize(d, dim=-1))[..., None]  # (..., K, 1)
+            colors = (1 - m) * colors + m  # blend towards white: stays in [0, 1]
         sigma = s.sum(dim=-1)  # (...)
         rgb = (s[..., None] * colors).sum(dim=-2) / (sigma[..., None] + 1e-9)  # (..., 3)
         return rgb, sigma
+
+
+def azimuth_rotations(degrees: Sequence[float]) -> torch.Tensor:
+    """Rotations ``(K, 3, 3)`` about the vertical ``z`` axis by the given angles (degrees)."""
+    if len(degrees) < 1:
+        raise ValueError("need at least one angle")
+    a = torch.tensor([math.radians(float(v)) for v in degrees])  # (K,)
+    c, s, zero, one = a.cos(), a.sin(), torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([c, -s, zero, s, c, zero, zero, zero, one], dim=-1).reshape(-1, 3, 3)
+
+
+def direction_averaged(field: Field, rotations: torch.Tensor) -> Field:
+    """The field with its colour averaged over rotated copies of the viewing direction.
+
+    ``rotations`` ``(K, 3, 3)``; returns ``g(x, d) = mean_k field(x, R_k d)``, colour and density.
+    With rotations about the vertical axis by a few angles around 0, ``R_k d`` are the directions
+    of the same pixel seen by cameras a little further round the scene, so ``g`` keeps the colour
+    that nearby views share and averages out what changes between them: ``field(x, d) - g(x, d)``
+    is the view-dependent part of the colour. (A NeRF's density does not depend on ``d``, so its
+    mean density is its density.) For a :class:`TinyNeRF` the trunk runs once, the colour head ``K`` times.
+    """
+    if rotations.ndim != 3 or rotations.shape[1:] != (3, 3) or rotations.shape[0] < 1:
+        raise ValueError(f"expected rotations (K, 3, 3) with K >= 1, got shape {tuple(rotations.shape)}")
+
+    def averaged(x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if d.shape != x.shape or x.shape[-1] != 3:
+            raise ValueError(
+                f"expected points and directions (..., 3) of one shape; got {tuple(x.shape)}, {tuple(d.shape)}"
+            )
+        K = rotations.shape[0]
+        R = rotations.to(d).reshape(K, *([1] * (d.ndim - 1)), 3, 3)  # (K, 1.., 3, 3)
+        ds = (R @ d[..., None])[..., 0]  # (K, ..., 3) rotated directions
+        if isinstance(field, TinyNeRF):  # the trunk reads x only: run it once, the colour head K times
+            h, sigma = field.features(x)  # (..., width), (...)
+            return field.colour(h.unsqueeze(0).expand(K, *h.shape), ds).mean(dim=0), sigma
+        rgb, sigma = field(x.unsqueeze(0).expand(K, *x.shape), ds)  # (K, ..., 3), (K, ...)
+        return rgb.mean(dim=0), sigma.mean(dim=0)
+
+    return averaged
 
 
 def render_views(

@@ -10,12 +10,16 @@
   :func:`gradient_support` measures one by autograd on a :func:`linearised` copy.
 - Metrics: :func:`confusion_matrix`, :func:`iou`, :func:`dice`, :func:`boundary_band`,
   and the soft Dice loss :func:`soft_dice_loss`.
+- The paper's weighted loss: :func:`border_weights` (the weight map), :func:`weighted_segmentation_step`,
+  and data where objects of one class nearly touch, :func:`make_touching`, scored by :func:`gap_pixels`
+  and :func:`count_objects` (instance separation).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +131,23 @@ def segmentation_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     images, masks = batch
     logits = model(images)
     return F.cross_entropy(logits, masks) + soft_dice_loss(logits, masks)
+
+
+def weighted_segmentation_step(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dice_loss: bool = True
+) -> torch.Tensor:
+    """The paper's weighted cross-entropy ``sum_x w(x) (-log p_c(x)) / sum_x w(x)``, plus :func:`soft_dice_loss`.
+
+    ``batch`` is images ``(B, C, H, W)``, masks ``(B, H, W)`` int64 and pixel weights ``(B, H, W)``
+    (e.g. :func:`border_weights`); ``dice_loss=False`` leaves the Dice term out.
+    """
+    images, masks, weights = batch
+    if weights.shape != masks.shape:
+        raise ValueError(f"weights must have the masks' shape {tuple(masks.shape)}, got {tuple(weights.shape)}")
+    logits = model(images)  # (B, K, H, W)
+    nll = F.cross_entropy(logits, masks, reduction="none")  # (B, H, W): -log p_c(x)
+    loss = (weights * nll).sum() / weights.sum()
+    return loss + soft_dice_loss(logits, masks) if dice_loss else loss
 
 
 @torch.no_grad()
@@ -304,3 +325,104 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     inter = (probs * onehot).sum(dim=(0, 2, 3))  # (K,)
     sizes = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # (K,)
     return 1 - ((2 * inter + eps) / (sizes + eps)).mean()
+
+
+# --------------------------------------------------------------------------- touching objects
+
+
+class TouchingSet(NamedTuple):
+    """Images whose objects (one class) are separated by gaps of a pixel or two, see :func:`make_touching`."""
+
+    images: torch.Tensor  # (N, 1, H, W) float32 in [0, 1]
+    masks: torch.Tensor  # (N, H, W) int64, 0 = background, 1 = object
+    instances: torch.Tensor  # (N, H, W) int64, 0 = background, k >= 1 = object k
+
+
+def make_touching(
+    n: int,
+    size: int = 32,
+    objects: tuple[int, int] = (2, 4),
+    gap: tuple[float, float] = (1.0, 2.0),
+    seed: int = 0,
+    noise: float = 0.08,
+) -> TouchingSet:
+    """``n`` images, each a disc of 2..4 cells of one class split by straight gaps ``gap`` pixels wide.
+
+    A disc of radius ``size/4 .. 3 size/8`` is cut into ``k`` Voronoi cells (``k`` uniform in ``objects``)
+    around seeds spread evenly in angle; a pixel belongs to the cell of its nearest seed unless it lies
+    within half the gap width of the bisector with another seed, where it stays background. Cells have
+    one grey level per image, 0.3..0.5 above or below the background; Gaussian noise ``noise`` on top.
+    Seeded: the same ``seed`` gives the same set.
+    """
+    k_min, k_max = objects
+    if n < 1 or size < 16 or not 2 <= k_min <= k_max <= 6:
+        raise ValueError(f"need n >= 1, size >= 16, 2 <= objects[0] <= objects[1] <= 6; got {n=}, {size=}, {objects=}")
+    if not 0.5 <= gap[0] <= gap[1] <= size / 8 or noise < 0:
+        raise ValueError(f"need 0.5 <= gap[0] <= gap[1] <= size / 8 and noise >= 0, got {gap=}, {noise=}")
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    K = k_max
+    count = torch.randint(k_min, k_max + 1, (n,), generator=g)  # (N,)
+    radius = size * (0.25 + 0.125 * u(n))  # (N,) the disc
+    centre = size / 2 + (size / 2 - radius - 1)[:, None] * (2 * u(n, 2) - 1)  # (N, 2) inside the image
+    slot = torch.arange(K).view(1, K)
+    angle = 2 * torch.pi * (slot + 0.3 * u(n, K)) / count[:, None] + 2 * torch.pi * u(n, 1)  # (N, K) spread out
+    dist = radius[:, None] * (0.35 + 0.3 * u(n, K))  # (N, K) from the disc's centre
+    seeds = centre[:, None] + dist[..., None] * torch.stack([angle.cos(), angle.sin()], dim=-1)  # (N, K, 2) x, y
+    half_gap = (gap[0] + (gap[1] - gap[0]) * u(n)) / 2  # (N,)
+
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    xy = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), dim=-1)  # (H, W, 2): x, y of each pixel centre
+    sq = ((xy[None, :, :, None] - seeds[:, None, None]) ** 2).sum(-1)  # (N, H, W, K) squared distance to seeds
+    sq = torch.where((slot < count[:, None])[:, None, None], sq, torch.inf)  # unused slots are infinitely far
+    nearest = sq.argmin(dim=-1)  # (N, H, W)
+    d_near = sq.gather(-1, nearest[..., None])  # (N, H, W, 1)
+    sep = (seeds[:, :, None] - seeds[:, None]).norm(dim=-1)  # (N, K, K) seed separations
+    sep_near = sep.gather(1, nearest.flatten(1)[..., None].expand(-1, -1, K)).view(n, size, size, K)  # (N, H, W, K)
+    # distance from the pixel to the bisector of its seed and seed j: (|x - s_j|^2 - |x - s_i|^2) / (2 |s_i - s_j|)
+    to_bisector = (sq - d_near) / (2 * sep_near.clamp_min(1e-6))  # (N, H, W, K); inf for unused slots
+    to_bisector = torch.where(slot.view(1, 1, 1, K) == nearest[..., None], torch.inf, to_bisector)
+    in_disc = ((xy[None] - centre[:, None, None]) ** 2).sum(-1) <= radius[:, None, None] ** 2  # (N, H, W)
+    inside = in_disc & (to_bisector.min(dim=-1).values >= half_gap[:, None, None])
+    instances = torch.where(inside, nearest + 1, 0)  # (N, H, W)
+
+    background = 0.25 + 0.5 * u(n)
+    sign = torch.where(u(n) < 0.5, -1.0, 1.0)
+    level = (background + sign * (0.3 + 0.2 * u(n)))[:, None, None]  # (N, 1, 1)
+    images = torch.where(inside, level, background[:, None, None])[:, None]  # (N, 1, H, W)
+    images = (images + noise * torch.randn(images.shape, generator=g)).clamp(0.0, 1.0).float()
+    return TouchingSet(images, inside.long(), instances)
+
+
+def gap_pixels(instances: torch.Tensor, max_sum: float = 3.0) -> torch.Tensor:
+    """Background pixels ``(N, H, W)`` bool with ``d1 + d2 <= max_sum`` (:func:`two_nearest_object_distances`):
+    the narrow gaps between two objects of ``instances`` ``(N, H, W)``."""
+    if instances.ndim != 3:
+        raise ValueError(f"expected instances (N, H, W), got shape {tuple(instances.shape)}")
+    out = torch.zeros(instances.shape, dtype=torch.bool)
+    for i, inst in enumerate(instances):
+        distances = two_nearest_object_distances(inst)
+        if distances is not None:
+            out[i] = (distances[0] + distances[1] <= max_sum) & (inst.cpu() == 0)
+    return out
+
+
+def count_objects(foreground: torch.Tensor, min_size: int = 1) -> torch.Tensor:
+    """Number of 4-connected components of at least ``min_size`` pixels in each image's ``foreground``
+    ``(N, H, W)`` (bool or 0/1): ``(N,)`` int64.
+
+    Applied to a predicted mask it counts the objects a model keeps apart; a gap filled in merges two,
+    and ``min_size`` leaves out specks of a few stray pixels.
+    """
+    from scipy.ndimage import label
+
+    if foreground.ndim != 3:
+        raise ValueError(f"expected foreground masks (N, H, W), got shape {tuple(foreground.shape)}")
+    if min_size < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size}")
+    counts = []
+    for f in foreground.cpu().bool().numpy():
+        components, n = label(f)  # (H, W) component ids 1..n, 0 = background
+        sizes = torch.bincount(torch.from_numpy(components).flatten(), minlength=n + 1)[1:]  # (n,)
+        counts.append(int((sizes >= min_size).sum()))
+    return torch.tensor(counts, dtype=torch.long)

@@ -88,6 +88,21 @@ def test_tiny_nerf_errors():
         model(torch.zeros(4, 3), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="same shape"):
         model(torch.zeros(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="head_width"):
+        nerf.TinyNeRF(head_width=0)
+
+
+def test_tiny_nerf_colour_head_equals_the_concatenation():
+    """The head computes W [h, gamma(d)] + b without concatenating, once per ray for expanded directions."""
+    torch.manual_seed(0)
+    model = nerf.TinyNeRF(L_pos=2, L_dir=2, width=16, depth=2, head_width=8)
+    assert model.color[0].out_features == 8
+    x = torch.randn(6, 5, 3)
+    d_ray = F.normalize(torch.randn(6, 1, 3), dim=-1)
+    h, _ = model.features(x)
+    reference = torch.sigmoid(model.color(torch.cat([h, nerf.positional_encoding(d_ray.expand(6, 5, 3), 2)], dim=-1)))
+    torch.testing.assert_close(model(x, d_ray.expand(6, 5, 3))[0], reference)  # stride-0 path
+    torch.testing.assert_close(model(x, d_ray.expand(6, 5, 3).contiguous())[0], reference)  # general path
 
 
 # --------------------------------------------------------------------------- cameras
@@ -363,3 +378,90 @@ def test_hierarchical_errors():
         nerf.sample_pdf(torch.zeros(1, 3), torch.tensor([[1.0, -1.0]]), 3)
     with pytest.raises(ValueError, match="t"):
         nerf.render_at(nerf.SoftSpheresScene(), torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(3, 4), 1.0, 2.0)
+
+
+# --------------------------------------------------------------------------- view dependence
+
+
+def _one_sphere(**kw):
+    return nerf.SoftSpheresScene(
+        [nerf.Sphere((0.0, 0.0, 0.0), 0.5, (0.5, 0.5, 0.5))], softness=0.01, light=(0.0, 0.6, 0.8), ambient=0.2, **kw
+    )
+
+
+def test_specular_highlight_is_largest_at_the_mirror_direction():
+    scene = _one_sphere(specular=0.8, shininess=10.0)
+    n = torch.tensor([0.0, 0.0, 1.0])  # the top of the sphere: normal +z
+    light = scene.light
+    mirror = 2 * (n @ light) * n - light  # the viewer's direction -d that reflects the light
+    x = (0.49 * n).expand(65, 3)
+    angles = torch.linspace(-1.2, 1.2, 65)  # tilt the viewer away from the mirror direction, about the x axis
+    c, s = angles.cos(), angles.sin()
+    rot = torch.stack(
+        [
+            torch.stack([torch.ones_like(c), 0 * c, 0 * c], -1),
+            torch.stack([0 * c, c, -s], -1),
+            torch.stack([0 * c, s, c], -1),
+        ],
+        -2,
+    )  # (65, 3, 3)
+    d = -(rot @ mirror)  # (65, 3) ray directions
+    rgb, _ = scene(x, d)
+    assert rgb[:, 0].argmax().item() == 32  # the brightest view is the mirror one (angle 0)
+    assert (rgb[:32, 0].diff() > 0).all() and (rgb[32:, 0].diff() < 0).all()  # and it fades on both sides
+    m = scene.highlight(n.expand(65, 1, 3), d)[:, 0]
+    assert m.max().item() == pytest.approx(0.8, rel=1e-4) and (m >= 0).all() and (m <= 0.8).all()
+    # by hand at the mirror direction: h = n, so the colour is (1 - k_s) diffuse + k_s
+    rgb0, _ = scene(x[:1], -mirror[None])
+    diffuse, _ = _one_sphere()(x[:1], -mirror[None])
+    torch.testing.assert_close(rgb0, 0.2 * diffuse + 0.8, atol=1e-4, rtol=0)
+
+
+def test_specular_zero_is_the_lambertian_scene():
+    x = torch.randn(50, 3) * 0.6
+    d = F.normalize(torch.randn(50, 3), dim=-1)
+    plain, shiny_off = _one_sphere(), _one_sphere(specular=0.0, shininess=50.0)
+    torch.testing.assert_close(plain(x, d), shiny_off(x, d))
+    torch.testing.assert_close(plain(x, d)[0], plain(x, -d)[0])  # no view dependence
+    shiny = _one_sphere(specular=0.5)
+    assert not torch.allclose(shiny(x, d)[0], shiny(x, -d)[0])
+    torch.testing.assert_close(shiny(x, d)[1], plain(x, d)[1])  # the density never depends on d
+    rgb = shiny(x, d)[0]
+    assert (rgb >= 0).all() and (rgb <= 1).all()
+
+
+@pytest.mark.parametrize("kw", [{"specular": -0.1}, {"specular": 1.5}, {"shininess": 0.0}, {"shininess": -2.0}])
+def test_specular_rejects_bad_parameters(kw):
+    with pytest.raises(ValueError, match="specular"):
+        _one_sphere(**kw)
+
+
+def test_specular_scene_needs_directions():
+    with pytest.raises(ValueError, match="directions"):
+        _one_sphere(specular=0.5)(torch.zeros(4, 3))
+
+
+def test_azimuth_rotations():
+    R = nerf.azimuth_rotations([0.0, 90.0])
+    torch.testing.assert_close(R[0], torch.eye(3))
+    torch.testing.assert_close(R[1] @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="angle"):
+        nerf.azimuth_rotations([])
+
+
+def test_direction_averaged_field():
+    torch.manual_seed(0)
+    model = nerf.TinyNeRF(L_pos=2, L_dir=2, width=16, depth=2)
+    R = nerf.azimuth_rotations([-30.0, 10.0, 45.0])
+    x, d = torch.randn(5, 7, 3), F.normalize(torch.randn(5, 7, 3), dim=-1)
+    rgb, sigma = nerf.direction_averaged(model, R)(x, d)
+    by_hand = torch.stack([model(x, d @ Rk.T)[0] for Rk in R]).mean(0)
+    torch.testing.assert_close(rgb, by_hand)  # the TinyNeRF shortcut equals the definition
+    torch.testing.assert_close(sigma, model(x, d)[1])
+    # a generic field takes the general path; a Lambertian one is unchanged by the averaging
+    scene = nerf.SoftSpheresScene()
+    torch.testing.assert_close(nerf.direction_averaged(scene, R)(x, d), scene(x, d))
+    with pytest.raises(ValueError, match="rotations"):
+        nerf.direction_averaged(model, torch.eye(3))
+    with pytest.raises(ValueError, match="one shape"):
+        nerf.direction_averaged(model, R)(x, d[..., :2])

@@ -12,15 +12,19 @@ from dlarch_lib.unet import (
     checkerboard_share,
     class_balance_weights,
     confusion_matrix,
+    count_objects,
     dice,
+    gap_pixels,
     gradient_support,
     iou,
     linearised,
+    make_touching,
     predict,
     segmentation_step,
     soft_dice_loss,
     two_nearest_object_distances,
     upsampler,
+    weighted_segmentation_step,
 )
 
 
@@ -210,3 +214,79 @@ def test_two_nearest_object_distances_and_class_weights():
     assert d1[0, 0] == 0 and d2[0, 0] == 5 and d1[0, 2] == 2 and d2[0, 2] == 3
     masks = torch.tensor([0, 0, 0, 1])
     torch.testing.assert_close(class_balance_weights(masks, 3), torch.tensor([4 / 6, 2.0, 0.0], dtype=torch.float64))
+
+
+def test_weighted_step_by_hand_and_against_class_weighted_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, masks = torch.randn(2, 3, 4, 5, generator=g), torch.randint(0, 3, (2, 4, 5), generator=g)
+    weights = torch.rand(2, 4, 5, generator=g)
+    identity = nn.Identity()
+    # by hand: -log softmax of the true class at every pixel, weighted, over the weight sum
+    log_p = logits.log_softmax(dim=1).gather(1, masks[:, None])[:, 0]  # (2, 4, 5)
+    expected = -(weights * log_p).sum() / weights.sum()
+    ce_only = weighted_segmentation_step(identity, (logits, masks, weights), dice_loss=False)
+    torch.testing.assert_close(ce_only, expected)
+    with_dice = weighted_segmentation_step(identity, (logits, masks, weights))
+    torch.testing.assert_close(with_dice, expected + soft_dice_loss(logits, masks))
+    # weights that depend on the class only: PyTorch's weighted cross-entropy
+    omega = torch.tensor([0.3, 1.0, 4.0])
+    torch.testing.assert_close(
+        weighted_segmentation_step(identity, (logits, masks, omega[masks]), dice_loss=False),
+        F.cross_entropy(logits, masks, weight=omega),
+    )
+    # constant weights: the plain step
+    torch.testing.assert_close(
+        weighted_segmentation_step(identity, (logits, masks, torch.full_like(weights, 2.5))),
+        segmentation_step(identity, (logits, masks)),
+    )
+    with pytest.raises(ValueError, match="weights"):
+        weighted_segmentation_step(identity, (logits, masks, weights[:, :, :4]))
+
+
+def test_make_touching_has_gaps_between_separate_cells_and_is_seeded():
+    data = make_touching(64, seed=3)
+    assert data.images.shape == (64, 1, 32, 32) and data.images.dtype == torch.float32
+    assert data.masks.dtype == torch.int64 and set(data.masks.unique().tolist()) == {0, 1}
+    assert torch.equal(data.masks, (data.instances > 0).long())
+    cells = torch.tensor([len(inst.unique()) - 1 for inst in data.instances])  # (64,)
+    assert cells.min() >= 2 and cells.max() <= 4 and len(cells.unique()) == 3
+    # the gaps separate the cells: one connected component per cell (nearly always)
+    assert (count_objects(data.masks) == cells).float().mean() >= 0.95
+    # every image has gap pixels between two cells, and the gaps are at most a few pixels wide
+    gaps = gap_pixels(data.instances)
+    assert gaps.flatten(1).any(dim=1).all()
+    for inst in data.instances[:8]:
+        d1, d2 = two_nearest_object_distances(inst)
+        between = (inst == 0) & (d2 <= 3)  # background next to two cells
+        assert between.any() and (d1[inst == 0] + d2[inst == 0]).min() <= 3
+    a, b = make_touching(8, seed=5), make_touching(8, seed=5)
+    assert torch.equal(a.images, b.images) and torch.equal(a.instances, b.instances)
+    assert not torch.equal(a.instances, make_touching(8, seed=6).instances)
+    with pytest.raises(ValueError, match="objects"):
+        make_touching(4, objects=(1, 3))
+    with pytest.raises(ValueError, match="gap"):
+        make_touching(4, gap=(0.2, 1.0))
+
+
+def test_gap_pixels_and_count_objects():
+    inst = torch.zeros(2, 8, 10, dtype=torch.long)
+    inst[0, 1:7, 1:4], inst[0, 1:7, 5:9] = 1, 2  # a one-pixel gap at x = 4
+    inst[1, 2:6, 2:6] = 1  # one object: no gap
+    gaps = gap_pixels(inst)
+    # the gap column, and its two ends just past the objects' corners (d1 = d2 = sqrt 2): 8 pixels
+    assert gaps[0, :, 4].all() and gaps[0].sum() == 8 and not gaps[1].any()
+    merged = (inst > 0).clone()
+    assert count_objects(merged).tolist() == [2, 1]
+    merged[0, 3, 4] = True  # fill one gap pixel: the two objects become one
+    assert count_objects(merged).tolist() == [1, 1]
+    specks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    specks[0, 0, 0], specks[0, 4:7, 4:7] = True, True  # a one-pixel speck and a 3x3 blob
+    assert count_objects(specks).item() == 2 and count_objects(specks, min_size=4).item() == 1
+    diagonal = torch.eye(3, dtype=torch.bool)[None]  # touching only at corners: 4-connectivity keeps them apart
+    assert count_objects(diagonal).item() == 3
+    with pytest.raises(ValueError, match="min_size"):
+        count_objects(specks, min_size=0)
+    with pytest.raises(ValueError, match="foreground"):
+        count_objects(specks[0])
+    with pytest.raises(ValueError, match="instances"):
+        gap_pixels(inst[0])
