@@ -23,11 +23,12 @@ each rank joins and leaves its process group with :func:`~dlarch_lib.parallel.in
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -155,6 +156,133 @@ def bubble_fraction(p: int, m: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
+def _list_schedule(
+    orders: Sequence[Sequence[tuple[int, int, str]]],
+    duration: dict[tuple[int, int, str], float],
+    needs: dict[tuple[int, int, str], tuple[int, int, str] | None],
+    rank_of: dict[int, int],
+) -> list[Task]:
+    """Run each rank's task list in order; a task starts when its rank is free and ``needs`` ended.
+
+    Tasks are keys ``(virtual stage, micro, phase)``; ``rank_of`` maps a virtual stage to its rank
+    (the row of the Gantt chart). Raises ``ValueError`` if the orders deadlock.
+    """
+    end: dict[tuple[int, int, str], float] = {}
+    free = [0.0] * len(orders)
+    nxt = [0] * len(orders)
+    tasks: list[Task] = []
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for r, order in enumerate(orders):
+            while nxt[r] < len(order):
+                key = order[nxt[r]]
+                dep = needs[key]
+                if dep is not None and dep not in end:
+                    break
+                start = max(free[r], end[dep] if dep is not None else 0.0)
+                end[key] = free[r] = start + duration[key]
+                tasks.append(Task(rank_of[key[0]], key[1], key[2], start, end[key]))
+                nxt[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError("the task orders deadlock")
+    return sorted(tasks, key=lambda t: (t.start, t.stage))
+
+
+def _deps(n_stages: int, m: int) -> dict[tuple[int, int, str], tuple[int, int, str] | None]:
+    """F(s, i) needs F(s-1, i); B(s, i) needs B(s+1, i), and the last stage's B needs its own F."""
+    needs: dict[tuple[int, int, str], tuple[int, int, str] | None] = {}
+    for s in range(n_stages):
+        for i in range(m):
+            needs[(s, i, "F")] = (s - 1, i, "F") if s > 0 else None
+            needs[(s, i, "B")] = (s + 1, i, "B") if s < n_stages - 1 else (s, i, "F")
+    return needs
+
+
+def one_f_one_b_order(p: int, s: int, m: int) -> list[str]:
+    """Stage ``s``'s task order under 1F1B: ``min(p-s-1, m)`` warm-up forwards, then F/B pairs, then the rest."""
+    if p < 1 or m < 1 or not 0 <= s < p:
+        raise ValueError(f"need p >= 1, m >= 1 and 0 <= s < p, got p={p}, s={s}, m={m}")
+    warm = min(p - s - 1, m)
+    return ["F"] * warm + [ph for _ in range(m - warm) for ph in ("F", "B")] + ["B"] * warm
+
+
+def one_f_one_b_schedule(
+    p: int, m: int, t_fwd: float | Sequence[float] = 1.0, t_bwd: float | Sequence[float] = 2.0
+) -> list[Task]:
+    """Event simulation of the 1F1B schedule (PipeDream-flush) on ``p`` stages, ``m`` micro-batches.
+
+    Stage ``s`` runs :func:`one_f_one_b_order`: ``p - s - 1`` forwards to fill the pipeline,
+    then one forward and one backward in turn, then the remaining backwards. Dependencies and
+    task times are those of :func:`gpipe_schedule`, so :func:`plot_gantt` and
+    :func:`idle_fraction` work on the result. Returns the tasks sorted by start time.
+    """
+    if p < 1 or m < 1:
+        raise ValueError(f"need p >= 1 stages and m >= 1 micro-batches, got p={p}, m={m}")
+    tf, tb = _times(t_fwd, p, "t_fwd"), _times(t_bwd, p, "t_bwd")
+    orders = []
+    for s in range(p):
+        counts = {"F": 0, "B": 0}
+        order = []
+        for ph in one_f_one_b_order(p, s, m):
+            order.append((s, counts[ph], ph))
+            counts[ph] += 1
+        orders.append(order)
+    duration = {(s, i, ph): (tf if ph == "F" else tb)[s] for s in range(p) for i in range(m) for ph in "FB"}
+    return _list_schedule(orders, duration, _deps(p, m), {s: s for s in range(p)})
+
+
+def interleaved_schedule(p: int, m: int, v: int, t_fwd: float = 1.0, t_bwd: float = 2.0) -> list[Task]:
+    """Event simulation of an interleaved pipeline: ``v`` model chunks per rank, ``p * v`` virtual stages.
+
+    Virtual stage ``j`` (``1/(p v)`` of the model, times ``t_fwd/v`` and ``t_bwd/v``) lives on rank
+    ``j mod p``. Each rank runs all forwards, then all backwards (GPipe order), taking the
+    micro-batches in groups of ``p``: for each group, its chunks in order (depth first), as in
+    Megatron-LM's interleaved schedule. Needs ``m`` divisible by ``p``. Tasks carry the rank as
+    ``stage``. For equal times the bubble is ``(p-1)/v`` task slots, see :func:`interleaved_bubble`.
+    """
+    if p < 1 or m < 1 or v < 1 or m % p:
+        raise ValueError(f"need p, m, v >= 1 with m divisible by p, got p={p}, m={m}, v={v}")
+    if t_fwd < 0 or t_bwd < 0:
+        raise ValueError(f"task times must be non-negative, got {t_fwd}, {t_bwd}")
+    n = p * v
+    orders: list[list[tuple[int, int, str]]] = [[] for _ in range(p)]
+    for r in range(p):
+        for phase, chunks in (("F", list(range(v))), ("B", list(reversed(range(v))))):
+            for g in range(m // p):
+                for c in chunks:
+                    orders[r].extend((c * p + r, g * p + k, phase) for k in range(p))
+    duration = {(j, i, ph): (t_fwd if ph == "F" else t_bwd) / v for j in range(n) for i in range(m) for ph in "FB"}
+    return _list_schedule(orders, duration, _deps(n, m), {j: j % p for j in range(n)})
+
+
+def interleaved_bubble(p: int, m: int, v: int) -> float:
+    """Idle fraction of the interleaved schedule: ``(p-1) / (v m + p - 1)``; bubble/ideal ``= (p-1)/(v m)``."""
+    if p < 1 or m < 1 or v < 1:
+        raise ValueError(f"need p, m, v >= 1, got p={p}, m={m}, v={v}")
+    return (p - 1) / (v * m + p - 1)
+
+
+def peak_in_flight(tasks: Sequence[Task]) -> dict[int, int]:
+    """Per stage: the most micro-batches whose forward has ended and whose backward has not.
+
+    That is how many micro-batches' activations the stage holds at once. Each stage's tasks are
+    taken in start order: ``+1`` at the end of a forward, ``-1`` at the end of a backward.
+    """
+    if not tasks:
+        raise ValueError("no tasks")
+    peak: dict[int, int] = {}
+    for s in sorted({t.stage for t in tasks}):
+        held = top = 0
+        for t in sorted((t for t in tasks if t.stage == s), key=lambda t: t.start):
+            held += 1 if t.phase == "F" else -1
+            top = max(top, held)
+        peak[s] = top
+    return peak
+
+
 def idle_fraction(tasks: Sequence[Task]) -> float:
     """Fraction of device-time spent idle: ``1 - busy / (p * makespan)`` over all stages."""
     if not tasks:
@@ -233,6 +361,90 @@ def tp_comm_elements(kind: str, batch: int, in_features: int, out_features: int,
     if kind == "column+row":
         return 2 * share * batch * in_features
     raise ValueError(f"kind must be 'column', 'row' or 'column+row', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- activation recomputation
+
+
+def saved_tensor_bytes(fn: Any, x: torch.Tensor, params: Sequence[torch.Tensor] = ()) -> tuple[int, torch.Tensor]:
+    """Bytes autograd saves for the backward while computing ``fn(x)``, and the output.
+
+    Every tensor that an operation saves passes through ``torch.autograd.graph.saved_tensors_hooks``;
+    we add up the bytes of those that do not share storage with ``params`` (weights are
+    stored anyway; only activations count). A tensor saved twice is counted twice (chapter 21's
+    ``complexity.saved_activation_bytes`` counts each storage once, for a whole module).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    weights = {q.untyped_storage().data_ptr() for q in params}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in weights:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    return total, out
+
+
+class Recomputed(nn.Module):
+    """A ``Sequential`` cut into ``segments`` runs of blocks, each under ``torch.utils.checkpoint``.
+
+    The forward keeps only each segment's input; the backward recomputes the segment's forward
+    from it, then differentiates. ``segments = 0`` runs the stack plainly (no recomputation).
+    """
+
+    def __init__(self, stack: nn.Sequential, segments: int):
+        super().__init__()
+        if segments < 0 or (segments and len(stack) % segments):
+            raise ValueError(f"cannot cut {len(stack)} blocks into {segments} equal segments")
+        self.stack, self.segments = stack, segments
+        self.parts = split_stages(stack, segments) if segments else [stack]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, width) -> (B, width), the same values as ``stack(x)``."""
+        if not self.segments:
+            return self.stack(x)
+        from torch.utils.checkpoint import checkpoint
+
+        for part in self.parts:
+            x = checkpoint(part, x, use_reentrant=False)  # saves x only; recomputes part in backward
+        return x
+
+
+# --------------------------------------------------------------------------- composing parallelisms
+
+
+def parallel_costs(dp: int, pp: int, tp: int, *, layers: int, d: int, tokens: int, m: int) -> dict[str, float]:
+    """Per-rank memory and traffic (in elements) of a stack of Megatron MLP layers ``d -> 4d -> d``.
+
+    ``dp x pp x tp`` ranks; each training step sees ``m`` micro-batches of ``tokens`` tokens per
+    data-parallel replica, under 1F1B. Per rank:
+
+    - ``weights``: ``8 d^2 L / (pp tp)`` (each layer has ``8 d^2`` weights, biases ignored);
+    - ``activations``: stage 0 holds ``min(pp, m)`` micro-batches of ``L/pp`` layers, each saving
+      the layer input ``tokens d`` (replicated) and two ``tokens 4d / tp`` hidden tensors;
+    - ``dp_comm``: ring all-reduce of the rank's gradients, ``2 (dp-1)/dp * weights``;
+    - ``pp_comm``: ``2 m tokens d`` (one activation out, one gradient back per micro-batch), 0 if ``pp = 1``;
+    - ``tp_comm``: two all-reduces of ``(tokens, d)`` per layer and micro-batch (forward and
+      backward), ``2 (tp-1)/tp tokens d`` each.
+    """
+    if min(dp, pp, tp, layers, d, tokens, m) < 1:
+        raise ValueError("all sizes must be positive")
+    if layers % pp or 4 * d % tp:
+        raise ValueError(f"{layers} layers must split over pp={pp} stages and 4d={4 * d} over tp={tp}")
+    weights = 8 * d * d * layers / (pp * tp)
+    per_layer = tokens * d + 2 * tokens * 4 * d / tp
+    return {
+        "weights": weights,
+        "activations": min(pp, m) * layers / pp * per_layer,
+        "dp_comm": 2 * (dp - 1) / dp * weights,
+        "pp_comm": 2.0 * m * tokens * d if pp > 1 else 0.0,
+        "tp_comm": layers / pp * m * 2 * 2 * (tp - 1) / tp * tokens * d,
+    }
 
 
 # --------------------------------------------------------------------------- a real pipeline (gloo)
@@ -337,6 +549,40 @@ def _tensor_parallel_check(rank: int, world: int, seed: int, device: torch.devic
     return {"column_err": (col - full).abs().max().item(), "row_err": (row - full).abs().max().item()}
 
 
+def _dtensor_mlp_check(rank: int, world: int, seed: int, device: torch.device) -> dict[str, Any]:
+    """Megatron MLP ``Linear(16, 64) -> GELU -> Linear(64, 16)`` with DTensor's ``parallelize_module``.
+
+    The ranks form a 2-D ``DeviceMesh`` of shape ``(1, world)`` with dimensions ``("dp", "tp")``
+    (data x tensor parallelism; one data-parallel replica here). ``ColwiseParallel`` shards the
+    first layer's weight by rows, ``RowwiseParallel`` the second's by columns, over the mesh's
+    ``"tp"`` dimension. Returns the largest error against the unsplit MLP (forward output and the
+    first layer's gradient), the local and full weight shapes, and the mesh's shape.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    with seeded(seed):
+        mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).to(device)
+        x = torch.randn(4, 16).to(device)
+    ref = copy.deepcopy(mlp)
+    ref_out = ref(x)
+    ref_out.pow(2).sum().backward()
+    ref_grad = _grad(cast(nn.Linear, ref[0]).weight)
+    mesh = init_device_mesh(device.type, (1, world), mesh_dim_names=("dp", "tp"))
+    tp: Any = parallelize_module(mlp, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    out = tp(x)  # each rank: its half of the hidden units, then an all-reduce
+    out.pow(2).sum().backward()
+    w1, w2 = tp[0].weight, tp[2].weight  # DTensors: full logical shape, a local shard
+    g1 = w1.grad.full_tensor()  # gather the sharded gradient (a collective) to compare
+    return {
+        "out_err": (out - ref_out).abs().max().item(),
+        "grad_err": (g1 - ref_grad).abs().max().item(),
+        "local": [tuple(w1.to_local().shape), tuple(w2.to_local().shape)],
+        "full": [tuple(w1.shape), tuple(w2.shape)],
+        "mesh": {name: mesh[name].size() for name in ("dp", "tp")},
+    }
+
+
 def _megatron_mlp_ms(
     rank: int, world: int, tokens: int, d: int, repeats: int, device: torch.device
 ) -> dict[str, float]:
@@ -383,18 +629,24 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
     return param.grad
 
 
-def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> dict:
-    """One rank of :func:`run_pipeline`: GPipe training steps with ``ScheduleGPipe`` (gloo or NCCL).
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")  # config["schedules"]: ScheduleGPipe, Schedule1F1B
 
-    For each micro-batch count ``m`` in ``config["microbatches"]`` it runs one warm-up step and
-    ``config["repeats"]`` timed steps on a batch of ``m * config["micro_batch"]`` rows, logs the
-    start/end of every forward and backward, checks the stage's gradients against the unsplit
-    model (rank-local reference), and returns all of it.
+
+def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> dict:
+    """One rank of :func:`run_pipeline`: training steps with ``ScheduleGPipe`` and ``Schedule1F1B`` (gloo or NCCL).
+
+    For each schedule in ``config["schedules"]`` (names in :data:`PIPELINE_SCHEDULES`) and each
+    micro-batch count ``m`` in ``config["microbatches"]`` (1F1B only for ``m >= world``, which it
+    requires) it runs one warm-up step and ``config["repeats"]`` timed steps on a batch of
+    ``m * config["micro_batch"]`` rows, logs the start/end of every forward and backward, checks
+    the stage's gradients against the unsplit model (rank-local reference), and returns all of it.
+    It also checks tensor parallelism by hand (all_gather/all_reduce) and with DTensor.
     ``config["device"]`` is ``"cpu"`` (gloo) or ``"cuda"`` (rank r on ``cuda:r``, NCCL);
     ``config["timeout_s"]`` is how long a rank waits for a missing peer before it raises.
     """
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+    classes = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
     torch.set_num_threads(1)
     cuda = config["device"] == "cuda"
     device = init_distributed("nccl" if cuda else "gloo", rank, world, init_method, timeout_s=config["timeout_s"])
@@ -402,6 +654,7 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
     try:
         result: dict[str, Any] = {
             "tp": _tensor_parallel_check(rank, world, config["seed"], device),
+            "dtensor": _dtensor_mlp_check(rank, world, config["seed"], device),
             "tp_ms": _megatron_mlp_ms(
                 rank, world, config["tp_shape"][0], config["tp_shape"][1], config["repeats"], device
             ),
@@ -413,32 +666,35 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
         reference = block_stack(width, config["depth"], config["seed"]).to(device)  # unsplit, for the gradient check
         stage_module = TimedStage(split_stages(model, world)[rank]).to(device)
         loss_fn = F.mse_loss
-        for m in config["microbatches"]:
-            gen = torch.Generator().manual_seed(m)
-            x, y = (torch.randn(m * b, width, generator=gen).to(device) for _ in range(2))
-            stage = PipelineStage(stage_module, rank, world, device)
-            schedule = ScheduleGPipe(stage, n_microbatches=m, loss_fn=loss_fn)  # grads scaled by 1/m
-            runs = []
-            for step in range(1 + config["repeats"]):
-                stage_module.zero_grad(set_to_none=True)
-                stage_module.log.clear()
-                dist.barrier()
-                if rank == 0:
-                    schedule.step(x)
-                elif rank == world - 1:
-                    schedule.step(target=y)
-                else:
-                    schedule.step()
-                if step > 0:
-                    runs.append([tuple(vars(t).values()) for t in _intervals(list(stage_module.log), rank)])
-            result["runs"][m] = runs
-            reference.zero_grad()
-            loss_fn(reference(x), y).backward()  # full batch, one device
-            ref_stage = split_stages(reference, world)[rank]
-            result["grad_err"][m] = max(
-                (_grad(pa) - _grad(pr)).abs().max().item()
-                for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters())
-            )
+        for name in config["schedules"]:
+            for m in config["microbatches"]:
+                if name == "1f1b" and m < world:
+                    continue
+                gen = torch.Generator().manual_seed(m)
+                x, y = (torch.randn(m * b, width, generator=gen).to(device) for _ in range(2))
+                stage = PipelineStage(stage_module, rank, world, device)
+                schedule = classes[name](stage, n_microbatches=m, loss_fn=loss_fn)  # grads scaled by 1/m
+                runs = []
+                for step in range(1 + config["repeats"]):
+                    stage_module.zero_grad(set_to_none=True)
+                    stage_module.log.clear()
+                    dist.barrier()
+                    if rank == 0:
+                        schedule.step(x)
+                    elif rank == world - 1:
+                        schedule.step(target=y)
+                    else:
+                        schedule.step()
+                    if step > 0:
+                        runs.append([tuple(vars(t).values()) for t in _intervals(list(stage_module.log), rank)])
+                result["runs"][name, m] = runs
+                reference.zero_grad()
+                loss_fn(reference(x), y).backward()  # full batch, one device
+                ref_stage = split_stages(reference, world)[rank]
+                result["grad_err"][name, m] = max(
+                    (_grad(pa) - _grad(pr)).abs().max().item()
+                    for pa, pr in zip(stage_module.body.parameters(), ref_stage.parameters())
+                )
         return result
     finally:
         del stage, schedule  # they hold the process group: release them before destroying it
@@ -449,11 +705,14 @@ def pipeline_worker(rank: int, world: int, init_method: str, config: dict) -> di
 class PipelineRun:
     """What :func:`run_pipeline` measured: tasks per (m, repeat), gradient and TP errors."""
 
-    runs: dict[int, list[list[Task]]]  # m -> repeats -> tasks of all stages
-    grad_err: dict[int, float]  # m -> max |grad_pipeline - grad_unsplit| over all stages
+    runs: dict[int, list[list[Task]]]  # ScheduleGPipe: m -> repeats -> tasks of all stages
+    grad_err: dict[int, float]  # ScheduleGPipe: m -> max |grad_pipeline - grad_unsplit| over all stages
     tp_err: dict[str, float]  # "column_err"/"row_err" -> max error over ranks
     tp_ms: dict[str, float]  # Megatron MLP shard: "compute_ms"/"all_reduce_ms", slowest rank's median
     seconds: float  # wall time of the whole spawn, start-up included
+    schedule_runs: dict[str, dict[int, list[list[Task]]]]  # schedule name -> m -> repeats -> tasks
+    schedule_grad_err: dict[str, dict[int, float]]  # schedule name -> m -> max gradient error
+    dtensor: list[dict[str, Any]]  # per rank: DTensor MLP errors and local/full weight shapes
 
     def idle(self, m: int) -> float:
         """Median over repeats of the measured idle fraction for ``m`` micro-batches."""
@@ -474,6 +733,7 @@ def run_pipeline(
     tp_shape: tuple[int, int] = (512, 256),
     timeout_s: float = PG_TIMEOUT_S,
     deadline_s: float = DEADLINE_S,
+    schedules: Sequence[str] = ("gpipe",),
 ) -> PipelineRun:
     """Run :func:`pipeline_worker` on ``world`` spawned processes (:func:`~dlarch_lib.parallel.launch`).
 
@@ -482,9 +742,13 @@ def run_pipeline(
     Each micro-batch has ``micro_batch`` rows, so the per-task work is the same for every ``m``.
     Each rank also times its shard of a Megatron MLP on ``tp_shape = (tokens, d)`` against the
     all-reduce that completes it (:attr:`PipelineRun.tp_ms`).
+    ``schedules`` names the pipeline schedules to run in the same spawn (:data:`PIPELINE_SCHEDULES`); the
+    first is the one reported in :attr:`PipelineRun.runs`, all are in :attr:`PipelineRun.schedule_runs`.
     A rank waits at most ``timeout_s`` seconds for a missing peer; the whole run is killed with a
     ``TimeoutError`` if it is not done after ``deadline_s`` seconds.
     """
+    if not schedules or any(name not in PIPELINE_SCHEDULES for name in schedules):
+        raise ValueError(f"schedules must be a non-empty choice from {PIPELINE_SCHEDULES}, got {tuple(schedules)}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and torch.cuda.device_count() < world:
@@ -508,16 +772,30 @@ def run_pipeline(
         device=device,
         tp_shape=tuple(tp_shape),
         timeout_s=timeout_s,
+        schedules=list(schedules),
     )
     start = time.perf_counter()
     results = launch(
         pipeline_worker, (config,), world, deadline_s=deadline_s, name=f"run_pipeline ({world} ranks, {device})"
     )
     seconds = time.perf_counter() - start
-    runs = {
-        m: [[Task(*row) for res in results for row in res["runs"][m][k]] for k in range(repeats)] for m in microbatches
-    }
-    grad_err = {m: max(res["grad_err"][m] for res in results) for m in microbatches}
+    schedule_runs: dict[str, dict[int, list[list[Task]]]] = {name: {} for name in schedules}
+    schedule_grad_err: dict[str, dict[int, float]] = {name: {} for name in schedules}
+    for name, m in results[0]["runs"]:
+        schedule_runs[name][m] = [
+            [Task(*row) for res in results for row in res["runs"][name, m][k]] for k in range(repeats)
+        ]
+        schedule_grad_err[name][m] = max(res["grad_err"][name, m] for res in results)
     tp_err = {key: max(res["tp"][key] for res in results) for key in results[0]["tp"]}
     tp_ms = {key: max(res["tp_ms"][key] for res in results) for key in results[0]["tp_ms"]}
-    return PipelineRun(runs, grad_err, tp_err, tp_ms, seconds)
+    first = schedules[0]
+    return PipelineRun(
+        schedule_runs[first],
+        schedule_grad_err[first],
+        tp_err,
+        tp_ms,
+        seconds,
+        schedule_runs,
+        schedule_grad_err,
+        [res["dtensor"] for res in results],
+    )
