@@ -268,6 +268,14 @@ def _real_and_noise(
         yield images[index], torch.randn(batch_size, z_dim, generator=generator)
 
 
+def _check_real_images(images: torch.Tensor) -> None:
+    """Raise unless ``images`` are real images ``(N, 1, H, W)`` with values in [0, 1]."""
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected real images (N, 1, H, W), got {tuple(images.shape)}")
+    if float(images.min()) < 0 or float(images.max()) > 1:
+        raise ValueError("real images must be in [0, 1]")
+
+
 def train_gan(
     model: GAN,
     images: torch.Tensor,
@@ -289,10 +297,7 @@ def train_gan(
     ``eval_every`` steps (e.g. to keep samples of a fixed ``z``). The history's ``logs`` hold
     ``d_loss``, ``g_loss``, ``d_real`` and ``d_fake`` per step.
     """
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"expected real images (N, 1, H, W), got {tuple(images.shape)}")
-    if float(images.min()) < 0 or float(images.max()) > 1:
-        raise ValueError("real images must be in [0, 1]")
+    _check_real_images(images)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     generator_loss(torch.zeros(1), loss)  # validates ``loss`` before any work
@@ -696,8 +701,7 @@ def train_style_gan(
     G = model.generator
     if not isinstance(G, StyleGenerator):
         raise ValueError(f"train_style_gan needs a GAN whose generator is a StyleGenerator, got {type(G).__name__}")
-    if images.ndim != 4 or images.shape[1] != 1 or float(images.min()) < 0 or float(images.max()) > 1:
-        raise ValueError(f"expected real images (N, 1, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    _check_real_images(images)
     if steps < 1 or batch_size < 1 or r1_every < 1:
         raise ValueError(f"steps, batch_size and r1_every must be >= 1, got {steps}, {batch_size}, {r1_every}")
     if not 0 <= mixing_prob <= 1 or r1_gamma < 0 or mapping_lr <= 0:
