@@ -9,8 +9,9 @@ the weights themselves (3), which PyTorch's FSDP2 (``fully_shard``) implements. 
 - :func:`local_state_bytes`: the bytes a rank actually holds, read from its (local) tensors;
 - :func:`powersgd_numel`: the numbers PowerSGD sends for a list of gradient shapes;
 - :class:`ShardJob`, the worker :func:`sharding_worker` (one spawned rank trains the same MLP with
-  DDP, DDP + ``ZeroRedundancyOptimizer``, FSDP2, and DDP with the fp16 and PowerSGD communication
-  hooks) and its single-process reference :func:`reference_run`.
+  DDP, DDP + ``ZeroRedundancyOptimizer``, FSDP2, DDP with the fp16 and PowerSGD communication
+  hooks, and DDP under bfloat16 ``torch.autocast``: mixed precision) and its single-process
+  reference :func:`reference_run`.
 
 The worker runs in processes started by :func:`dlarch_lib.parallel.launch` (spawn, a deadline, a
 process-group timeout), like every distributed run of the book.
@@ -18,6 +19,7 @@ process-group timeout), like every distributed run of the book.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +36,12 @@ from dlarch_lib.parallel import PG_TIMEOUT_S, init_distributed, shutdown_distrib
 ZERO_STAGES = (0, 1, 2, 3)
 """0 is plain data parallelism; 1, 2, 3 shard the optimizer state, then the gradients, then the weights."""
 
-VARIANTS = ("DDP", "ZeRO-1", "FSDP2", "DDP + fp16 hook", "DDP + PowerSGD")
-"""What :func:`sharding_worker` trains, in this order."""
+VARIANTS = ("DDP", "ZeRO-1", "FSDP2", "DDP + fp16 hook", "DDP + PowerSGD", "DDP + bf16 autocast")
+"""What :func:`sharding_worker` trains, in this order. The last is mixed precision: float32 weights,
+gradients, all-reduce and Adam, with the forward and backward matrix products in bfloat16."""
+
+MIXED = "DDP + bf16 autocast"
+"""The mixed-precision variant of :data:`VARIANTS`."""
 
 COMPARED_STEP = 2
 """The step (from 0) whose averaged gradient the worker returns: PowerSGD compresses from this one on
@@ -190,6 +196,8 @@ def _build(variant: str, job: ShardJob, world_size: int) -> tuple[nn.Module, nn.
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = job.initial_model()
+    if variant == MIXED:
+        model = model.float()  # float32 master weights; autocast runs the products in bfloat16
     if variant == "FSDP2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -215,7 +223,7 @@ def _build(variant: str, job: ShardJob, world_size: int) -> tuple[nn.Module, nn.
             start_powerSGD_iter=COMPARED_STEP,  # plain all-reduce before, as error feedback requires
         )
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    elif variant not in ("DDP", "ZeRO-1"):
+    elif variant not in ("DDP", "ZeRO-1", MIXED):
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     return ddp, model, optimizer, state
 
@@ -228,8 +236,9 @@ def sharding_worker(
     Each variant starts from the job's initial weights and takes ``job.steps`` Adam steps, the rank
     computing on its slice of every global batch. Returns, per variant, this rank's
     :func:`local_state_bytes` after the first step (gradients still in place), and from rank 0 also the
-    full averaged gradient of step :data:`COMPARED_STEP`, the full final weights and (PowerSGD) the numbers in its
-    ``P`` and ``Q`` factors. Every module goes before the process group does.
+    full averaged gradient of step :data:`COMPARED_STEP`, the full final weights, (PowerSGD) the numbers in its
+    ``P`` and ``Q`` factors and (:data:`MIXED`) the dtypes of the logits and of the all-reduced gradients.
+    Every module goes before the process group does.
     """
     torch.set_num_threads(1)
     init_distributed("gloo", rank, world_size, init_method, timeout_s=job.timeout_s)
@@ -243,11 +252,19 @@ def sharding_worker(
         for variant in VARIANTS:
             module, model, optimizer, state = _build(variant, job, world_size)
             record: dict[str, Any] = {}
+            mixed = variant == MIXED
             for k, (xb, yb) in enumerate(batches):
                 mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's slice of the global batch
-                F.cross_entropy(module(xb[mine]), yb[mine]).backward()
+                autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+                with autocast:
+                    logits = module(xb[mine].float() if mixed else xb[mine])  # (B / N, 10)
+                    loss = F.cross_entropy(logits, yb[mine])
+                loss.backward()  # outside autocast, as PyTorch recommends; DDP all-reduces the float32 grads
                 if k == COMPARED_STEP:
                     record["grad"] = _flat(p.grad for p in model.parameters() if p.grad is not None)
+                    if mixed:
+                        grad_dtypes = {str(p.grad.dtype) for p in model.parameters() if p.grad is not None}
+                        record["dtypes"] = {"logits": str(logits.dtype), "grads": grad_dtypes}
                 optimizer.step()
                 if k == 0:
                     record["bytes"] = local_state_bytes(model, optimizer)

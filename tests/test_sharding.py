@@ -71,5 +71,9 @@ def test_every_variant_trains_like_one_process_and_shards_what_it_should():
     assert sum(zero) == 16 * n and max(zero) < 16 * n
     fp16_err = (ranks[0]["DDP + fp16 hook"]["grad"] - ref["grad"]).norm() / ref["grad"].norm()
     assert 0 < fp16_err < 2**-10  # fp16 rounding of the sum, not more
+    mixed = ranks[0][sharding.MIXED]
+    assert mixed["dtypes"] == {"logits": "torch.bfloat16", "grads": {"torch.float32"}}  # bf16 products, fp32 all-reduce
+    bf16_err = (mixed["grad"] - ref["grad"]).norm() / ref["grad"].norm()
+    assert fp16_err < bf16_err < 0.25  # every product rounded to 8 bits: more than one fp16 rounding, still close
     shapes = [tuple(p.shape) for p in job.initial_model().parameters()]
     assert ranks[0]["DDP + PowerSGD"]["factor_numel"] == sharding.powersgd_numel(shapes, job.powersgd_rank)["factors"]
