@@ -131,7 +131,8 @@ def powersgd_numel(shapes: Sequence[Sequence[int]], rank: int) -> dict[str, int]
 
 @dataclass(frozen=True)
 class ShardJob:
-    """The run every variant of :func:`sharding_worker` makes: Adam on the book's digits MLP, in float64.
+    """The run every variant of :func:`sharding_worker` makes: Adam on the book's digits MLP, in float64
+    (float32 weights under bfloat16 autocast in the :data:`MIXED` variant).
 
     ``steps`` steps on consecutive global batches of ``batch_size`` examples (rank ``r`` of ``N``
     takes the ``r``-th of ``N`` equal slices of each); ``hidden`` units in each of two hidden layers.
