@@ -209,7 +209,12 @@ def _build(variant: str, job: ShardJob, world_size: int) -> tuple[nn.Module, nn.
                 fully_shard(layer, mesh=mesh)  # each layer's weights: a dim-0 shard per rank
         fully_shard(model, mesh=mesh)
         return model, model, torch.optim.Adam(model.parameters(), lr=job.lr), None
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # PowerSGD's all-reduces of several buckets can reach gloo in different orders on different ranks (a
+    # size mismatch or a hang: seen with two buckets at 512 hidden units); one bucket for all gradients avoids it.
+    one_bucket_mb = 1 + sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    ddp = nn.parallel.DistributedDataParallel(
+        model, bucket_cap_mb=one_bucket_mb if variant == "DDP + PowerSGD" else None
+    )
     state = None
     if variant == "ZeRO-1":
         optimizer: Any = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.Adam, lr=job.lr)
