@@ -77,3 +77,14 @@ def test_every_variant_trains_like_one_process_and_shards_what_it_should():
     assert fp16_err < bf16_err < 0.25  # every product rounded to 8 bits: more than one fp16 rounding, still close
     shapes = [tuple(p.shape) for p in job.initial_model().parameters()]
     assert ranks[0]["DDP + PowerSGD"]["factor_numel"] == sharding.powersgd_numel(shapes, job.powersgd_rank)["factors"]
+
+
+@pytest.mark.timeout(240)
+def test_powersgd_runs_where_ddp_would_use_two_buckets():
+    """At 512 hidden units DDP's default caps give two buckets, and PowerSGD over gloo aborted or hung
+    (collectives out of order between the ranks); the variant keeps one bucket."""
+    split = load_digits_split(seed=0)
+    job = sharding.ShardJob(steps=3, batch_size=16, hidden=512)
+    ranks = parallel.launch(sharding.sharding_worker, (job, split.x_train, split.y_train), 2, deadline_s=200)
+    shapes = [tuple(p.shape) for p in job.initial_model().parameters()]
+    assert ranks[0]["DDP + PowerSGD"]["factor_numel"] == sharding.powersgd_numel(shapes, job.powersgd_rank)["factors"]
