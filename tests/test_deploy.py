@@ -38,14 +38,18 @@ def model() -> SmallResNet:
     return net.eval()
 
 
-@pytest.fixture(scope="module")
-def onnx_path(model, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("deploy") / "net.onnx"
+def _export_without_warnings(export, model, path) -> str:
+    """``export(model, path, example)``, asserting that the exporter let no warning through."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = quant.export_onnx(model, path, torch.rand(2, 1, 8, 8))
-    assert not caught, f"export_onnx let warnings through: {[str(w.message)[:80] for w in caught]}"
+        out = export(model, path, torch.rand(2, 1, 8, 8))
+    assert not caught, f"{export.__name__} let warnings through: {[str(w.message)[:80] for w in caught]}"
     return out
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model, tmp_path_factory) -> str:
+    return _export_without_warnings(quant.export_onnx, model, tmp_path_factory.mktemp("deploy") / "net.onnx")
 
 
 def test_export_check_and_summary(onnx_path):
@@ -250,12 +254,7 @@ def test_tensorrt_engine_matches_pytorch(model, onnx_path):  # pragma: no cover 
 
 @pytest.fixture(scope="module")
 def dynamo_path(model, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("dynamo") / "net.onnx"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = deploy.export_onnx_dynamo(model, path, torch.rand(2, 1, 8, 8))
-    assert not caught, f"export_onnx_dynamo let warnings through: {[str(w.message)[:80] for w in caught]}"
-    return out
+    return _export_without_warnings(deploy.export_onnx_dynamo, model, tmp_path_factory.mktemp("dynamo") / "net.onnx")
 
 
 def test_export_onnx_dynamo_graph_and_parity(model, dynamo_path, onnx_path, tmp_path):

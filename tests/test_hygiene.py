@@ -217,3 +217,18 @@ def test_the_optional_groups_are_declared():
 
     for group in set(OPTIONAL_MODULES.values()) | set(OPTIONAL_CALLS.values()):
         assert extra_requirements(group), group
+
+
+GLUE_KEY = re.compile(r"""\bdl\.(?:glue|verdict)\(\s*["']([A-Za-z0-9_]+)["']""")
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=ids(CHAPTERS))
+def test_no_glue_key_is_set_in_two_cells(nb):
+    """myst-nb refuses a glue key set twice (the site build fails), so no two code cells set one key."""
+    cells_of: dict[str, set[int]] = {}
+    for i, cell in enumerate(load(nb)["cells"]):
+        if cell["cell_type"] == "code":
+            for key in GLUE_KEY.findall(source(cell)):
+                cells_of.setdefault(key, set()).add(i)
+    twice = {key: sorted(cells) for key, cells in cells_of.items() if len(cells) > 1}
+    assert not twice, f"{nb.name}: glue keys set in two cells: {twice}"
